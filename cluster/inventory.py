@@ -1,0 +1,398 @@
+"""The inventory: its schema, and loading it with errors that name the file, line and key.
+
+This is the only module that reads the inventory YAML. Validation is in two passes: the
+schema (types, unknown keys, ranges) through pydantic, then the rules across fields (unique
+names, one head, TP x PP against the declared GPUs). Every problem of both passes is reported
+at once, each as `file:line key.path: message`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cluster.errors import InventoryError, Problem
+from cluster.secrets import SecretRef
+from cluster.yaml_positions import KeyPath, PositionedDocument, load_positioned_yaml
+
+CONTAINER_CACHE_PATH = "/root/.cache/huggingface"
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_ENV = {
+    "VLLM_HOST_IP",
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "VLLM_API_KEY",
+    "HF_TOKEN",
+}
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _absolute(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not (value.startswith("/") or value.startswith("~")):
+        raise ValueError(f"{what} must be an absolute path (or start with ~), got {value!r}")
+    return value
+
+
+def _check_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+    return value
+
+
+class JumpHost(_Strict):
+    """A bastion: vcluster reaches the node through an SSH connection to this host."""
+
+    address: str
+    user: str | None = None
+    port: Port = 22
+
+    @field_validator("address")
+    @classmethod
+    def _address_format(cls, value: str) -> str:
+        return _check_address(value)
+
+
+class SshSettings(_Strict):
+    """How to reach hosts over SSH; defaults at the top, overridable per node."""
+
+    user: str | None = None
+    port: Port | None = None
+    key_file: str | None = None
+    known_hosts: str | None = None
+    jump: JumpHost | None = None
+
+    @field_validator("key_file", "known_hosts")
+    @classmethod
+    def _paths_absolute(cls, value: str | None) -> str | None:
+        return _absolute(value, "the path")
+
+
+class SshDefaults(SshSettings):
+    trust_on_first_use: bool = False
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0
+    command_timeout: Annotated[float, Field(gt=0, le=86400)] = 120.0
+
+
+class Node(_Strict):
+    """One server of the cluster."""
+
+    address: str
+    name: str | None = None
+    role: Literal["head", "worker"] | None = None
+    gpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    ssh: SshSettings = SshSettings()
+
+    @field_validator("address")
+    @classmethod
+    def _address_format(cls, value: str) -> str:
+        return _check_address(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_format(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"{value!r} must be lowercase letters, digits and '-'")
+        return value
+
+    @property
+    def node_name(self) -> str:
+        """The node's name, or its address made into one."""
+        return self.name or re.sub(r"[^a-z0-9-]", "-", self.address.lower())
+
+
+class Ports(_Strict):
+    ray: Port = 6379
+    vllm: Port = 8000
+    master: Port = 29501  # torch.distributed rendezvous of vLLM's own multi-node mode
+
+
+class Network(_Strict):
+    interface: str | None = None
+
+    @field_validator("interface")
+    @classmethod
+    def _interface_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", value):
+            raise ValueError(f"{value!r} is not a network interface name")
+        return value
+
+
+class Secrets(_Strict):
+    """Secrets by reference only; the values are read on the controller when needed."""
+
+    hf_token: SecretRef | None = None
+    api_key: SecretRef | None = None
+
+    @field_validator("hf_token", "api_key", mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return SecretRef.parse(value)
+        if value is not None:
+            raise ValueError("a secret must be a reference string, 'env:NAME' or 'file:/path'")
+        return value
+
+
+class Model(_Strict):
+    """What `vllm serve` serves, and how it is split over the GPUs."""
+
+    name: str = Field(min_length=1)
+    served_name: str | None = None
+    tensor_parallel: Annotated[int, Field(ge=1)] | Auto = "auto"
+    pipeline_parallel: Annotated[int, Field(ge=1)] | Auto = "auto"
+    args: list[str] = []
+
+    @field_validator("args")
+    @classmethod
+    def _no_managed_args(cls, value: list[str]) -> list[str]:
+        managed = {
+            "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
+            "--distributed-executor-backend", "--port", "--host", "--api-key",
+            "--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
+        }  # fmt: skip
+        for arg in value:
+            if arg.split("=", 1)[0] in managed:
+                raise ValueError(
+                    f"{arg.split('=', 1)[0]} is set by vcluster; use the inventory keys"
+                )
+        return value
+
+
+class Inventory(_Strict):
+    """A validated inventory. Build it with `load_inventory`."""
+
+    cluster: str
+    image: str
+    accelerator: Literal["nvidia", "cpu"] = "nvidia"
+    executor: Literal["ray", "mp"] | None = None
+    ssh: SshDefaults = SshDefaults()
+    nodes: list[Node] = Field(min_length=1)
+    model_cache: str
+    network: Network = Network()
+    ports: Ports = Ports()
+    env: dict[str, str] = {}
+    secrets: Secrets = Secrets()
+    model: Model
+    source: str | None = Field(default=None, exclude=True)
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} must be lowercase letters, digits and '-', at most 63")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image_ref(cls, value: str) -> str:
+        if not _IMAGE.match(value):
+            raise ValueError(f"{value!r} is not an image reference (repo:tag or repo@sha256:...)")
+        return value
+
+    @field_validator("model_cache")
+    @classmethod
+    def _cache_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must be an absolute path on the hosts, got {value!r}")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if name in _RESERVED_ENV:
+                raise ValueError(f"{name} is set by vcluster (secrets: or network: set it)")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_executor(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("executor") is None:
+            accelerator = data.get("accelerator", "nvidia")
+            return {**data, "executor": "mp" if accelerator == "cpu" else "ray"}
+        return data
+
+    @property
+    def head(self) -> Node:
+        """The node with role head, or the first node."""
+        return next((n for n in self.nodes if n.role == "head"), self.nodes[0])
+
+    @property
+    def workers(self) -> list[Node]:
+        return [n for n in self.nodes if n is not self.head]
+
+    def container_model_path(self) -> str:
+        """The model as `vllm serve` inside the container sees it (host paths are mapped)."""
+        if not self.model.name.startswith("/"):
+            return self.model.name
+        relative = PurePosixPath(self.model.name).relative_to(self.model_cache)
+        return str(PurePosixPath(CONTAINER_CACHE_PATH) / relative)
+
+
+def load_inventory(path: Path | str) -> Inventory:
+    """Read and validate an inventory file; raise `InventoryError` with every problem found."""
+    path = Path(path)
+    document = load_positioned_yaml(path)
+    problems = [document.problem(key, "duplicate key") for key, _ in document.duplicate_keys]
+    if not isinstance(document.data, dict):
+        problems.append(document.problem((), "the inventory must be a YAML mapping"))
+        raise InventoryError(problems)
+    problems += _cross_field_problems(document)
+    try:
+        inventory = Inventory.model_validate({**document.data, "source": str(path)})
+    except ValidationError as exc:
+        problems += [_problem_from_pydantic(document, error) for error in exc.errors()]
+        inventory = None
+    if problems:
+        raise InventoryError(_sorted_unique(problems, document))
+    assert inventory is not None
+    return inventory
+
+
+def _problem_from_pydantic(document: PositionedDocument, error: Any) -> Problem:
+    location: KeyPath = tuple(p for p in error["loc"] if not _is_union_tag(p))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return document.problem(location, "unknown key (check its spelling in docs/inventory.md)")
+    if kind == "missing":
+        return document.problem(location, "required key is missing")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return document.problem(location, message)
+
+
+def _is_union_tag(part: str | int) -> bool:
+    # pydantic adds the union member ("int", "literal['auto']", "function-after[...]") to the loc
+    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool"})
+
+
+def _sorted_unique(problems: list[Problem], document: PositionedDocument) -> list[Problem]:
+    unique = list(dict.fromkeys(problems))
+
+    def line(problem: Problem) -> int:
+        return int(problem.location.rsplit(":", 1)[-1]) if ":" in problem.location else 0
+
+    return sorted(unique, key=line)
+
+
+def _cross_field_problems(document: PositionedDocument) -> list[Problem]:
+    """Rules across fields, checked on the raw data so they show up with schema errors."""
+    data = document.data
+    nodes = data.get("nodes")
+    if not isinstance(nodes, list):
+        return []
+    problems: list[Problem] = []
+    entries = [(i, n) for i, n in enumerate(nodes) if isinstance(n, dict)]
+
+    for key in ("address", "name"):
+        counts = Counter(n.get(key) for _, n in entries if isinstance(n.get(key), str))
+        for index, node in entries:
+            value = node.get(key)
+            if isinstance(value, str) and counts[value] > 1:
+                first = next(i for i, n in entries if n.get(key) == value)
+                if index != first:
+                    message = f"duplicate {key} {value!r} (also nodes[{first}])"
+                    problems.append(document.problem(("nodes", index, key), message))
+
+    heads = [i for i, n in entries if n.get("role") == "head"]
+    for index in heads[1:]:
+        message = f"a second head (nodes[{heads[0]}] is the head); one node only has role: head"
+        problems.append(document.problem(("nodes", index, "role"), message))
+
+    problems += _parallelism_problems(document, entries)
+    problems += _port_problems(document)
+    problems += _model_path_problems(document)
+    return problems
+
+
+def _parallelism_problems(
+    document: PositionedDocument, entries: list[tuple[int, dict]]
+) -> list[Problem]:
+    data = document.data
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    tp = model.get("tensor_parallel", "auto")
+    pp = model.get("pipeline_parallel", "auto")
+    declared = [n.get("gpus") for _, n in entries]
+    all_declared = bool(declared) and all(isinstance(g, int) for g in declared)
+    if data.get("accelerator", "nvidia") == "cpu":
+        if isinstance(pp, int) and pp > len(entries):
+            message = f"pipeline_parallel {pp} is more than the {len(entries)} nodes"
+            return [document.problem(("model", "pipeline_parallel"), message)]
+        return []
+    if not all_declared:
+        return []
+    if len(set(declared)) > 1:
+        message = (
+            f"nodes declare different GPU counts {sorted(set(declared))}; "
+            "tensor parallel = GPUs per node needs the same count on every node"
+        )
+        return [document.problem(("nodes",), message)]
+    total = sum(declared)
+    if isinstance(tp, int) and isinstance(pp, int) and tp * pp != total:
+        message = (
+            f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {tp * pp}, but the nodes "
+            f"declare {total} GPUs; make them equal or use 'auto'"
+        )
+        return [document.problem(("model", "tensor_parallel"), message)]
+    return []
+
+
+def _port_problems(document: PositionedDocument) -> list[Problem]:
+    ports = document.data.get("ports")
+    if not isinstance(ports, dict):
+        return []
+    by_value: dict[int, str] = {}
+    problems: list[Problem] = []
+    for key, value in ports.items():
+        if isinstance(value, int) and value in by_value:
+            message = f"port {value} is also ports.{by_value[value]}; each port must differ"
+            problems.append(document.problem(("ports", key), message))
+        elif isinstance(value, int):
+            by_value[value] = key
+    return problems
+
+
+def _model_path_problems(document: PositionedDocument) -> list[Problem]:
+    model, cache = document.data.get("model"), document.data.get("model_cache")
+    if not isinstance(model, dict) or not isinstance(cache, str) or not cache.startswith("/"):
+        return []
+    name = model.get("name")
+    if not isinstance(name, str) or not name.startswith("/"):
+        return []
+    if not PurePosixPath(name).is_relative_to(cache):
+        message = (
+            f"a local model path must be inside model_cache ({cache}), which is what the "
+            "containers mount; move the model there or use a Hugging Face id"
+        )
+        return [document.problem(("model", "name"), message)]
+    return []
