@@ -1,0 +1,340 @@
+"""The plan: a pure function from inventory + per-node facts to what runs on every node.
+
+Nothing here touches the network. `vcluster plan` prints a `ClusterPlan`; `vcluster up`
+applies it. Secrets stay `SecretRef`s in the plan and are resolved only when applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from cluster import __version__
+from cluster.errors import VclusterError
+from cluster.inventory import CONTAINER_CACHE_PATH, Inventory, Node
+from cluster.secrets import MASK, SecretRef
+
+LABEL_PREFIX = "vcluster"
+LABEL_CLUSTER = f"{LABEL_PREFIX}.cluster"
+LABEL_NODE = f"{LABEL_PREFIX}.node"
+LABEL_ROLE = f"{LABEL_PREFIX}.role"
+LABEL_SPEC_HASH = f"{LABEL_PREFIX}.spec-hash"
+LABEL_VERSION = f"{LABEL_PREFIX}.version"
+VLLM_LOG_PATH = "/tmp/vcluster-vllm.log"
+
+Role = Literal["head", "worker"]
+
+
+class PlanError(VclusterError):
+    """The facts do not allow a plan (e.g. nodes with different GPU counts)."""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the plan needs to know of a node: gathered by probes, or declared (offline)."""
+
+    address: str  # the address other nodes reach it at: VLLM_HOST_IP, Ray's node IP
+    gpu_count: int  # 0 in cpu mode
+    gpu_model: str | None = None
+    interface: str | None = None  # the interface that routes to the head
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """One node's long-running container: Ray runs as its main process."""
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    environment: dict[str, str]
+    secret_environment: dict[str, SecretRef]
+    labels: dict[str, str]
+    mounts: tuple[Mount, ...]
+    gpus: Literal["all"] | None
+    network_mode: str = "host"
+    ipc_mode: str = "host"
+
+    @property
+    def spec_hash(self) -> str:
+        """A digest of everything that defines the container (secrets by reference)."""
+        return self.labels[LABEL_SPEC_HASH]
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """A `vllm serve` process started inside a node's container."""
+
+    argv: tuple[str, ...]
+    log_path: str = VLLM_LOG_PATH
+    headless: bool = False
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    role: Role
+    host: str  # how the controller reaches it over SSH
+    facts: NodeFacts
+    container: ContainerSpec
+    serve: ServeSpec | None
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    cluster: str
+    executor: Literal["ray", "mp"]
+    accelerator: Literal["nvidia", "cpu"]
+    tensor_parallel: int
+    pipeline_parallel: int
+    model: str
+    served_model_name: str
+    endpoint: str
+    nodes: tuple[NodePlan, ...] = field(default_factory=tuple)
+
+    @property
+    def head(self) -> NodePlan:
+        return next(n for n in self.nodes if n.role == "head")
+
+    @property
+    def workers(self) -> list[NodePlan]:
+        return [n for n in self.nodes if n.role == "worker"]
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.name == name)
+
+    def to_dict(self, *, mask_secrets: bool = True) -> dict:
+        """A JSON-ready dict; secret references are shown as `env:NAME` or masked."""
+
+        def render(value: object) -> object:
+            if isinstance(value, SecretRef):
+                return f"<secret {value}>" if mask_secrets else str(value)
+            if isinstance(value, dict):
+                return {k: render(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [render(v) for v in value]
+            return value
+
+        data = asdict(self)
+        for node_data, node in zip(data["nodes"], self.nodes, strict=True):
+            node_data["container"]["secret_environment"] = node.container.secret_environment
+        return render(data)  # type: ignore[return-value]
+
+
+def container_name(cluster: str) -> str:
+    """The one container vcluster runs per host and cluster (run_cluster.sh uses it too)."""
+    return f"vcluster-{cluster}"
+
+
+def build_plan(inventory: Inventory, facts: dict[str, NodeFacts]) -> ClusterPlan:
+    """Decide every node's container and commands from the inventory and the facts by node name."""
+    missing = [n.node_name for n in inventory.nodes if n.node_name not in facts]
+    if missing:
+        raise PlanError(f"no facts for node(s) {', '.join(missing)}")
+    tensor_parallel, pipeline_parallel = _parallelism(inventory, facts)
+    head = inventory.head
+    head_facts = facts[head.node_name]
+    served_name = inventory.model.served_name or inventory.model.name
+    nodes = []
+    for rank, node in enumerate(_head_first(inventory)):
+        role: Role = "head" if node is head else "worker"
+        node_facts = facts[node.node_name]
+        container = _container_spec(inventory, node, role, node_facts, head_facts)
+        serve = _serve_spec(inventory, role, rank, head_facts, tensor_parallel, pipeline_parallel)
+        nodes.append(NodePlan(node.node_name, role, node.address, node_facts, container, serve))
+    return ClusterPlan(
+        cluster=inventory.cluster,
+        executor=inventory.executor or "ray",
+        accelerator=inventory.accelerator,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        model=inventory.container_model_path(),
+        served_model_name=served_name,
+        endpoint=f"http://{head_facts.address}:{inventory.ports.vllm}/v1",
+        nodes=tuple(nodes),
+    )
+
+
+def declared_facts(inventory: Inventory) -> dict[str, NodeFacts]:
+    """Facts taken from the inventory alone, for `plan --offline` (no host is contacted)."""
+    problems = []
+    facts = {}
+    for node in inventory.nodes:
+        if inventory.accelerator == "nvidia" and node.gpus is None:
+            problems.append(node.node_name)
+        gpus = (node.gpus or 0) if inventory.accelerator == "nvidia" else 0
+        facts[node.node_name] = NodeFacts(
+            address=node.address, gpu_count=gpus, interface=inventory.network.interface
+        )
+    if problems:
+        raise PlanError(
+            f"an offline plan needs the GPU count of every node; missing on {', '.join(problems)}",
+            fix="declare gpus: N on those nodes in the inventory, or plan without --offline",
+        )
+    return facts
+
+
+def _head_first(inventory: Inventory) -> list[Node]:
+    return [inventory.head, *inventory.workers]
+
+
+def _parallelism(inventory: Inventory, facts: dict[str, NodeFacts]) -> tuple[int, int]:
+    nodes = len(inventory.nodes)
+    model = inventory.model
+    if inventory.accelerator == "cpu":
+        tensor = 1 if model.tensor_parallel == "auto" else model.tensor_parallel
+        pipeline = nodes if model.pipeline_parallel == "auto" else model.pipeline_parallel
+        return tensor, pipeline
+    counts = {name: f.gpu_count for name, f in facts.items()}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{name}={count}" for name, count in counts.items())
+        raise PlanError(
+            f"nodes have different GPU counts ({detail}); TP = GPUs per node needs them equal",
+            fix="fix or remove the odd node, or set model.tensor_parallel and pipeline_parallel",
+        )
+    per_node = next(iter(counts.values()))
+    if per_node == 0:
+        raise PlanError("no GPUs found on the nodes", fix="use accelerator: cpu, or fix the GPUs")
+    tensor = per_node if model.tensor_parallel == "auto" else model.tensor_parallel
+    pipeline = nodes if model.pipeline_parallel == "auto" else model.pipeline_parallel
+    total = per_node * nodes
+    if tensor * pipeline != total:
+        raise PlanError(
+            f"TP x PP = {tensor} x {pipeline} = {tensor * pipeline}, but the cluster has {total} GPUs",
+            fix="set model.tensor_parallel and pipeline_parallel so that their product is the GPU count",
+        )
+    return tensor, pipeline
+
+
+def _environment(inventory: Inventory, facts: NodeFacts) -> dict[str, str]:
+    environment = dict(inventory.env)
+    environment["VLLM_HOST_IP"] = facts.address
+    # what vLLM's run_cluster.sh sets for multi-NIC hosts, so Ray and vLLM agree on the address
+    environment["RAY_NODE_IP_ADDRESS"] = facts.address
+    interface = inventory.network.interface or facts.interface
+    if interface:
+        environment["GLOO_SOCKET_IFNAME"] = interface
+        if inventory.accelerator == "nvidia":
+            environment["NCCL_SOCKET_IFNAME"] = interface
+    return dict(sorted(environment.items()))
+
+
+def _secret_environment(inventory: Inventory, role: Role) -> dict[str, SecretRef]:
+    secrets: dict[str, SecretRef] = {}
+    if inventory.secrets.hf_token is not None:
+        secrets["HF_TOKEN"] = inventory.secrets.hf_token
+    if inventory.secrets.api_key is not None and role == "head":
+        secrets["VLLM_API_KEY"] = inventory.secrets.api_key
+    return secrets
+
+
+def _ray_command(
+    inventory: Inventory, role: Role, facts: NodeFacts, head: NodeFacts
+) -> tuple[str, ...]:
+    port = inventory.ports.ray
+    if role == "head":
+        command = ["ray", "start", "--head", f"--port={port}"]
+    else:
+        command = ["ray", "start", f"--address={head.address}:{port}"]
+    command += [f"--node-ip-address={facts.address}", "--disable-usage-stats", "--block"]
+    return tuple(command)
+
+
+def _container_spec(
+    inventory: Inventory, node: Node, role: Role, facts: NodeFacts, head: NodeFacts
+) -> ContainerSpec:
+    spec = {
+        "name": container_name(inventory.cluster),
+        "image": inventory.image,
+        "command": _ray_command(inventory, role, facts, head),
+        "environment": _environment(inventory, facts),
+        "secret_environment": _secret_environment(inventory, role),
+        "mounts": (Mount(inventory.model_cache, CONTAINER_CACHE_PATH),),
+        "gpus": "all" if inventory.accelerator == "nvidia" else None,
+    }
+    digest_input = json.dumps(
+        {
+            k: (v if k != "secret_environment" else {n: str(r) for n, r in v.items()})
+            for k, v in spec.items()
+        },
+        default=lambda o: asdict(o),
+        sort_keys=True,
+    )
+    labels = {
+        LABEL_CLUSTER: inventory.cluster,
+        LABEL_NODE: node.node_name,
+        LABEL_ROLE: role,
+        LABEL_SPEC_HASH: hashlib.sha256(digest_input.encode()).hexdigest()[:16],
+        LABEL_VERSION: __version__,
+    }
+    return ContainerSpec(labels=labels, **spec)  # type: ignore[arg-type]
+
+
+def _serve_spec(
+    inventory: Inventory,
+    role: Role,
+    rank: int,
+    head: NodeFacts,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+) -> ServeSpec | None:
+    if inventory.executor == "ray" and role == "worker":
+        return None
+    argv = [
+        "vllm", "serve", inventory.container_model_path(),
+        "--tensor-parallel-size", str(tensor_parallel),
+        "--pipeline-parallel-size", str(pipeline_parallel),
+        "--distributed-executor-backend", inventory.executor or "ray",
+    ]  # fmt: skip
+    if inventory.executor == "mp":
+        argv += [
+            "--nnodes", str(len(inventory.nodes)),
+            "--node-rank", str(rank),
+            "--master-addr", head.address,
+            "--master-port", str(inventory.ports.master),
+        ]  # fmt: skip
+    if role == "worker":
+        argv.append("--headless")
+    else:
+        served = inventory.model.served_name or inventory.model.name
+        argv += ["--host", "0.0.0.0", "--port", str(inventory.ports.vllm)]  # noqa: S104
+        argv += ["--served-model-name", served]
+    argv += inventory.model.args
+    return ServeSpec(argv=tuple(argv), headless=role == "worker")
+
+
+def render_text(plan: ClusterPlan) -> str:
+    """A human-readable plan; secrets appear as references, never values."""
+    lines = [
+        f"cluster {plan.cluster}: {len(plan.nodes)} node(s), {plan.accelerator}, executor {plan.executor}",
+        f"model {plan.model} as {plan.served_model_name!r}: "
+        f"tensor parallel {plan.tensor_parallel} x pipeline parallel {plan.pipeline_parallel}",
+        f"endpoint {plan.endpoint}",
+    ]
+    for node in plan.nodes:
+        c = node.container
+        lines.append("")
+        lines.append(f"[{node.role}] {node.name} ({node.host})")
+        lines.append(f"  container {c.name}  image {c.image}  spec {c.spec_hash}")
+        lines.append(
+            f"  --network {c.network_mode} --ipc {c.ipc_mode}"
+            + (f" --gpus {c.gpus}" if c.gpus else "")
+            + "".join(f" -v {m.source}:{m.target}" for m in c.mounts)
+        )
+        for name, value in c.environment.items():
+            lines.append(f"  env {name}={value}")
+        for name, ref in c.secret_environment.items():
+            lines.append(f"  env {name}={MASK} (from {ref})")
+        lines.append(f"  ray: {shlex.join(c.command)}")
+        if node.serve is not None:
+            lines.append(f"  vllm: {shlex.join(node.serve.argv)}")
+    return "\n".join(lines)
