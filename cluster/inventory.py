@@ -25,7 +25,12 @@ from pydantic import (
 
 from cluster.errors import InventoryError, Problem
 from cluster.secrets import SecretRef
-from cluster.yaml_positions import KeyPath, PositionedDocument, load_positioned_yaml
+from cluster.yaml_positions import (
+    KeyPath,
+    PositionedDocument,
+    format_key_path,
+    load_positioned_yaml,
+)
 
 CONTAINER_CACHE_PATH = "/root/.cache/huggingface"
 
@@ -264,7 +269,10 @@ def load_inventory(path: Path | str) -> Inventory:
     """Read and validate an inventory file; raise `InventoryError` with every problem found."""
     path = Path(path)
     document = load_positioned_yaml(path)
-    problems = [document.problem(key, "duplicate key") for key, _ in document.duplicate_keys]
+    problems = [
+        Problem(f"{path}:{line}", format_key_path(key), "duplicate key (the YAML has it twice)")
+        for key, line in document.duplicate_keys
+    ]
     if not isinstance(document.data, dict):
         problems.append(document.problem((), "the inventory must be a YAML mapping"))
         raise InventoryError(problems)

@@ -1,0 +1,224 @@
+"""The inventory: what a valid file gives, and how each bad input is reported."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cluster.errors import ExitCode, InventoryError
+from cluster.inventory import load_inventory
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = """\
+cluster: demo
+image: vllm/vllm-openai:v0.11.0
+nodes:
+  - {name: a, address: 10.0.0.1, gpus: 8}
+  - {name: b, address: 10.0.0.2, gpus: 8}
+model_cache: /data/hf
+model:
+  name: meta-llama/Llama-3.1-70B-Instruct
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(write(tmp_path, text))
+    assert caught.value.exit_code == ExitCode.BAD_INPUT
+    return caught.value.lines()
+
+
+def only_problem(tmp_path: Path, text: str) -> str:
+    found = problems(tmp_path, text)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("name", ["gpu-2x8.yaml", "gpu-4x8.yaml", "cpu-2.yaml"])
+def test_every_example_inventory_is_valid(name: str) -> None:
+    assert load_inventory(REPO / "inventory" / name).nodes
+
+
+def test_defaults_fill_what_a_minimal_inventory_leaves_out(tmp_path: Path) -> None:
+    inventory = load_inventory(write(tmp_path, MINIMAL))
+    assert inventory.accelerator == "nvidia"
+    assert inventory.executor == "ray"
+    assert (inventory.ports.ray, inventory.ports.vllm) == (6379, 8000)
+    assert inventory.model.tensor_parallel == "auto"
+    assert inventory.ssh.trust_on_first_use is False
+
+
+def test_the_first_node_is_the_head_unless_one_says_role_head(tmp_path: Path) -> None:
+    assert load_inventory(write(tmp_path, MINIMAL)).head.name == "a"
+    text = MINIMAL.replace(
+        "{name: b, address: 10.0.0.2, gpus: 8}", "{name: b, address: 10.0.0.2, gpus: 8, role: head}"
+    )
+    inventory = load_inventory(write(tmp_path, text))
+    assert inventory.head.name == "b"
+    assert [n.name for n in inventory.workers] == ["a"]
+
+
+def test_cpu_mode_defaults_to_vllms_own_multi_node_executor(tmp_path: Path) -> None:
+    text = MINIMAL.replace("model_cache:", "accelerator: cpu\nmodel_cache:")
+    assert load_inventory(write(tmp_path, text)).executor == "mp"
+
+
+def test_a_node_without_a_name_is_named_after_its_address(tmp_path: Path) -> None:
+    text = MINIMAL.replace("{name: a, address: 10.0.0.1, gpus: 8}", "{address: 10.0.0.1, gpus: 8}")
+    assert load_inventory(write(tmp_path, text)).head.node_name == "10-0-0-1"
+
+
+def test_a_local_model_path_is_mapped_into_the_container_cache(tmp_path: Path) -> None:
+    text = MINIMAL.replace("meta-llama/Llama-3.1-70B-Instruct", "/data/hf/models/tiny")
+    inventory = load_inventory(write(tmp_path, text))
+    assert inventory.container_model_path() == "/root/.cache/huggingface/models/tiny"
+
+
+def test_an_unknown_key_is_named_with_its_line(tmp_path: Path) -> None:
+    text = MINIMAL.replace("model_cache: /data/hf", "model_cache: /data/hf\nmodel_cahce: /x")
+    assert only_problem(tmp_path, text).endswith(
+        "inventory.yaml:7: model_cahce: unknown key (check its spelling in docs/inventory.md)"
+    )
+
+
+def test_an_unknown_key_inside_a_node_names_the_node(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "{name: b, address: 10.0.0.2, gpus: 8}", "{name: b, address: 10.0.0.2, gpu: 8}"
+    )
+    assert ":5: nodes[1].gpu: unknown key" in only_problem(tmp_path, text)
+
+
+def test_a_wrong_type_is_an_error_not_a_coercion(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "{name: a, address: 10.0.0.1, gpus: 8}", '{name: a, address: 10.0.0.1, gpus: "8"}'
+    )
+    assert ":4: nodes[0].gpus: Input should be a valid integer" in problems(tmp_path, text)[0]
+
+
+def test_a_missing_required_key_is_reported(tmp_path: Path) -> None:
+    text = MINIMAL.replace("image: vllm/vllm-openai:v0.11.0\n", "")
+    assert only_problem(tmp_path, text).endswith("image: required key is missing")
+
+
+def test_duplicate_addresses_and_names_are_reported_on_the_second_node(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "{name: b, address: 10.0.0.2, gpus: 8}", "{name: a, address: 10.0.0.1, gpus: 8}"
+    )
+    found = problems(tmp_path, text)
+    assert any(
+        ":5: nodes[1].address: duplicate address '10.0.0.1' (also nodes[0])" in p for p in found
+    )
+    assert any(":5: nodes[1].name: duplicate name 'a' (also nodes[0])" in p for p in found)
+
+
+def test_two_heads_are_an_error(tmp_path: Path) -> None:
+    text = MINIMAL.replace("gpus: 8}", "gpus: 8, role: head}")
+    assert ":5: nodes[1].role: a second head" in only_problem(tmp_path, text)
+
+
+def test_tp_times_pp_must_match_the_declared_gpus(tmp_path: Path) -> None:
+    text = MINIMAL + "  tensor_parallel: 8\n  pipeline_parallel: 4\n"
+    message = only_problem(tmp_path, text)
+    assert (
+        "model.tensor_parallel: tensor_parallel x pipeline_parallel = 8 x 4 = 32, but the nodes declare 16 GPUs"
+        in message
+    )
+
+
+def test_nodes_declaring_different_gpu_counts_are_an_error(tmp_path: Path) -> None:
+    text = MINIMAL.replace("10.0.0.2, gpus: 8", "10.0.0.2, gpus: 4")
+    assert "nodes: nodes declare different GPU counts [4, 8]" in only_problem(tmp_path, text)
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_port_numbers_out_of_range_are_errors(tmp_path: Path, port: int) -> None:
+    message = only_problem(tmp_path, MINIMAL + f"ports: {{vllm: {port}}}\n")
+    assert "ports.vllm: Input should be" in message
+
+
+def test_two_services_on_one_port_are_an_error(tmp_path: Path) -> None:
+    assert "ports.vllm: port 6379 is also ports.ray" in only_problem(
+        tmp_path, MINIMAL + "ports: {ray: 6379, vllm: 6379}\n"
+    )
+
+
+def test_relative_paths_where_absolute_ones_are_needed_are_errors(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "model_cache: /data/hf", "model_cache: data/hf\nssh: {key_file: keys/id}"
+    )
+    found = problems(tmp_path, text)
+    assert any("model_cache: must be an absolute path" in p for p in found)
+    assert any("ssh.key_file: the path must be an absolute path" in p for p in found)
+
+
+def test_a_secret_value_pasted_inline_is_refused_and_not_echoed(tmp_path: Path) -> None:
+    message = only_problem(tmp_path, MINIMAL + "secrets: {api_key: sk-live-123}\n")
+    assert "secrets.api_key: a secret must be a reference" in message
+    assert "sk-live-123" not in message
+
+
+def test_a_local_model_outside_the_cache_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("meta-llama/Llama-3.1-70B-Instruct", "/opt/models/llama")
+    assert "model.name: a local model path must be inside model_cache (/data/hf)" in only_problem(
+        tmp_path, text
+    )
+
+
+def test_args_that_vcluster_manages_are_refused(tmp_path: Path) -> None:
+    message = only_problem(tmp_path, MINIMAL + '  args: ["--tensor-parallel-size=4"]\n')
+    assert "--tensor-parallel-size is set by vcluster" in message
+
+
+def test_reserved_environment_names_are_refused(tmp_path: Path) -> None:
+    assert "env: VLLM_HOST_IP is set by vcluster" in only_problem(
+        tmp_path, MINIMAL + "env: {VLLM_HOST_IP: 1.2.3.4}\n"
+    )
+
+
+def test_a_duplicate_yaml_key_is_an_error_rather_than_silently_last_wins(tmp_path: Path) -> None:
+    text = MINIMAL.replace("nodes:", "image: vllm/vllm-openai:v0.10.0\nnodes:", 1)
+    assert ":3: image: duplicate key" in only_problem(tmp_path, text)
+
+
+def test_every_problem_is_reported_at_once_in_line_order(tmp_path: Path) -> None:
+    text = """\
+    cluster: Demo
+    image: vllm/vllm-openai:v0.11.0
+    nodes:
+      - {name: a, address: 10.0.0.1, gpus: 8, role: head}
+      - {name: b, address: 10.0.0.1, gpus: 8, role: head}
+    model_cache: relative
+    ports: {ray: 70000}
+    model: {name: m}
+    """
+    found = problems(tmp_path, text)
+    lines = [int(p.split(":")[1]) for p in found]
+    assert len(found) == 5
+    assert lines == sorted(lines)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    assert only_problem(tmp_path, "cluster: a\nnodes: [\n").startswith(
+        f"{tmp_path / 'inventory.yaml'}:3:"
+    )
+
+
+def test_a_missing_file_is_one_clear_problem(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(tmp_path / "nope.yaml")
+    assert caught.value.lines() == [
+        f"{tmp_path / 'nope.yaml'}: cannot read the file: No such file or directory"
+    ]
+
+
+def test_a_yaml_list_instead_of_a_mapping_is_refused(tmp_path: Path) -> None:
+    assert "the inventory must be a YAML mapping" in only_problem(tmp_path, "- a\n- b\n")

@@ -1,0 +1,217 @@
+"""The plan: what runs on every node, decided from the inventory and the facts alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.inventory import Inventory, load_inventory
+from cluster.plan import (
+    LABEL_CLUSTER,
+    LABEL_NODE,
+    LABEL_ROLE,
+    NodeFacts,
+    PlanError,
+    build_plan,
+    container_name,
+    declared_facts,
+    render_text,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def example(name: str) -> Inventory:
+    return load_inventory(REPO / "inventory" / name)
+
+
+def gpu_facts(
+    inventory: Inventory, gpus: int = 8, interface: str | None = "ens8f0"
+) -> dict[str, NodeFacts]:
+    return {
+        n.node_name: NodeFacts(
+            address=n.address, gpu_count=gpus, gpu_model="NVIDIA H200", interface=interface
+        )
+        for n in inventory.nodes
+    }
+
+
+def flag(argv: tuple[str, ...], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_gpu_mode_uses_tp_equal_gpus_per_node_and_pp_equal_nodes() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert (plan.tensor_parallel, plan.pipeline_parallel) == (8, 2)
+    argv = plan.head.serve.argv
+    assert argv[:3] == ("vllm", "serve", "meta-llama/Llama-3.1-70B-Instruct")
+    assert flag(argv, "--tensor-parallel-size") == "8"
+    assert flag(argv, "--pipeline-parallel-size") == "2"
+    assert flag(argv, "--distributed-executor-backend") == "ray"
+    assert flag(argv, "--port") == "8000"
+    assert flag(argv, "--served-model-name") == "llama-70b"
+    assert argv[-4:] == ("--max-model-len", "32768", "--gpu-memory-utilization", "0.92")
+
+
+def test_ray_executor_serves_from_the_head_only() -> None:
+    inventory = example("gpu-4x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert plan.head.serve is not None
+    assert all(worker.serve is None for worker in plan.workers)
+
+
+def test_ray_head_and_workers_start_with_their_own_node_ip() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert plan.head.container.command == (
+        "ray", "start", "--head", "--port=6379", "--node-ip-address=10.0.0.11", "--disable-usage-stats", "--block",
+    )  # fmt: skip
+    assert plan.workers[0].container.command == (
+        "ray", "start", "--address=10.0.0.11:6379", "--node-ip-address=10.0.0.12", "--disable-usage-stats", "--block",
+    )  # fmt: skip
+
+
+def test_every_container_gets_host_network_host_ipc_gpus_and_the_cache_mount() -> None:
+    inventory = example("gpu-2x8.yaml")
+    for node in build_plan(inventory, gpu_facts(inventory)).nodes:
+        container = node.container
+        assert (container.network_mode, container.ipc_mode, container.gpus) == (
+            "host",
+            "host",
+            "all",
+        )
+        assert [(m.source, m.target) for m in container.mounts] == [
+            ("/data/huggingface", "/root/.cache/huggingface")
+        ]
+        assert container.name == container_name("llama70b") == "vcluster-llama70b"
+        assert container.image == "vllm/vllm-openai:v0.11.0"
+
+
+def test_the_network_environment_names_each_nodes_own_address_and_the_interface() -> None:
+    inventory = example("gpu-4x8.yaml")  # no interface in the inventory: the detected one is used
+    plan = build_plan(inventory, gpu_facts(inventory, interface="bond0"))
+    for node in plan.nodes:
+        env = node.container.environment
+        assert env["VLLM_HOST_IP"] == node.facts.address == env["RAY_NODE_IP_ADDRESS"]
+        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "bond0"
+        assert env["NCCL_DEBUG"] == "WARN"
+
+
+def test_the_inventorys_interface_wins_over_the_detected_one() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory, interface="eth9"))
+    assert plan.head.container.environment["NCCL_SOCKET_IFNAME"] == "ens8f0"
+
+
+def test_labels_name_cluster_node_and_role() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    labels = plan.workers[0].container.labels
+    assert (labels[LABEL_CLUSTER], labels[LABEL_NODE], labels[LABEL_ROLE]) == (
+        "llama70b",
+        "gpu-b",
+        "worker",
+    )
+
+
+def test_the_spec_hash_changes_with_the_spec_and_only_with_it() -> None:
+    inventory = example("gpu-2x8.yaml")
+    first = build_plan(inventory, gpu_facts(inventory)).head.container.spec_hash
+    assert build_plan(inventory, gpu_facts(inventory)).head.container.spec_hash == first
+    other_image = inventory.model_copy(update={"image": "vllm/vllm-openai:v0.12.0"})
+    assert build_plan(other_image, gpu_facts(other_image)).head.container.spec_hash != first
+
+
+def test_secrets_stay_references_and_only_the_head_gets_the_api_key() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert {k: str(v) for k, v in plan.head.container.secret_environment.items()} == {
+        "HF_TOKEN": "env:HF_TOKEN",
+        "VLLM_API_KEY": "file:/etc/vcluster/api-key",
+    }
+    assert set(plan.workers[0].container.secret_environment) == {"HF_TOKEN"}
+    assert "--api-key" not in plan.head.serve.argv
+
+
+def test_no_secret_value_reaches_the_rendered_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_super_secret_value")
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    rendered = render_text(plan) + json.dumps(plan.to_dict())
+    assert "hf_super_secret_value" not in rendered
+    assert "HF_TOKEN=******** (from env:HF_TOKEN)" in render_text(plan)
+    assert (
+        plan.to_dict()["nodes"][0]["container"]["secret_environment"]["HF_TOKEN"]
+        == "<secret env:HF_TOKEN>"
+    )
+
+
+def test_explicit_tp_and_pp_are_kept() -> None:
+    inventory = example("gpu-4x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert (plan.tensor_parallel, plan.pipeline_parallel) == (8, 4)
+
+
+def test_different_gpu_counts_across_nodes_stop_the_plan_naming_each_node() -> None:
+    inventory = example("gpu-2x8.yaml")
+    facts = gpu_facts(inventory)
+    facts["gpu-b"] = NodeFacts(address="10.0.0.12", gpu_count=7)
+    with pytest.raises(PlanError, match=r"different GPU counts \(gpu-a=8, gpu-b=7\)"):
+        build_plan(inventory, facts)
+
+
+def test_tp_times_pp_must_match_the_gpus_found() -> None:
+    inventory = example("gpu-4x8.yaml")  # declares TP 8 x PP 4 = 32
+    with pytest.raises(PlanError, match="TP x PP = 8 x 4 = 32, but the cluster has 16 GPUs"):
+        build_plan(inventory, gpu_facts(inventory, gpus=4))
+
+
+def test_a_node_without_gpus_in_gpu_mode_stops_the_plan() -> None:
+    inventory = example("gpu-2x8.yaml")
+    with pytest.raises(PlanError, match="no GPUs found"):
+        build_plan(inventory, gpu_facts(inventory, gpus=0))
+
+
+def test_mp_executor_runs_vllm_on_every_node_with_its_rank_and_headless_workers() -> None:
+    inventory = example("cpu-2.yaml")
+    plan = build_plan(inventory, declared_facts(inventory))
+    head, worker = plan.head.serve.argv, plan.workers[0].serve.argv
+    assert (plan.tensor_parallel, plan.pipeline_parallel) == (1, 2)
+    for argv, rank in ((head, "0"), (worker, "1")):
+        assert flag(argv, "--distributed-executor-backend") == "mp"
+        assert flag(argv, "--nnodes") == "2"
+        assert flag(argv, "--node-rank") == rank
+        assert flag(argv, "--master-addr") == "172.30.0.11"
+        assert argv[2] == "/root/.cache/huggingface/models/tiny-llama"
+    assert "--headless" in worker and "--port" not in worker
+    assert "--headless" not in head and flag(head, "--port") == "8000"
+
+
+def test_cpu_mode_requests_no_gpus_and_sets_no_nccl_interface() -> None:
+    inventory = example("cpu-2.yaml")
+    for node in build_plan(inventory, declared_facts(inventory)).nodes:
+        assert node.container.gpus is None
+        assert "NCCL_SOCKET_IFNAME" not in node.container.environment
+        assert node.container.environment["GLOO_SOCKET_IFNAME"] == "eth0"
+
+
+def test_mp_executor_is_offered_on_gpus_too() -> None:
+    inventory = example("gpu-2x8.yaml").model_copy(update={"executor": "mp"})
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert [n.serve is not None for n in plan.nodes] == [True, True]
+    assert flag(plan.workers[0].serve.argv, "--tensor-parallel-size") == "8"
+
+
+def test_offline_plan_needs_declared_gpu_counts() -> None:
+    inventory = example("gpu-2x8.yaml")
+    nodes = [n.model_copy(update={"gpus": None}) for n in inventory.nodes]
+    with pytest.raises(PlanError, match="missing on gpu-a, gpu-b"):
+        declared_facts(inventory.model_copy(update={"nodes": nodes}))
+
+
+def test_the_endpoint_is_the_heads_address_and_vllm_port() -> None:
+    inventory = example("gpu-4x8.yaml")
+    assert build_plan(inventory, gpu_facts(inventory)).endpoint == "http://192.168.40.1:8000/v1"
