@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -13,36 +12,10 @@ from typing import Any
 import click
 
 from cluster import __version__
-from cluster.errors import ExitCode, InventoryError, NotYetAvailable, VclusterError
+from cluster.cli.common import INVENTORY, JSON, reports_errors
+from cluster.errors import NotYetAvailable
 from cluster.inventory import Inventory, load_inventory
 from cluster.plan import build_plan, declared_facts, render_text
-from cluster.transport.fanout import FanOutError
-
-INVENTORY = click.argument("inventory", type=click.Path(path_type=Path))
-JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-
-
-def _fail(lines: list[str], code: ExitCode) -> None:
-    for line in lines:
-        click.secho(f"error: {line}", fg="red", err=True)
-    sys.exit(int(code))
-
-
-def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures into one line each and the documented exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (InventoryError, FanOutError) as error:
-            _fail(error.lines(), error.exit_code)
-        except VclusterError as error:
-            _fail([error.one_line()], error.exit_code)
-        except KeyboardInterrupt:
-            _fail(["interrupted"], ExitCode.FAILED)
-
-    return wrapper
 
 
 def _load(path: Path) -> Inventory:
