@@ -1,0 +1,152 @@
+"""A node's vcluster container, through the Docker SDK: inspect, create from a spec, remove."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+from docker.types import DeviceRequest, Mount
+
+from cluster.errors import VclusterError
+from cluster.plan import LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE, LABEL_SPEC_HASH, ContainerSpec
+from cluster.secrets import redact
+
+STOP_TIMEOUT_S = 10
+SHM_SIZE_WITHOUT_HOST_IPC = "10g"
+
+
+class ContainerError(VclusterError):
+    """Docker refused or failed an operation on a node's container."""
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What runs on a node under the vcluster container name."""
+
+    name: str
+    status: str  # docker's: created, running, exited, ...
+    image_id: str
+    spec_hash: str | None
+    role: str | None
+    started_at: str
+    exit_code: int
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+def inspect_container(client: docker.DockerClient, name: str) -> ContainerState | None:
+    """The container `name` on this node, or None when there is none."""
+    try:
+        container = client.containers.get(name)
+    except docker.errors.NotFound:
+        return None
+    attrs = container.attrs
+    labels = attrs["Config"].get("Labels") or {}
+    return ContainerState(
+        name=name,
+        status=attrs["State"]["Status"],
+        image_id=attrs["Image"],
+        spec_hash=labels.get(LABEL_SPEC_HASH),
+        role=labels.get(LABEL_ROLE),
+        started_at=attrs["State"].get("StartedAt", ""),
+        exit_code=int(attrs["State"].get("ExitCode", 0)),
+    )
+
+
+def create_container(
+    client: docker.DockerClient, spec: ContainerSpec, secrets: dict[str, str]
+) -> ContainerState:
+    """Start the node's container from `spec`; `secrets` are the resolved secret environment.
+
+    The image's entrypoint is replaced by the spec's command (like vLLM's run_cluster.sh), so the
+    same spec runs on `vllm/vllm-openai`, whose entrypoint is `vllm serve`.
+    """
+    environment = {**spec.environment, **secrets}
+    device_requests = (
+        [DeviceRequest(count=-1, capabilities=[["gpu"]])] if spec.gpus == "all" else None
+    )
+    try:
+        client.containers.run(
+            spec.image,
+            entrypoint=list(spec.command[:1]),
+            command=list(spec.command[1:]),
+            name=spec.name,
+            detach=True,
+            environment=environment,
+            labels=spec.labels,
+            mounts=[
+                Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in spec.mounts
+            ],
+            network_mode=spec.network_mode,
+            ipc_mode=spec.ipc_mode,
+            shm_size=None if spec.ipc_mode == "host" else SHM_SIZE_WITHOUT_HOST_IPC,
+            device_requests=device_requests,
+            restart_policy={"Name": "no"},
+        )
+    except docker.errors.ImageNotFound:
+        raise ContainerError(
+            f"image {spec.image} is not on this node",
+            fix="run `vcluster up` again: it copies the image to every node",
+        ) from None
+    except docker.errors.APIError as exc:
+        raise ContainerError(
+            f"docker could not start {spec.name}: {redact(_explain(exc), list(secrets.values()))}",
+            fix=_fix_for(exc),
+        ) from None
+    state = inspect_container(client, spec.name)
+    if state is None:
+        raise ContainerError(f"{spec.name} vanished right after it was created")
+    return state
+
+
+def remove_container(client: docker.DockerClient, name: str) -> bool:
+    """Stop and remove `name`; True when there was one. Idempotent."""
+    try:
+        container = client.containers.get(name)
+    except docker.errors.NotFound:
+        return False
+    try:
+        container.remove(force=True, v=True)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as exc:
+        raise ContainerError(f"docker could not remove {name}: {_explain(exc)}") from None
+    return True
+
+
+def container_logs(client: docker.DockerClient, name: str, tail: int = 20) -> str:
+    """The last `tail` lines the container printed, or '' when there is no such container."""
+    try:
+        output = client.containers.get(name).logs(tail=tail)
+    except docker.errors.NotFound:
+        return ""
+    return output.decode(errors="replace")
+
+
+def cluster_containers(client: docker.DockerClient, cluster: str) -> list[dict[str, str]]:
+    """Every container on this node labelled with `cluster` (also those run_cluster.sh started)."""
+    found = client.containers.list(all=True, filters={"label": f"{LABEL_CLUSTER}={cluster}"})
+    return [
+        {
+            "name": c.name,
+            "status": c.status,
+            "node": c.labels.get(LABEL_NODE, ""),
+        }
+        for c in found
+    ]
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    return str(exc.explanation or exc).strip()
+
+
+def _fix_for(exc: docker.errors.APIError) -> str:
+    text = _explain(exc)
+    if "could not select device driver" in text or "nvidia" in text.lower():
+        return "install the NVIDIA container toolkit on this node and restart docker"
+    if "Conflict" in text or "already in use" in text:
+        return "run `vcluster down` and `vcluster up` again, or `vcluster up --recreate`"
+    return "see the docker message above"

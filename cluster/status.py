@@ -1,0 +1,255 @@
+"""One health snapshot of the cluster: SSH, containers, Ray and vLLM, gathered in parallel.
+
+`gather_status` costs about one round trip per host (all hosts at once) plus the Ray and vLLM
+queries on the head; `ClusterStatus` renders as a table or JSON and decides health.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+
+from rich.table import Table
+
+from cluster.containers import ContainerState, inspect_container
+from cluster.inventory import Inventory
+from cluster.plan import container_name
+from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
+from cluster.session import Session
+from cluster.vllm import http_get, parse_serving_metrics, running_spec_argv, served_models
+
+STATUS_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    address: str
+    role: str
+    reachable: bool
+    error: str | None = None
+    container: str | None = None  # docker's state, or None when there is no container
+    started_at: str | None = None
+    image_id: str | None = None
+    ray_alive: bool = False
+    vllm_process: bool | None = None  # None where no vLLM process belongs
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self.reachable
+            and self.container == "running"
+            and self.ray_alive
+            and self.vllm_process is not False
+        )
+
+
+@dataclass(frozen=True)
+class VllmStatus:
+    health: bool = False
+    models: tuple[str, ...] = ()
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    kv_cache_usage: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    cluster: str
+    endpoint: str
+    served_model_name: str
+    accelerator: str
+    nodes: tuple[NodeStatus, ...]
+    ray_nodes_alive: int
+    ray_nodes_expected: int
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    ray_error: str | None = None
+    vllm: VllmStatus = VllmStatus()
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            all(n.healthy for n in self.nodes)
+            and self.ray_nodes_alive == self.ray_nodes_expected
+            and self.vllm.health
+            and self.served_model_name in self.vllm.models
+        )
+
+    def to_dict(self) -> dict:
+        """The `status --json` document (schema in docs/status.md)."""
+        data = asdict(self)
+        data["schema_version"] = STATUS_SCHEMA_VERSION
+        data["healthy"] = self.healthy
+        for node_data, node in zip(data["nodes"], self.nodes, strict=True):
+            node_data["healthy"] = node.healthy
+        return data
+
+
+def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
+    """Query every node at once, then Ray and vLLM on the head."""
+    session.open()
+    name = container_name(inventory.cluster)
+    serving = {n.node_name for n in inventory.nodes}
+    if inventory.executor == "ray":
+        serving = {inventory.head.node_name}
+    states = session.on_each(lambda node: _node_state(session, node, name, node in serving))
+    ray_alive, resources, ray_error = _ray_view(inventory, session, name)
+    nodes = []
+    for node in inventory.nodes:
+        node_name = node.node_name
+        role = "head" if node is inventory.head else "worker"
+        if node_name in session.failed:
+            error = session.failed[node_name].one_line()
+            nodes.append(NodeStatus(node_name, node.address, role, False, error=error))
+            continue
+        outcome = states[node_name]
+        if outcome.error is not None:
+            nodes.append(
+                NodeStatus(node_name, node.address, role, True, error=outcome.error.one_line())
+            )
+            continue
+        state, vllm_alive = outcome.value  # type: ignore[misc]
+        nodes.append(
+            NodeStatus(
+                node_name,
+                node.address,
+                role,
+                True,
+                container=state.status if state else None,
+                started_at=state.started_at if state else None,
+                image_id=state.image_id if state else None,
+                ray_alive=node.address in ray_alive,
+                vllm_process=vllm_alive,
+            )
+        )
+    served = inventory.model.served_name or inventory.model.name
+    head_address = inventory.head.address
+    return ClusterStatus(
+        cluster=inventory.cluster,
+        endpoint=f"http://{head_address}:{inventory.ports.vllm}/v1",
+        served_model_name=served,
+        accelerator=inventory.accelerator,
+        nodes=tuple(nodes),
+        ray_nodes_alive=sum(1 for n in inventory.nodes if n.address in ray_alive),
+        ray_nodes_expected=len(inventory.nodes),
+        ray_resources=resources,
+        ray_error=ray_error,
+        vllm=_vllm_view(inventory, session),
+    )
+
+
+def _node_state(
+    session: Session, node: str, name: str, serves: bool
+) -> tuple[ContainerState | None, bool | None]:
+    client = session.docker(node)
+    state = inspect_container(client, name)
+    if not serves:
+        return state, None
+    if state is None or not state.running:
+        return state, False
+    result = client.containers.get(name).exec_run(running_spec_argv())
+    return state, result.exit_code == 0
+
+
+def _ray_view(
+    inventory: Inventory, session: Session, name: str
+) -> tuple[set[str], dict[str, float], str | None]:
+    head = inventory.head
+    if head.node_name not in session.connections:
+        return set(), {}, "head unreachable"
+    client = session.docker(head.node_name)
+    state = inspect_container(client, name)
+    if state is None or not state.running:
+        return set(), {}, "head container not running"
+    result = client.containers.get(name).exec_run(ray_nodes_argv(head.address, inventory.ports.ray))
+    try:
+        alive = alive_by_address(parse_ray_nodes(result.output.decode(errors="replace")))
+    except RayQueryError:
+        return set(), {}, "Ray head not answering"
+    resources = {
+        "CPU": sum(n.cpus for n in alive.values()),
+        "GPU": sum(n.gpus for n in alive.values()),
+    }
+    return set(alive), resources, None
+
+
+def _vllm_view(inventory: Inventory, session: Session) -> VllmStatus:
+    head = inventory.head
+    if head.node_name not in session.connections:
+        return VllmStatus(error="head unreachable")
+    ssh = session.ssh(head.node_name)
+    port = inventory.ports.vllm
+    key_ref = inventory.secrets.api_key
+    key = key_ref.resolve() if key_ref is not None else None
+    try:
+        health = http_get(ssh, head.address, port, "/health")
+        models = http_get(ssh, head.address, port, "/v1/models", api_key=key)
+        metrics = http_get(ssh, head.address, port, "/metrics", api_key=key)
+    except OSError as exc:
+        return VllmStatus(error=f"not answering on port {port}: {exc}")
+    load = parse_serving_metrics(metrics.body) if metrics.status == 200 else None
+    return VllmStatus(
+        health=health.status == 200,
+        models=tuple(served_models(models.body)) if models.status == 200 else (),
+        requests_running=load.requests_running if load else None,
+        requests_waiting=load.requests_waiting if load else None,
+        kv_cache_usage=load.kv_cache_usage if load else None,
+        error=None if models.status == 200 else f"/v1/models answered {models.status}",
+    )
+
+
+def uptime(started_at: str | None, now: dt.datetime | None = None) -> str:
+    """A short age like `3h12m` from Docker's StartedAt timestamp."""
+    if not started_at or started_at.startswith("0001"):
+        return "-"
+    started = dt.datetime.fromisoformat(started_at[:26].rstrip("Z") + "+00:00")
+    seconds = int(((now or dt.datetime.now(dt.UTC)) - started).total_seconds())
+    hours, rest = divmod(max(seconds, 0), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _mark(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def render_table(status: ClusterStatus) -> list[Table | str]:
+    """The human view of `status`: a node table, then the cluster and vLLM lines."""
+    table = Table(title=f"cluster {status.cluster}")
+    for column in ("node", "address", "role", "ssh", "container", "up", "image", "ray", "vllm"):
+        table.add_column(column)
+    for node in status.nodes:
+        table.add_row(
+            node.name,
+            node.address,
+            node.role,
+            "ok" if node.reachable else "UNREACHABLE",
+            node.container or ("-" if not node.reachable else "NONE"),
+            uptime(node.started_at),
+            (node.image_id or "-").removeprefix("sha256:")[:12],
+            _mark(node.ray_alive) if node.reachable else "-",
+            _mark(node.vllm_process),
+        )
+    resources = ", ".join(f"{v:g} {k}" for k, v in status.ray_resources.items() if v)
+    ray_line = f"ray: {status.ray_nodes_alive}/{status.ray_nodes_expected} nodes alive" + (
+        f", {resources}" if resources else ""
+    )
+    if status.ray_error:
+        ray_line += f" ({status.ray_error})"
+    vllm = status.vllm
+    if vllm.error and not vllm.health:
+        vllm_line = f"vllm: DOWN ({vllm.error})"
+    else:
+        load = (
+            f"; running {vllm.requests_running:g}, waiting {vllm.requests_waiting:g}"
+            if vllm.requests_running is not None and vllm.requests_waiting is not None
+            else ""
+        )
+        kv = f"; KV cache {vllm.kv_cache_usage:.0%}" if vllm.kv_cache_usage is not None else ""
+        vllm_line = (
+            f"vllm: {'healthy' if vllm.health else 'UNHEALTHY'} at {status.endpoint}, "
+            f"models {', '.join(vllm.models) or 'none'}{load}{kv}"
+        )
+    problems = [f"{n.name}: {n.error}" for n in status.nodes if n.error]
+    verdict = "healthy" if status.healthy else "DEGRADED"
+    return [table, ray_line, vllm_line, *problems, f"cluster {status.cluster}: {verdict}"]

@@ -1,0 +1,34 @@
+"""The argv `exec` and `logs` run on a node: user words stay separate argv items."""
+
+from __future__ import annotations
+
+from cluster.node_commands import exec_argv, logs_argv
+
+
+def test_exec_passes_the_command_as_argv_items():
+    argv = exec_argv("vcluster-demo", ["ray", "status", "--address", "x; rm -rf /"])
+    assert argv == ["docker", "exec", "vcluster-demo", "ray", "status", "--address", "x; rm -rf /"]
+
+
+def test_exec_without_a_command_opens_an_interactive_shell():
+    argv = exec_argv("vcluster-demo", [])
+    assert argv[:4] == ["docker", "exec", "-it", "vcluster-demo"]
+
+
+def test_vllm_logs_tail_the_serve_log_in_the_container():
+    assert logs_argv("c", "vllm", tail=50, follow=True) == [
+        "docker", "exec", "c", "tail", "-n", "50", "-f", "/tmp/vcluster-vllm.log",
+    ]  # fmt: skip
+
+
+def test_container_logs_use_docker_logs():
+    assert logs_argv("c", "container", tail=10, follow=False) == [
+        "docker", "logs", "--tail", "10", "c",
+    ]  # fmt: skip
+
+
+def test_ray_logs_pass_the_line_count_as_an_argument_not_inside_the_script():
+    argv = logs_argv("c", "ray", tail=7, follow=False)
+    script = argv[argv.index("-c") + 1]
+    assert "7" not in script
+    assert argv[argv.index("-n") + 1] == "7"

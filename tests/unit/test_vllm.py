@@ -1,0 +1,53 @@
+"""Reading vLLM: why it exited, what it serves; launch argv keep values out of the script."""
+
+from __future__ import annotations
+
+from cluster.plan import ServeSpec
+from cluster.vllm import launch_argv, likely_cause, served_models
+
+# Lines vLLM really printed (FACTS.md, checked on this machine).
+SHM_FAILURE = (
+    "RuntimeError: Insufficient space in /dev/shm for shared-memory allocation: "
+    "160 MiB required, 64 MiB free"
+)
+
+
+def test_a_shared_memory_shortage_reads_as_out_of_memory():
+    cause = likely_cause(f"INFO starting\n{SHM_FAILURE}\n")
+    assert cause is not None
+    assert "out of memory" in cause.summary
+
+
+def test_a_missing_model_is_named():
+    log = (
+        "OSError: /root/.cache/huggingface/models/nope does not appear to have a file named "
+        "config.json."
+    )
+    cause = likely_cause(log)
+    assert cause is not None
+    assert cause.summary == "the model was not found"
+
+
+def test_a_bad_argument_is_named():
+    log = "vllm serve: error: unrecognized arguments: --max-modl-len 256"
+    cause = likely_cause(log)
+    assert cause is not None
+    assert cause.summary == "a bad vllm serve argument"
+
+
+def test_an_unknown_failure_has_no_guessed_cause():
+    assert likely_cause("Segmentation fault (core dumped)") is None
+
+
+def test_served_models_lists_the_ids():
+    body = '{"object":"list","data":[{"id":"tiny-llama","object":"model"}]}'
+    assert served_models(body) == ["tiny-llama"]
+
+
+def test_launch_passes_every_value_as_an_argument():
+    serve = ServeSpec(argv=("vllm", "serve", "/m; reboot", "--port", "8000"))
+    argv = launch_argv(serve, "abc123")
+    script = argv[2]
+    assert argv[:2] == ["sh", "-c"]
+    assert "reboot" not in script and "abc123" not in script
+    assert argv[-5:] == ["vllm", "serve", "/m; reboot", "--port", "8000"]
