@@ -1,0 +1,78 @@
+"""Cluster health: what makes a node and the cluster healthy, and the JSON document."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cluster.status import ClusterStatus, NodeStatus, VllmStatus, render_table, uptime
+
+HEAD = NodeStatus(
+    "node-1", "172.30.0.11", "head", True, container="running", ray_alive=True, vllm_process=True
+)
+WORKER = NodeStatus(
+    "node-2", "172.30.0.12", "worker", True, container="running", ray_alive=True, vllm_process=True
+)
+SERVING = VllmStatus(health=True, models=("tiny-llama",), requests_running=0, requests_waiting=0)
+
+
+def cluster(*nodes: NodeStatus, alive: int = 2, vllm: VllmStatus = SERVING) -> ClusterStatus:
+    return ClusterStatus(
+        cluster="demo",
+        endpoint="http://172.30.0.11:8000/v1",
+        served_model_name="tiny-llama",
+        accelerator="cpu",
+        nodes=nodes,
+        ray_nodes_alive=alive,
+        ray_nodes_expected=2,
+        ray_resources={"CPU": 4.0, "GPU": 0.0},
+        vllm=vllm,
+    )
+
+
+def test_all_nodes_in_ray_and_vllm_serving_is_healthy():
+    assert cluster(HEAD, WORKER).healthy
+
+
+def test_a_worker_whose_container_is_gone_makes_the_cluster_unhealthy():
+    gone = NodeStatus("node-2", "172.30.0.12", "worker", True, container=None)
+    status = cluster(HEAD, gone, alive=1)
+    assert not status.healthy
+    assert not gone.healthy
+
+
+def test_an_unreachable_node_is_unhealthy_and_its_error_is_shown():
+    lost = NodeStatus("node-2", "172.30.0.12", "worker", False, error="node-2: connection refused")
+    status = cluster(HEAD, lost, alive=1)
+    assert not status.healthy
+    lines = [part for part in render_table(status) if isinstance(part, str)]
+    assert "node-2: node-2: connection refused" in lines
+    assert lines[-1] == "cluster demo: DEGRADED"
+
+
+def test_a_dead_vllm_worker_process_is_unhealthy_even_when_ray_is_fine():
+    dead = NodeStatus(
+        "node-2", "172.30.0.12", "worker", True, container="running", ray_alive=True,
+        vllm_process=False,
+    )  # fmt: skip
+    assert not cluster(HEAD, dead).healthy
+
+
+def test_vllm_healthy_but_serving_another_model_is_unhealthy():
+    other = VllmStatus(health=True, models=("other",))
+    assert not cluster(HEAD, WORKER, vllm=other).healthy
+
+
+def test_the_json_document_has_a_schema_version_and_health_per_node():
+    document = cluster(HEAD, WORKER).to_dict()
+    assert document["schema_version"] == 1
+    assert document["healthy"] is True
+    assert [n["healthy"] for n in document["nodes"]] == [True, True]
+    assert list(document["vllm"]["models"]) == ["tiny-llama"]
+
+
+def test_uptime_reads_dockers_timestamps():
+    now = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
+    assert uptime("2026-11-25T09:47:30.123456789Z", now) == "2h12m"
+    assert uptime("2026-11-25T11:58:55.5Z", now) == "1m04s"
+    assert uptime("0001-01-01T00:00:00Z", now) == "-"
+    assert uptime(None, now) == "-"
