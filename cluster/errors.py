@@ -35,6 +35,10 @@ class VclusterError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         return f"{text} (fix: {self.fix})" if self.fix else text
 
+    def lines(self) -> list[str]:
+        """One line per problem; most errors are one problem."""
+        return [self.one_line()]
+
     def __str__(self) -> str:
         return self.one_line()
 

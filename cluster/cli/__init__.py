@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from cluster import __version__
 from cluster.cli.common import INVENTORY, JSON, reports_errors
+from cluster.cli.lifecycle import down, exec_, logs, status, up
+from cluster.cli.sandbox import sandbox
 from cluster.errors import NotYetAvailable
 from cluster.inventory import Inventory, load_inventory
 from cluster.plan import build_plan, declared_facts, render_text
@@ -76,28 +76,9 @@ def plan(inventory: Path, as_json: bool, offline: bool) -> None:
         click.echo(render_text(cluster_plan))
 
 
-def _not_yet(name: str, issue: str) -> Callable[..., None]:
-    @reports_errors
-    def command(**_: Any) -> None:
-        raise NotYetAvailable(f"`vcluster {name}` is not yet available ({issue})")
-
-    return command
-
-
-for _name, _help in [
-    ("up", "Bring the cluster up and serve the model."),
-    ("status", "Show GPU, Ray and vLLM health of every node."),
-    ("down", "Stop vLLM, Ray and the containers on every node."),
-]:
-    main.command(name=_name, help=_help)(INVENTORY(JSON(_not_yet(_name, "lifecycle issue"))))
-
-main.command(name="exec", help="Run a command or a shell in a node's container.")(
-    INVENTORY(
-        click.option("--node")(
-            click.argument("command", nargs=-1)(_not_yet("exec", "lifecycle issue"))
-        )
-    )
-)
-main.command(name="logs", help="Show vLLM, Ray or container logs.")(
-    INVENTORY(click.option("--node")(_not_yet("logs", "lifecycle issue")))
-)
+main.add_command(up)
+main.add_command(status)
+main.add_command(down)
+main.add_command(exec_)
+main.add_command(logs)
+main.add_command(sandbox)

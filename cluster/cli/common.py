@@ -10,8 +10,7 @@ from typing import Any
 
 import click
 
-from cluster.errors import ExitCode, InventoryError, VclusterError
-from cluster.transport.fanout import FanOutError
+from cluster.errors import ExitCode, VclusterError
 
 INVENTORY = click.argument("inventory", type=click.Path(path_type=Path))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -31,10 +30,8 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (InventoryError, FanOutError) as error:
-            fail(error.lines(), error.exit_code)
         except VclusterError as error:
-            fail([error.one_line()], error.exit_code)
+            fail(error.lines(), error.exit_code)
         except KeyboardInterrupt:
             fail(["interrupted"], ExitCode.FAILED)
 

@@ -1,0 +1,189 @@
+"""`vcluster up / status / down / exec / logs`: parse options, call the lifecycle, render."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from cluster.cli.common import INVENTORY, JSON, reports_errors
+from cluster.errors import ExitCode, UsageError
+from cluster.inventory import Inventory, load_inventory
+from cluster.node_commands import COMPONENTS, Component, exec_argv, logs_argv
+from cluster.plan import container_name
+from cluster.session import Session
+from cluster.status import gather_status, render_table
+from cluster.steps.context import DEFAULT_RAY_TIMEOUT_S, DEFAULT_READY_TIMEOUT_S, UpOptions
+from cluster.steps.down import down as run_down
+from cluster.steps.up import up as run_up
+from cluster.transport.fanout import FanOutError
+from cluster.transport.terminal import interact, stream, terminal_size
+
+
+class ConsoleReporter:
+    """Step status lines on stderr: a live line while a step runs, then its outcome."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._status = None
+
+    def start(self, title: str) -> None:
+        self._status = self._console.status(title)
+        self._status.start()
+
+    def progress(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+
+    def finish(self, title: str, ok: bool, detail: str, duration_s: float) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        mark = "[green]✓[/]" if ok else "[red]✗[/]"
+        suffix = f": {detail}" if detail else ""
+        self._console.print(f"{mark} {title}{suffix} [dim]({duration_s:.1f}s)[/]", highlight=False)
+
+    def note(self, text: str) -> None:
+        self._console.print(text, highlight=False)
+
+
+def _stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+def _node_name(inventory: Inventory, node: str | None) -> str:
+    names = [n.node_name for n in inventory.nodes]
+    if node is None:
+        return inventory.head.node_name
+    if node not in names:
+        raise UsageError(f"no node named {node!r}", fix=f"use one of: {', '.join(names)}")
+    return node
+
+
+@click.command()
+@INVENTORY
+@click.option("--recreate", is_flag=True, help="Replace containers whose spec changed.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_READY_TIMEOUT_S,
+    show_default=True,
+    help="Seconds to wait for vLLM to serve (large models load for minutes).",
+)
+@click.option(
+    "--ray-wait",
+    "ray_wait_s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_RAY_TIMEOUT_S,
+    show_default=True,
+    help="Seconds to wait for every node to join Ray.",
+)
+@reports_errors
+def up(inventory: Path, recreate: bool, wait_s: float, ray_wait_s: float) -> None:
+    """Bring the cluster up and serve the model (repairs what is missing; idempotent)."""
+    loaded = load_inventory(inventory)
+    started = time.monotonic()
+    options = UpOptions(recreate=recreate, ray_timeout_s=ray_wait_s, ready_timeout_s=wait_s)
+    result = run_up(loaded, ConsoleReporter(_stderr_console()), options)
+    took = time.monotonic() - started
+    if result.changes:
+        click.echo(f"changed: {'; '.join(result.changes)} ({took:.1f}s)")
+    else:
+        click.echo(f"already up, nothing changed ({took:.1f}s)")
+    click.echo(f"endpoint: {result.endpoint}")
+    click.echo(f"model:    {result.served_model_name}")
+    click.echo(f"try:      {curl_line(loaded, result.endpoint, result.served_model_name)}")
+
+
+def curl_line(inventory: Inventory, endpoint: str, model: str) -> str:
+    """A ready-to-paste chat request; the API key is read from where the inventory keeps it."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}]})
+    parts = ["curl", shlex.quote(f"{endpoint}/chat/completions")]
+    parts += ["-H", shlex.quote("Content-Type: application/json")]
+    key = inventory.secrets.api_key
+    if key is not None:
+        value = f"${key.name}" if key.source == "env" else f"$(cat {shlex.quote(key.name)})"
+        parts += ["-H", f'"Authorization: Bearer {value}"']
+    return " ".join([*parts, "-d", shlex.quote(body)])
+
+
+@click.command()
+@INVENTORY
+@JSON
+@reports_errors
+def status(inventory: Path, as_json: bool) -> None:
+    """Show SSH, container, Ray and vLLM health of every node (exit 3 when unhealthy)."""
+    loaded = load_inventory(inventory)
+    with Session(loaded) as session:
+        snapshot = gather_status(loaded, session)
+    if as_json:
+        click.echo(json.dumps(snapshot.to_dict(), indent=2))
+    else:
+        console = Console()
+        for part in render_table(snapshot):
+            console.print(part, highlight=False)
+    if not snapshot.healthy:
+        sys.exit(int(ExitCode.UNHEALTHY))
+
+
+@click.command()
+@INVENTORY
+@click.option("--remove-images", is_flag=True, help="Also remove the image from every node.")
+@reports_errors
+def down(inventory: Path, remove_images: bool) -> None:
+    """Stop vLLM, Ray and the containers on every node (keeps the model cache and images)."""
+    loaded = load_inventory(inventory)
+    run_down(loaded, ConsoleReporter(_stderr_console()), remove_images=remove_images)
+    click.echo(f"cluster {loaded.cluster} is down")
+
+
+def _one_node_session(loaded: Inventory, node: str) -> Session:
+    session = Session(loaded)
+    outcome = session.open([n for n in loaded.nodes if n.node_name == node])
+    if outcome.failed:
+        session.close()
+        raise FanOutError(outcome.failed, "connecting")
+    return session
+
+
+@click.command(name="exec", context_settings={"ignore_unknown_options": True})
+@INVENTORY
+@click.option("--node", help="The node's name (default: the head).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@reports_errors
+def exec_(inventory: Path, node: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a node's container, or open a shell there without one."""
+    loaded = load_inventory(inventory)
+    name = _node_name(loaded, node)
+    argv = exec_argv(container_name(loaded.cluster), list(command))
+    with _one_node_session(loaded, name) as session:
+        ssh = session.ssh(name)
+        if command:
+            code = stream(ssh.open_channel(argv), sys.stdout.buffer, sys.stderr.buffer)
+        else:
+            width, height = terminal_size()
+            code = interact(ssh.interactive_channel(argv, term="xterm", width=width, height=height))
+    sys.exit(code)
+
+
+@click.command()
+@INVENTORY
+@click.option("--node", help="The node's name (default: the head).")
+@click.option("--component", type=click.Choice(COMPONENTS), default="vllm", show_default=True)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
+@click.option("--tail", "-n", type=click.IntRange(min=1), default=100, show_default=True)
+@reports_errors
+def logs(inventory: Path, node: str | None, component: Component, follow: bool, tail: int) -> None:
+    """Show vLLM's, Ray's or the container's log on a node."""
+    loaded = load_inventory(inventory)
+    name = _node_name(loaded, node)
+    argv = logs_argv(container_name(loaded.cluster), component, tail=tail, follow=follow)
+    with _one_node_session(loaded, name) as session:
+        code = stream(session.ssh(name).open_channel(argv), sys.stdout.buffer, sys.stderr.buffer)
+    sys.exit(code)

@@ -1,0 +1,42 @@
+"""What the steps of one `up` or `down` share: inventory, connections, facts, plan, options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.facts.host import HostFacts
+from cluster.inventory import Inventory
+from cluster.plan import ClusterPlan, NodeFacts
+from cluster.session import Session
+from cluster.steps.base import Reporter
+
+DEFAULT_RAY_TIMEOUT_S = 180.0
+DEFAULT_READY_TIMEOUT_S = 900.0
+"""Real models take minutes to load; `--wait` overrides it."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    recreate: bool = False
+    ray_timeout_s: float = DEFAULT_RAY_TIMEOUT_S
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+
+
+@dataclass
+class UpContext:
+    inventory: Inventory
+    session: Session
+    reporter: Reporter
+    options: UpOptions = UpOptions()
+    host_facts: dict[str, HostFacts] = field(default_factory=dict)
+    node_facts: dict[str, NodeFacts] = field(default_factory=dict)
+    plan: ClusterPlan | None = None
+    image_ids: dict[str, str] = field(default_factory=dict)
+    recreated: list[str] = field(default_factory=list)
+    """Nodes whose container was (re)created in this run: vLLM must restart on them."""
+    serving_unchanged: bool = False
+    changes: list[str] = field(default_factory=list)
+
+    def require_plan(self) -> ClusterPlan:
+        assert self.plan is not None, "the plan step runs before this one"
+        return self.plan

@@ -1,0 +1,39 @@
+"""Step: one probe per host, in parallel: what the plan and the checks need to know."""
+
+from __future__ import annotations
+
+from cluster.facts.host import HostFacts, parse_probe, probe_argv
+from cluster.plan import NodeFacts
+from cluster.steps.context import UpContext
+
+
+def gather_facts(context: UpContext) -> str:
+    inventory = context.inventory
+    head_address = inventory.head.address
+
+    def probe(name: str) -> HostFacts:
+        argv = probe_argv(head_address=head_address, model_cache=inventory.model_cache)
+        result = context.session.ssh(name).run(argv)
+        return parse_probe(result.stdout)
+
+    outcome = context.session.on_each(probe)
+    outcome.raise_if_failed("gathering facts")
+    context.host_facts = outcome.succeeded
+    context.node_facts = {
+        node.node_name: node_facts(context.host_facts[node.node_name], node.address, inventory)
+        for node in inventory.nodes
+    }
+    return ", ".join(
+        f"{name}: {f.gpu_count} GPU(s)" if inventory.accelerator == "nvidia" else f"{name}: cpu"
+        for name, f in context.node_facts.items()
+    )
+
+
+def node_facts(facts: HostFacts, address: str, inventory) -> NodeFacts:
+    gpus = facts.gpus if inventory.accelerator == "nvidia" else []
+    return NodeFacts(
+        address=address,
+        gpu_count=len(gpus),
+        gpu_model=gpus[0].name if gpus else None,
+        interface=facts.route_interface,
+    )

@@ -1,0 +1,46 @@
+"""Step: the preflight checks over the gathered facts; any FAIL stops before a change."""
+
+from __future__ import annotations
+
+from cluster.checks import CheckInput, CheckResult, Status, failed, run_checks
+from cluster.containers import inspect_container
+from cluster.errors import VclusterError
+from cluster.plan import container_name
+from cluster.steps.context import UpContext
+
+
+class PreflightFailed(VclusterError):
+    """One or more checks failed; one line each."""
+
+    def __init__(self, failures: list[CheckResult]) -> None:
+        self.failures = failures
+        super().__init__(f"{len(failures)} preflight check(s) failed", fix="see each line")
+
+    def lines(self) -> list[str]:
+        return [
+            f"{r.node or 'cluster'}: {r.name}: {r.detail}"
+            + (f" (fix: {r.remedy})" if r.remedy else "")
+            for r in self.failures
+        ]
+
+
+def run_preflight(context: UpContext) -> str:
+    inventory = context.inventory
+    head = inventory.head.node_name
+    state = inspect_container(context.session.docker(head), container_name(inventory.cluster))
+    results = run_checks(
+        CheckInput(
+            inventory=inventory,
+            facts=context.host_facts,
+            cluster_running_on_head=state is not None and state.running,
+        )
+    )
+    for warning in (r for r in results if r.status is Status.WARN):
+        context.reporter.note(
+            f"  WARN {warning.node or 'cluster'}: {warning.name}: {warning.detail}"
+        )
+    failures = failed(results)
+    if failures:
+        raise PreflightFailed(failures)
+    counts = {s: sum(1 for r in results if r.status is s) for s in Status}
+    return ", ".join(f"{n} {s.value}" for s, n in counts.items() if n)

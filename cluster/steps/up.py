@@ -1,0 +1,70 @@
+"""`vcluster up`: the steps in order, under the cluster's lock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.inventory import Inventory
+from cluster.lock import ClusterLock
+from cluster.plan import build_plan
+from cluster.session import Session
+from cluster.steps.base import Reporter, Step, run_steps
+from cluster.steps.connect import connect_to_hosts
+from cluster.steps.containers import start_head, start_workers
+from cluster.steps.context import UpContext, UpOptions
+from cluster.steps.facts import gather_facts
+from cluster.steps.image import ensure_image
+from cluster.steps.preflight import run_preflight
+from cluster.steps.ray_cluster import check_ray_topology, wait_for_ray_head, wait_for_ray_nodes
+from cluster.steps.serve import launch_vllm, wait_for_vllm
+
+
+def _plan(context: UpContext) -> str:
+    context.plan = build_plan(context.inventory, context.node_facts)
+    plan = context.plan
+    return (
+        f"TP {plan.tensor_parallel} x PP {plan.pipeline_parallel}, executor {plan.executor}, "
+        f"head {plan.head.name}"
+    )
+
+
+STEPS_BEFORE_LOCK: list[Step[UpContext]] = [
+    Step("Connecting to the hosts", connect_to_hosts),
+]
+STEPS: list[Step[UpContext]] = [
+    Step("Gathering facts", gather_facts),
+    Step("Preflight checks", run_preflight),
+    Step("Planning", _plan),
+    Step("Image on every node", ensure_image),
+    Step("Head container and Ray head", start_head),
+    Step("Waiting for the Ray head", wait_for_ray_head),
+    Step("Worker containers", start_workers),
+    Step("Waiting for every node in Ray", wait_for_ray_nodes),
+    Step("Topology", check_ray_topology),
+    Step("Launching vLLM", launch_vllm),
+    Step("Waiting for vLLM to serve", wait_for_vllm),
+]
+
+
+@dataclass(frozen=True)
+class UpResult:
+    endpoint: str
+    served_model_name: str
+    changes: tuple[str, ...]
+    api_key_required: bool
+
+
+def up(inventory: Inventory, reporter: Reporter, options: UpOptions | None = None) -> UpResult:
+    """Bring the cluster to the inventory's state; changes nothing that already matches it."""
+    with Session(inventory) as session:
+        context = UpContext(inventory, session, reporter, options or UpOptions())
+        run_steps(STEPS_BEFORE_LOCK, context, reporter)
+        with ClusterLock(session.ssh(inventory.head.node_name), inventory.cluster, "up"):
+            run_steps(STEPS, context, reporter)
+        plan = context.require_plan()
+        return UpResult(
+            endpoint=plan.endpoint,
+            served_model_name=plan.served_model_name,
+            changes=tuple(context.changes),
+            api_key_required=inventory.secrets.api_key is not None,
+        )

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Sandbox node entrypoint (under tini): start dockerd and sshd, stay in the foreground while both
+# run; when either exits, stop the other and exit with its status (the container then stops,
+# which is what a dead daemon on a real server looks like to vcluster).
+set -euo pipefail
+
+DOCKERD_START_TIMEOUT_S="${DOCKERD_START_TIMEOUT_S:-60}"
+
+ssh-keygen -A >/dev/null                      # this node's own host keys, made at first start
+mkdir -p /run/sshd /root/.ssh
+chmod 700 /root/.ssh
+if [ -n "${VCLUSTER_AUTHORIZED_KEYS:-}" ]; then
+  printf '%s\n' "${VCLUSTER_AUTHORIZED_KEYS}" > /root/.ssh/authorized_keys
+  chmod 600 /root/.ssh/authorized_keys
+fi
+
+dockerd --host unix:///var/run/docker.sock >/var/log/dockerd.log 2>&1 &
+dockerd_pid=$!
+/usr/sbin/sshd -D -e 2>>/var/log/sshd.log &
+sshd_pid=$!
+
+stop() { kill -TERM "$sshd_pid" "$dockerd_pid" 2>/dev/null || true; }
+trap 'stop; wait; exit 0' TERM INT
+
+deadline=$((SECONDS + DOCKERD_START_TIMEOUT_S))
+until docker info >/dev/null 2>&1; do
+  if ! kill -0 "$dockerd_pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+    echo "vcluster-node: dockerd did not come up; /var/log/dockerd.log:" >&2
+    tail -n 20 /var/log/dockerd.log >&2
+    stop
+    exit 1
+  fi
+  sleep 0.5
+done
+echo "vcluster-node: dockerd and sshd are running"
+
+status=0
+wait -n "$dockerd_pid" "$sshd_pid" || status=$?
+echo "vcluster-node: a daemon exited (status $status); stopping" >&2
+stop
+wait || true
+exit "$status"

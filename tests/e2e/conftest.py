@@ -1,0 +1,36 @@
+"""The 2-node sandbox every end-to-end test runs on, brought up once through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SANDBOX_UP_TIMEOUT_S = 3600  # a cold machine builds the images first
+
+
+def _sandbox(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def sandbox_inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    workdir = tmp_path_factory.mktemp("sandbox")
+    up = _sandbox("up", "--nodes", "2", "--workdir", str(workdir), timeout=SANDBOX_UP_TIMEOUT_S)
+    assert up.returncode == 0, f"sandbox up failed:\n{up.stdout}\n{up.stderr}"
+    inventory = workdir / "inventory.yaml"
+    assert inventory.exists(), up.stdout
+    yield inventory
+    down = _sandbox("down", "--workdir", str(workdir), timeout=600)
+    assert down.returncode == 0, f"sandbox down failed:\n{down.stdout}\n{down.stderr}"
