@@ -187,7 +187,7 @@ def _vllm_view(inventory: Inventory, session: Session) -> VllmStatus:
         models = http_get(ssh, head.address, port, "/v1/models", api_key=key)
         metrics = http_get(ssh, head.address, port, "/metrics", api_key=key)
     except OSError as exc:
-        return VllmStatus(error=f"not answering on port {port}: {exc}")
+        return VllmStatus(error=str(exc))
     load = parse_serving_metrics(metrics.body) if metrics.status == 200 else None
     return VllmStatus(
         health=health.status == 200,

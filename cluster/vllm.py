@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
+import paramiko
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.plan import ServeSpec
@@ -70,11 +71,30 @@ _CAUSES = [
         "fix model.args in the inventory (see `vllm serve --help`)",
     ),
     (
+        re.compile(r"cannot open shared object file", re.I),
+        "a shared library is missing in the image",
+        "use an image with every library vLLM needs (the message names it)",
+    ),
+    (
         re.compile(r"Address already in use", re.I),
         "a port is already in use",
         "free the port on the node, or change ports: in the inventory",
     ),
 ]
+
+
+_ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b[:(]|error:")
+_LOG_PREFIX = re.compile(r"^\(\S+ pid=\d+\)\s+(ERROR|WARNING|INFO)\s+\S+ \S+ \[[^]]+\]\s*")
+
+
+def error_lines(log: str, limit: int = 3) -> list[str]:
+    """The last distinct error lines of a log, without vLLM's process/time prefixes."""
+    found: list[str] = []
+    for line in log.splitlines():
+        text = _LOG_PREFIX.sub("", line).strip()
+        if _ERROR_LINE.search(text) and text not in found and not text.startswith("raise "):
+            found.append(text)
+    return found[-limit:]
 
 
 @dataclass(frozen=True)
@@ -129,10 +149,10 @@ def http_get(
         return HttpReply(response.status, response.read().decode(errors="replace"))
     except (http.client.HTTPException, EOFError) as exc:
         raise OSError(str(exc)) from None
-    except Exception as exc:  # paramiko's ChannelException and SSHException are not OSErrors
-        if type(exc).__module__.startswith("paramiko"):
-            raise OSError(str(exc)) from None
-        raise
+    except paramiko.ChannelException:
+        raise OSError(f"nothing accepts connections on {host}:{port}") from None
+    except paramiko.SSHException as exc:  # not an OSError
+        raise OSError(str(exc)) from None
     finally:
         connection.close()
 

@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
 
 from cluster import __version__
 from cluster.cli.common import INVENTORY, JSON, reports_errors
-from cluster.cli.lifecycle import down, exec_, logs, status, up
+from cluster.cli.lifecycle import ConsoleReporter, down, exec_, logs, status, up
 from cluster.cli.sandbox import sandbox
-from cluster.errors import NotYetAvailable
 from cluster.inventory import Inventory, load_inventory
 from cluster.plan import build_plan, declared_facts, render_text
+from cluster.steps.up import live_plan
 
 
 def _load(path: Path) -> Inventory:
@@ -64,12 +65,10 @@ def validate(inventory: Path, as_json: bool) -> None:
 def plan(inventory: Path, as_json: bool, offline: bool) -> None:
     """Print what `up` would run on every node (secrets masked)."""
     loaded = _load(inventory)
-    if not offline:
-        raise NotYetAvailable(
-            "planning from live host facts comes with `vcluster up` (not yet available)",
-            fix="use `vcluster plan --offline` with gpus: declared on each node",
-        )
-    cluster_plan = build_plan(loaded, declared_facts(loaded))
+    if offline:
+        cluster_plan = build_plan(loaded, declared_facts(loaded))
+    else:
+        cluster_plan = live_plan(loaded, ConsoleReporter(Console(stderr=True)))
     if as_json:
         click.echo(json.dumps(cluster_plan.to_dict(), indent=2))
     else:

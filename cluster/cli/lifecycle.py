@@ -125,7 +125,7 @@ def status(inventory: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(snapshot.to_dict(), indent=2))
     else:
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 140)
         for part in render_table(snapshot):
             console.print(part, highlight=False)
     if not snapshot.healthy:

@@ -1,234 +1,144 @@
-"""GPU facts: the nvidia-smi commands to run on a host and pure parsers for what they print.
+"""GPU facts: pure parsers for what nvidia-smi prints, and why it failed when it did.
 
-Each probe is an argv (run over the transport) plus a parser that turns captured text into
-typed data; nothing here runs a process. The parsers are tested on real captures under
-`tests/fixtures/gpu/`. Only the standard library is imported, so this module also runs on a
-bare GPU host (`python3 -c 'import cluster.facts.gpu'`).
+The commands run inside the host probe (`cluster.facts.probe`); here their captured output
+becomes typed data. Nothing here raises on odd output: a failure becomes a `GpuProblem`
+that says what is wrong and how to fix it. Tested on real captures (`tests/fixtures/gpu/`).
 """
 
 from __future__ import annotations
 
-import itertools
+import enum
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-NVIDIA_SMI = "nvidia-smi"
-DRIVER_VERSION_PATH = "/proc/driver/nvidia/version"
-
-_STR = "str"
-_INT = "int"
-_FLOAT = "float"
-_ENABLED = "enabled"
-
-_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("index", "index", _INT),
-    ("uuid", "uuid", _STR),
-    ("name", "name", _STR),
-    ("pci_bus_id", "pci.bus_id", _STR),
-    ("memory_total_mib", "memory.total", _INT),
-    ("memory_used_mib", "memory.used", _INT),
-    ("memory_free_mib", "memory.free", _INT),
-    ("utilization_gpu_pct", "utilization.gpu", _INT),
-    ("utilization_memory_pct", "utilization.memory", _INT),
-    ("temperature_c", "temperature.gpu", _INT),
-    ("power_draw_w", "power.draw", _FLOAT),
-    ("power_limit_w", "power.limit", _FLOAT),
-    ("clocks_sm_mhz", "clocks.sm", _INT),
-    ("clocks_mem_mhz", "clocks.mem", _INT),
-    ("ecc_uncorrected", "ecc.errors.uncorrected.volatile.total", _INT),
-    ("ecc_corrected", "ecc.errors.corrected.volatile.total", _INT),
-    ("driver_version", "driver_version", _STR),
-    ("compute_capability", "compute_cap", _STR),
-    ("persistence_mode", "persistence_mode", _ENABLED),
-    ("pstate", "pstate", _STR),
-    ("mig_mode", "mig.mode.current", _ENABLED),
+_COLUMNS: tuple[tuple[str, str, type], ...] = (
+    # (attribute, nvidia-smi query field, type)
+    ("index", "index", int),
+    ("uuid", "uuid", str),
+    ("name", "name", str),
+    ("pci_bus_id", "pci.bus_id", str),
+    ("memory_total_mib", "memory.total", int),
+    ("memory_used_mib", "memory.used", int),
+    ("memory_free_mib", "memory.free", int),
+    ("utilization_pct", "utilization.gpu", int),
+    ("memory_utilization_pct", "utilization.memory", int),
+    ("temperature_c", "temperature.gpu", int),
+    ("power_draw_w", "power.draw", float),
+    ("power_limit_w", "power.limit", float),
+    ("sm_clock_mhz", "clocks.sm", int),
+    ("memory_clock_mhz", "clocks.mem", int),
+    ("ecc_uncorrected", "ecc.errors.uncorrected.volatile.total", int),
+    ("ecc_corrected", "ecc.errors.corrected.volatile.total", int),
+    ("driver_version", "driver_version", str),
+    ("compute_capability", "compute_cap", str),
+    ("persistence_mode", "persistence_mode", bool),
+    ("pstate", "pstate", str),
+    ("mig_enabled", "mig.mode.current", bool),
 )
 
-GPU_QUERY_FIELDS: tuple[str, ...] = tuple(query_field for _, query_field, _ in _COLUMNS)
-"""The `--query-gpu` fields, in the order `parse_query_gpu` reads them."""
+GPU_QUERY_FIELDS: tuple[str, ...] = tuple(field for _, field, _ in _COLUMNS)
+"""The `--query-gpu` fields, in the order the parser reads them."""
 
 COMPUTE_APPS_FIELDS: tuple[str, ...] = ("pid", "process_name", "used_memory", "gpu_uuid")
+"""The `--query-compute-apps` fields: processes holding GPU memory."""
 
-
-def query_gpu_argv() -> list[str]:
-    """`nvidia-smi --query-gpu=<GPU_QUERY_FIELDS> --format=csv,noheader,nounits`."""
-    return [
-        NVIDIA_SMI,
-        "--query-gpu=" + ",".join(GPU_QUERY_FIELDS),
-        "--format=csv,noheader,nounits",
-    ]
-
-
-def topo_argv() -> list[str]:
-    """`nvidia-smi topo -m`: the GPU/NIC link matrix with CPU and NUMA affinity."""
-    return [NVIDIA_SMI, "topo", "-m"]
-
-
-def driver_version_argv() -> list[str]:
-    """Read the loaded kernel module's version; it works even when NVML does not."""
-    return ["cat", DRIVER_VERSION_PATH]
-
-
-def compute_apps_argv() -> list[str]:
-    """`nvidia-smi --query-compute-apps=...`: processes holding GPU memory."""
-    return [
-        NVIDIA_SMI,
-        "--query-compute-apps=" + ",".join(COMPUTE_APPS_FIELDS),
-        "--format=csv,noheader,nounits",
-    ]
-
-
-# --- query-gpu ---------------------------------------------------------------------------
-
-_UNAVAILABLE_CELLS = frozenset({"[N/A]", "N/A", "[Not Supported]", "Not Supported", ""})
-_NUMBER_WITH_UNIT = re.compile(r"^(?P<number>[-+]?\d+(?:\.\d+)?)(?:\s*(?P<unit>[A-Za-z%]+))?$")
+_NOT_REPORTED = frozenset({"", "N/A", "[N/A]", "Not Supported", "[Not Supported]"})
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_SWITCH = {"enabled": True, "on": True, "disabled": False, "off": False}
 
 
 @dataclass(frozen=True)
 class GpuInfo:
-    """One GPU as `nvidia-smi --query-gpu` reports it; None where the value is unknown.
+    """One GPU as `nvidia-smi --query-gpu` reports it; None where it reports no value.
 
-    `errored_fields` names the query fields whose cell was an error (`ERR!`,
-    `[Unknown Error]`, `[GPU is lost]`...) or could not be read: a GPU with any is sick.
-    `[N/A]` and `[Not Supported]` only mean "not reported" and are not errors.
+    `errors` holds the cells that were an error rather than a value (`ERR!`,
+    `[GPU requires reset]`, `[Unknown Error]`), as `field=cell`: a GPU with any is unhealthy.
+    `[N/A]` and `[Not Supported]` only mean "not reported" (ECC off, MIG mode) and are no error.
     """
 
     index: int
-    uuid: str | None
-    name: str | None
-    pci_bus_id: str | None
-    memory_total_mib: int | None
-    memory_used_mib: int | None
-    memory_free_mib: int | None
-    utilization_gpu_pct: int | None
-    utilization_memory_pct: int | None
-    temperature_c: int | None
-    power_draw_w: float | None
-    power_limit_w: float | None
-    clocks_sm_mhz: int | None
-    clocks_mem_mhz: int | None
-    ecc_uncorrected: int | None
-    ecc_corrected: int | None
-    driver_version: str | None
-    compute_capability: str | None
-    persistence_mode: bool | None
-    pstate: str | None
-    mig_mode: bool | None
-    errored_fields: tuple[str, ...] = ()
-
-    @property
-    def is_sick(self) -> bool:
-        """True when nvidia-smi reported an error for any field of this GPU."""
-        return bool(self.errored_fields)
-
-    @property
-    def memory_reserved_mib(self) -> int | None:
-        """Memory neither used nor free: what the driver keeps for itself."""
-        total, used, free = self.memory_total_mib, self.memory_used_mib, self.memory_free_mib
-        if total is None or used is None or free is None:
-            return None
-        return total - used - free
-
-    @property
-    def compute_capability_tuple(self) -> tuple[int, int] | None:
-        """`"9.0"` as `(9, 0)`, for comparisons such as `>= (8, 0)`."""
-        match = re.fullmatch(r"(\d+)\.(\d+)", self.compute_capability or "")
-        return (int(match[1]), int(match[2])) if match else None
+    uuid: str | None = None
+    name: str | None = None
+    pci_bus_id: str | None = None
+    memory_total_mib: int | None = None
+    memory_used_mib: int | None = None
+    memory_free_mib: int | None = None
+    utilization_pct: int | None = None
+    memory_utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_draw_w: float | None = None
+    power_limit_w: float | None = None
+    sm_clock_mhz: int | None = None
+    memory_clock_mhz: int | None = None
+    ecc_uncorrected: int | None = None
+    ecc_corrected: int | None = None
+    driver_version: str | None = None
+    compute_capability: str | None = None
+    persistence_mode: bool | None = None
+    pstate: str | None = None
+    mig_enabled: bool | None = None
+    errors: tuple[str, ...] = ()
 
 
-def _is_error_cell(cell: str) -> bool:
-    if cell in _UNAVAILABLE_CELLS:
-        return False
-    return cell.startswith("ERR") or (cell.startswith("[") and cell.endswith("]"))
-
-
-def _convert(cell: str, kind: str) -> Any:
-    """Turn one cell into its typed value; raise ValueError when it cannot be read."""
-    if kind == _STR:
+def _cell_value(cell: str, kind: type) -> Any:
+    """The typed value of one cell (`"143771 MiB"` -> 143771); ValueError when it is none."""
+    if kind is str:
         return cell
-    if kind == _ENABLED:
-        if cell.lower() in ("enabled", "on"):
-            return True
-        if cell.lower() in ("disabled", "off"):
-            return False
+    if kind is bool:
+        return _SWITCH[cell.lower()] if cell.lower() in _SWITCH else _raise(cell)
+    number = _NUMBER.match(cell)
+    if number is None or cell[number.end() :].strip(" %").isalpha() is False and cell[
+        number.end() :
+    ].strip(" %"):
         raise ValueError(cell)
-    match = _NUMBER_WITH_UNIT.match(cell)
-    if match is None:
-        raise ValueError(cell)
-    number = match["number"]
-    return float(number) if kind == _FLOAT else int(float(number))
+    return kind(float(number[0])) if kind is int else float(number[0])
 
 
-def _split_cells(line: str) -> list[str]:
-    return [cell.strip() for cell in line.split(",")]
+def _raise(cell: str) -> Any:
+    raise ValueError(cell)
 
 
-def _is_header(cells: list[str]) -> bool:
-    return bool(cells) and cells[0] == "index" and len(cells) > 1
-
-
-def _gpu_from_cells(cells: list[str]) -> GpuInfo:
-    """Build a GpuInfo from one row of cells; ValueError if the row is not a GPU row."""
-    if len(cells) != len(_COLUMNS):
-        raise ValueError(f"expected {len(_COLUMNS)} fields, got {len(cells)}")
+def _gpu_row(line: str) -> GpuInfo | None:
+    """One `--query-gpu` row as a GpuInfo; None when the line is not a row of our fields."""
+    cells = [cell.strip() for cell in line.split(",")]
+    if len(cells) != len(_COLUMNS) or not cells[0].isdigit():
+        return None
     values: dict[str, Any] = {}
-    errored: list[str] = []
-    for cell, (attribute, query_field, kind) in zip(cells, _COLUMNS, strict=True):
-        if attribute == "index":
-            values["index"] = int(cell)
-            continue
-        if cell in _UNAVAILABLE_CELLS:
-            values[attribute] = None
-        elif _is_error_cell(cell):
-            values[attribute] = None
-            errored.append(query_field)
-        else:
-            try:
-                values[attribute] = _convert(cell, kind)
-            except ValueError:
-                values[attribute] = None
-                errored.append(query_field)
-    return GpuInfo(**values, errored_fields=tuple(errored))
-
-
-def _read_query_rows(text: str) -> tuple[list[GpuInfo], list[str]]:
-    """Parse every GPU row; return the GPUs and the non-blank lines that were not rows."""
-    gpus: list[GpuInfo] = []
-    stray: list[str] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        cells = _split_cells(line)
-        if _is_header(cells):
+    errors: list[str] = []
+    for cell, (attribute, field, kind) in zip(cells, _COLUMNS, strict=True):
+        if cell in _NOT_REPORTED:
             continue
         try:
-            gpus.append(_gpu_from_cells(cells))
+            values[attribute] = _cell_value(cell, kind)
         except ValueError:
-            stray.append(line.strip())
-    return gpus, stray
+            errors.append(f"{field}={cell}")
+    return GpuInfo(**values, errors=tuple(errors))
 
 
-def parse_query_gpu(text: str) -> list[GpuInfo]:
-    """Parse `nvidia-smi --query-gpu=<GPU_QUERY_FIELDS>` output, with or without header/units.
+def parse_query_gpu(text: str) -> tuple[list[GpuInfo], list[str]]:
+    """Parse `nvidia-smi --query-gpu=<GPU_QUERY_FIELDS> --format=csv[,noheader][,nounits]`.
 
-    Raises ValueError naming the first line that is not a GPU row (an error message, a
-    different field list); `parse_gpu_facts` is the never-raising entry point.
+    Returns the GPUs and the other non-blank lines (a header is skipped; an error message
+    such as "Unable to determine the device handle for GPU..." is returned, not raised).
     """
-    gpus, stray = _read_query_rows(text)
-    if stray:
-        raise ValueError(f"not a --query-gpu row: {stray[0]!r}")
-    return gpus
-
-
-# --- compute apps ------------------------------------------------------------------------
+    gpus: list[GpuInfo] = []
+    other: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("index,"):
+            continue
+        gpu = _gpu_row(line)
+        if gpu is None:
+            other.append(line.strip())
+        else:
+            gpus.append(gpu)
+    return gpus, other
 
 
 @dataclass(frozen=True)
 class GpuProcess:
-    """A process holding GPU memory, from `--query-compute-apps`."""
+    """A process holding GPU memory, from `nvidia-smi --query-compute-apps`."""
 
     pid: int
     process_name: str
@@ -237,361 +147,218 @@ class GpuProcess:
 
 
 def parse_compute_apps(text: str) -> list[GpuProcess]:
-    """Parse `nvidia-smi --query-compute-apps=<COMPUTE_APPS_FIELDS>`, header optional."""
+    """Parse `nvidia-smi --query-compute-apps=<COMPUTE_APPS_FIELDS>`; odd lines are skipped."""
     processes = []
     for line in text.splitlines():
-        cells = _split_cells(line)
-        if not line.strip() or cells[0] == "pid":
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) != len(COMPUTE_APPS_FIELDS) or not cells[0].isdigit():
             continue
-        if len(cells) != len(COMPUTE_APPS_FIELDS):
-            raise ValueError(f"not a --query-compute-apps row: {line.strip()!r}")
         pid, process_name, used_memory, gpu_uuid = cells
-        match = _NUMBER_WITH_UNIT.match(used_memory)
+        memory = _NUMBER.match(used_memory)
         processes.append(
-            GpuProcess(
-                pid=int(pid),
-                process_name=process_name,
-                used_memory_mib=int(match["number"]) if match else None,
-                gpu_uuid=gpu_uuid,
-            )
+            GpuProcess(int(pid), process_name, int(float(memory[0])) if memory else None, gpu_uuid)
         )
     return processes
 
 
-# --- topo -m -----------------------------------------------------------------------------
-
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _GPU_LABEL = re.compile(r"^GPU(\d+)$")
-_NIC_LEGEND_ENTRY = re.compile(r"^\s*(NIC\d+):\s*(\S+)\s*$")
-_AFFINITY_COLUMNS = ("cpu_affinity", "numa_affinity", "gpu_numa_id")
-
-
-@dataclass(frozen=True)
-class GpuAffinity:
-    """Where a GPU sits relative to the CPUs: its CPU list and NUMA node(s)."""
-
-    cpu_affinity: str | None
-    numa_affinity: str | None
-    gpu_numa_id: str | None
-
-    @property
-    def cpus(self) -> tuple[int, ...]:
-        """The CPU list `"0-55,112-167"` expanded; empty when unknown."""
-        return _expand_cpu_list(self.cpu_affinity)
-
-
-def _expand_cpu_list(text: str | None) -> tuple[int, ...]:
-    cpus: list[int] = []
-    for part in (text or "").split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
-        if match is None:
-            return ()
-        first = int(match[1])
-        last = int(match[2]) if match[2] else first
-        cpus.extend(range(first, last + 1))
-    return tuple(cpus)
 
 
 @dataclass(frozen=True)
 class GpuTopology:
     """How the GPUs of one host are linked, from `nvidia-smi topo -m`.
 
-    `links[(a, b)]` is the link kind between GPU indices a and b as printed: `X` (self),
-    `NV<n>` (n bonded NVLinks), `PIX`, `PXB`, `PHB`, `NODE` or `SYS`. NICs are kept out of
-    the matrix; `nics` maps their labels (`NIC0`) to device names (`mlx5_0`).
+    `links[(a, b)]` is the link between GPUs a and b as printed: `X` (itself), `NV<n>`
+    (n bonded NVLinks), or a PCIe path: `PIX`, `PXB`, `PHB`, `NODE`, `SYS`.
     """
 
     gpu_indices: tuple[int, ...]
-    links: dict[tuple[int, int], str]
-    affinity: dict[int, GpuAffinity]
-    nics: dict[str, str] = field(default_factory=dict)
+    links: Mapping[tuple[int, int], str]
 
-    def link(self, a: int, b: int) -> str:
-        """The link kind between GPUs a and b; KeyError if either is not in the matrix."""
-        try:
-            return self.links[(a, b)]
-        except KeyError:
-            raise KeyError(f"GPU pair ({a}, {b}) not in topology of {self.gpu_indices}") from None
-
-    def nvlink_count(self, a: int, b: int) -> int:
-        """How many NVLinks join GPUs a and b (0 for PCIe-only or the same GPU)."""
-        match = re.fullmatch(r"NV(\d+)", self.link(a, b))
-        return int(match[1]) if match else 0
-
-    def nvlink_between(self, a: int, b: int) -> bool:
+    def nvlinked(self, a: int, b: int) -> bool:
         """True when GPUs a and b talk over NVLink."""
-        return self.nvlink_count(a, b) > 0
+        return self.links.get((a, b), "").startswith("NV")
 
-    def all_nvlinked(self, gpu_indices: Iterable[int] | None = None) -> bool:
-        """True when every pair among `gpu_indices` (default: all GPUs) is NVLinked."""
-        chosen = tuple(self.gpu_indices if gpu_indices is None else gpu_indices)
-        return all(
-            self.nvlink_between(a, b)
+    def pairs_without_nvlink(self, gpu_indices: Iterable[int] | None = None) -> list[str]:
+        """The pairs among `gpu_indices` (default: all) that are not NVLinked: `GPU0-GPU4 SYS`."""
+        chosen = sorted(self.gpu_indices if gpu_indices is None else gpu_indices)
+        return [
+            f"GPU{a}-GPU{b} {self.links.get((a, b), 'unknown')}"
             for position, a in enumerate(chosen)
             for b in chosen[position + 1 :]
-        )
+            if not self.nvlinked(a, b)
+        ]
 
-
-def _split_topology_line(line: str) -> list[str]:
-    if "\t" in line:
-        return [cell.strip() for cell in line.split("\t")]
-    return line.split()
-
-
-def _is_affinity_heading(cell: str) -> bool:
-    return cell.startswith(("CPU", "NUMA"))
+    @property
+    def interconnect(self) -> str:
+        """`NVLink` (every pair), `PCIe` (no pair), `mixed`, or `single GPU`."""
+        pairs = len(self.gpu_indices) * (len(self.gpu_indices) - 1) // 2
+        if pairs == 0:
+            return "single GPU"
+        missing = len(self.pairs_without_nvlink())
+        return "NVLink" if missing == 0 else "PCIe" if missing == pairs else "mixed"
 
 
 def parse_topology(text: str) -> GpuTopology:
-    """Parse `nvidia-smi topo -m` into a GPU link matrix with per-GPU CPU/NUMA affinity.
+    """Parse `nvidia-smi topo -m` into the GPU link matrix (NIC columns are left out).
 
-    Accepts the tab-separated original (ANSI-underlined header, blank spacer cells) and
-    copies where tabs became spaces. Raises ValueError when no GPU matrix is found.
+    Takes the real output (ANSI-underlined, tab-separated header; blank cells) and copies
+    whose tabs became spaces. Raises ValueError when there is no complete GPU matrix.
     """
     lines = _ANSI_ESCAPE.sub("", text).splitlines()
-    header_at = next(
-        (n for n, line in enumerate(lines) if "GPU0" in _split_topology_line(line)), None
-    )
+    rows = [line.split("\t") if "\t" in line else line.split() for line in lines]
+    rows = [[cell.strip() for cell in row] for row in rows]
+    header_at = next((n for n, row in enumerate(rows) if "GPU0" in row), None)
     if header_at is None:
         raise ValueError("no GPU0 column in nvidia-smi topo -m output")
-    header = [cell for cell in _split_topology_line(lines[header_at]) if cell]
-    columns = list(itertools.takewhile(lambda cell: not _is_affinity_heading(cell), header))
-
-    links: dict[tuple[int, int], str] = {}
-    affinity: dict[int, GpuAffinity] = {}
-    gpu_indices: list[int] = []
-    for line in lines[header_at + 1 :]:
-        if not line.strip() or line.startswith("Legend"):
+    columns: list[str] = []
+    for cell in (cell for cell in rows[header_at] if cell):
+        if not re.match(r"^(GPU|NIC)\d+$", cell):
             break
-        cells = _split_topology_line(line)
-        row_match = _GPU_LABEL.match(cells[0])
-        if row_match is None:
-            continue
-        row = int(row_match[1])
-        values = cells[1 : 1 + len(columns)]
-        if len(values) != len(columns) or not all(values):
-            raise ValueError(f"topology row has {len(values)} links, header has {len(columns)}")
-        for label, value in zip(columns, values, strict=True):
-            column_match = _GPU_LABEL.match(label)
-            if column_match is not None:
-                links[(row, int(column_match[1]))] = value
-        tail = [cell for cell in cells[1 + len(columns) :] if cell]
-        tail_values = [None if cell == "N/A" else cell for cell in tail]
-        tail_values += [None] * (len(_AFFINITY_COLUMNS) - len(tail_values))
-        affinity[row] = GpuAffinity(**dict(zip(_AFFINITY_COLUMNS, tail_values, strict=False)))
-        gpu_indices.append(row)
-
-    for a in gpu_indices:
-        for b in gpu_indices:
-            if (a, b) not in links:
-                raise ValueError(f"topology matrix has no entry for GPU{a} -> GPU{b}")
-
-    nics: dict[str, str] = {}
-    for line in lines:
-        match = _NIC_LEGEND_ENTRY.match(line)
-        if match:
-            nics[match[1]] = match[2]
-    return GpuTopology(gpu_indices=tuple(gpu_indices), links=links, affinity=affinity, nics=nics)
+        columns.append(cell)
+    links: dict[tuple[int, int], str] = {}
+    indices: list[int] = []
+    for row in rows[header_at + 1 :]:
+        label = _GPU_LABEL.match(row[0]) if row else None
+        if label is None:
+            if row and row[0].startswith(("NIC", "")) and row[0] != "Legend:":
+                continue
+            break
+        a = int(label[1])
+        indices.append(a)
+        for column, value in zip(columns, row[1 : 1 + len(columns)], strict=False):
+            column_gpu = _GPU_LABEL.match(column)
+            if column_gpu and value:
+                links[(a, int(column_gpu[1]))] = value
+    missing = [(a, b) for a in indices for b in indices if (a, b) not in links]
+    if not indices or missing:
+        raise ValueError(f"incomplete GPU matrix in nvidia-smi topo -m (missing {missing[:3]})")
+    return GpuTopology(gpu_indices=tuple(indices), links=links)
 
 
-# --- driver version ----------------------------------------------------------------------
-
-_DRIVER_VERSION = re.compile(
-    r"^NVRM version:.*?Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)\s", re.M
-)
+_DRIVER_VERSION = re.compile(r"^NVRM version:.*?Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)\s", re.M)
 
 
 def parse_driver_version(text: str) -> str | None:
-    """The loaded kernel module's version from /proc/driver/nvidia/version, e.g. `580.159.04`."""
+    """The loaded kernel module's version from /proc/driver/nvidia/version (`580.159.04`)."""
     match = _DRIVER_VERSION.search(text)
     return match[1] if match else None
 
 
-# --- failures ----------------------------------------------------------------------------
+class GpuProblemKind(enum.StrEnum):
+    """Why nvidia-smi gave no (complete) answer."""
+
+    NVIDIA_SMI_MISSING = "nvidia-smi missing"
+    DRIVER_NOT_LOADED = "driver not loaded"
+    DRIVER_MISMATCH = "driver/library version mismatch"
+    NO_DEVICES = "no GPUs found"
+    GPU_LOST = "GPU lost"
+    TIMED_OUT = "nvidia-smi timed out"
+    UNKNOWN_FIELD = "unknown query field"
+    FAILED = "nvidia-smi failed"
+    UNREADABLE = "unreadable output"
 
 
-class GpuProbeErrorKind(Enum):
-    """Why nvidia-smi gave no usable answer."""
-
-    NOT_INSTALLED = "not-installed"
-    DRIVER_NOT_LOADED = "driver-not-loaded"
-    DRIVER_MISMATCH = "driver-mismatch"
-    NO_DEVICES = "no-devices"
-    GPU_LOST = "gpu-lost"
-    BAD_FIELD = "bad-field"
-    UNPARSEABLE = "unparseable"
-    OTHER = "other"
-
-
-REMEDIES: dict[GpuProbeErrorKind, str] = {
-    GpuProbeErrorKind.NOT_INSTALLED: (
-        "install the NVIDIA driver and its utilities (nvidia-smi, libnvidia-ml), e.g. "
-        "`apt install nvidia-driver-<version> nvidia-utils-<version>`, and check that "
-        "nvidia-smi is on the PATH of a non-interactive SSH session"
+REMEDIES: dict[GpuProblemKind, str] = {
+    GpuProblemKind.NVIDIA_SMI_MISSING: (
+        "install the NVIDIA driver and its utilities (nvidia-smi), and check that nvidia-smi "
+        "is on the PATH of a non-interactive SSH session"
     ),
-    GpuProbeErrorKind.DRIVER_NOT_LOADED: (
-        "load the kernel module (`modprobe nvidia`; `dmesg | grep -i nvrm` says why it failed), "
-        "or reinstall the driver for the running kernel (DKMS) and reboot"
+    GpuProblemKind.DRIVER_NOT_LOADED: (
+        "load the kernel module (`modprobe nvidia`; `dmesg | grep -i nvrm` says why it "
+        "failed), or reinstall the driver for the running kernel and reboot"
     ),
-    GpuProbeErrorKind.DRIVER_MISMATCH: (
-        "the driver was upgraded but the old kernel module is still loaded: reboot the host, or "
-        "stop every GPU process and reload the modules (`rmmod nvidia_uvm nvidia_drm "
-        "nvidia_modeset nvidia && modprobe nvidia`)"
+    GpuProblemKind.DRIVER_MISMATCH: (
+        "the driver was upgraded but the old kernel module is still loaded: reboot the host "
+        "(or stop every GPU process and reload the nvidia modules)"
     ),
-    GpuProbeErrorKind.NO_DEVICES: (
-        "check that the GPUs are visible on the PCI bus (`lspci -d 10de:`), that the driver "
-        "supports them (`dmesg | grep -i nvrm`), and, in a container or VM, that the GPUs "
-        "were passed through"
+    GpuProblemKind.NO_DEVICES: (
+        "check that the GPUs are on the PCI bus (`lspci -d 10de:`) and that the driver "
+        "supports them (`dmesg | grep -i nvrm`)"
     ),
-    GpuProbeErrorKind.GPU_LOST: (
-        "a GPU fell off the bus: look for Xid 79 (or 48, 63, 64, 94, 95) in `dmesg`, drain the "
-        "host, try `nvidia-smi -r -i <gpu>` and otherwise reboot; if it repeats, reseat the GPU "
-        "or have the hardware checked (power, cooling, riser)"
+    GpuProblemKind.GPU_LOST: (
+        "a GPU fell off the bus: look for Xid 79 in `dmesg`, drain the host and reboot it; "
+        "if it repeats, have the hardware checked"
     ),
-    GpuProbeErrorKind.BAD_FIELD: (
-        "this nvidia-smi does not know a queried field (older driver): upgrade the driver, "
-        "or report the field named in the message"
+    GpuProblemKind.TIMED_OUT: (
+        "nvidia-smi hangs: a GPU or the driver is stuck (`dmesg | grep -i xid`); "
+        "drain the host and reboot it"
     ),
-    GpuProbeErrorKind.UNPARSEABLE: (
-        "nvidia-smi answered in a format vcluster does not understand: report it with the "
-        "output and the driver version"
+    GpuProblemKind.UNKNOWN_FIELD: (
+        "this driver's nvidia-smi lacks a field vcluster queries: upgrade the driver"
     ),
-    GpuProbeErrorKind.OTHER: (
+    GpuProblemKind.FAILED: (
         "run `nvidia-smi` on the host and read its message; `dmesg | grep -i -e nvrm -e xid` "
         "shows driver errors"
     ),
+    GpuProblemKind.UNREADABLE: (
+        "nvidia-smi printed something vcluster does not understand: report it with the "
+        "output of `nvidia-smi` and the driver version"
+    ),
+}
+
+# The message nvidia-smi prints, matched first; its exit code (NVML return codes) second.
+_MESSAGES: tuple[tuple[str, GpuProblemKind], ...] = (
+    ("Driver/library version mismatch", GpuProblemKind.DRIVER_MISMATCH),
+    ("couldn't communicate with the NVIDIA driver", GpuProblemKind.DRIVER_NOT_LOADED),
+    ("GPU is lost", GpuProblemKind.GPU_LOST),
+    ("fallen off the bus", GpuProblemKind.GPU_LOST),
+    ("Unable to determine the device handle", GpuProblemKind.GPU_LOST),
+    ("No devices were found", GpuProblemKind.NO_DEVICES),
+    ("is not a valid field to query", GpuProblemKind.UNKNOWN_FIELD),
+)
+_EXIT_CODES = {
+    6: GpuProblemKind.NO_DEVICES,
+    9: GpuProblemKind.DRIVER_NOT_LOADED,
+    15: GpuProblemKind.GPU_LOST,
+    18: GpuProblemKind.DRIVER_MISMATCH,
+    124: GpuProblemKind.TIMED_OUT,
+    127: GpuProblemKind.NVIDIA_SMI_MISSING,
 }
 
 
 @dataclass(frozen=True)
-class GpuProbeError:
-    """An nvidia-smi failure: its kind, the tool's own message on one line, and the fix."""
+class GpuProblem:
+    """Why the GPU facts are missing or incomplete: what, nvidia-smi's own words, the fix."""
 
-    kind: GpuProbeErrorKind
+    kind: GpuProblemKind
     detail: str
     remedy: str
-    exit_code: int | None = None
-    pci_bus_id: str | None = None
-
-    def one_line(self) -> str:
-        """Render as `<kind>: <detail> (fix: <remedy>)`."""
-        return f"{self.kind.value}: {self.detail} (fix: {self.remedy})"
 
 
-_GPU_HANDLE_LOST = re.compile(
-    r"Unable to (?:determine|detect) the device handle for GPU\s*(?P<pci>[0-9A-Fa-f:.]+)"
-)
-_NVML_LIBRARY_VERSION = re.compile(r"NVML library version:\s*(\S+)")
-_BAD_FIELD = re.compile(r'Field "(?P<field>[^"]*)" is not a valid field to query')
-
-_TEXT_RULES: tuple[tuple[GpuProbeErrorKind, Callable[[str], bool]], ...] = (
-    (GpuProbeErrorKind.DRIVER_MISMATCH, lambda line: "Driver/library version mismatch" in line),
-    (
-        GpuProbeErrorKind.DRIVER_NOT_LOADED,
-        lambda line: (
-            "couldn't communicate with the NVIDIA driver" in line or "Driver Not Loaded" in line
-        ),
-    ),
-    (GpuProbeErrorKind.NO_DEVICES, lambda line: "No devices were found" in line),
-    (
-        GpuProbeErrorKind.GPU_LOST,
-        lambda line: (
-            _GPU_HANDLE_LOST.search(line) is not None
-            or "fallen off the bus" in line
-            or "GPU is lost" in line
-        ),
-    ),
-    (GpuProbeErrorKind.BAD_FIELD, lambda line: _BAD_FIELD.search(line) is not None),
-    (
-        GpuProbeErrorKind.NOT_INSTALLED,
-        lambda line: (
-            "command not found" in line
-            or "No such file or directory" in line
-            or line.endswith("nvidia-smi: not found")
-            or "couldn't find libnvidia-ml.so" in line
-        ),
-    ),
-)
-
-_EXIT_CODE_KINDS: dict[int, GpuProbeErrorKind] = {
-    127: GpuProbeErrorKind.NOT_INSTALLED,
-    126: GpuProbeErrorKind.NOT_INSTALLED,
-    12: GpuProbeErrorKind.NOT_INSTALLED,
-    9: GpuProbeErrorKind.DRIVER_NOT_LOADED,
-    6: GpuProbeErrorKind.NO_DEVICES,
-    15: GpuProbeErrorKind.GPU_LOST,
-    18: GpuProbeErrorKind.DRIVER_MISMATCH,
-}
-
-_DETAIL_LIMIT = 240
+def _problem(kind: GpuProblemKind, detail: str) -> GpuProblem:
+    detail = " ".join(detail.split())
+    return GpuProblem(kind, detail[:237] + "..." if len(detail) > 240 else detail, REMEDIES[kind])
 
 
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 3] + "..."
-
-
-def _quote_exit(exit_code: int | None, message: str) -> str:
-    where = f"nvidia-smi exited {exit_code}" if exit_code is not None else "nvidia-smi"
-    return f"{where}: {_one_line(message)}" if message else f"{where} with no message"
-
-
-def classify_nvidia_smi_failure(exit_code: int | None, stdout: str, stderr: str) -> GpuProbeError:
-    """Name why nvidia-smi failed, quoting its message; never raises.
-
-    nvidia-smi prints most errors on stdout, so both streams are read. The message is
-    matched first; the exit code (NVML's return codes, 127 from the shell) is the fallback.
-    """
-    lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
-    for kind, matches in _TEXT_RULES:
-        line = next((line for line in lines if matches(line)), None)
-        if line is None:
-            continue
-        message = line
-        pci_bus_id = None
-        if kind is GpuProbeErrorKind.DRIVER_MISMATCH:
-            library = next(filter(None, map(_NVML_LIBRARY_VERSION.search, lines)), None)
-            if library:
-                message = f"{line} (NVML library version: {library[1]})"
-        if kind is GpuProbeErrorKind.GPU_LOST:
-            lost = _GPU_HANDLE_LOST.search(line)
-            pci_bus_id = lost["pci"].rstrip(":.") if lost else None
-        return GpuProbeError(
-            kind=kind,
-            detail=_quote_exit(exit_code, message),
-            remedy=REMEDIES[kind],
-            exit_code=exit_code,
-            pci_bus_id=pci_bus_id,
-        )
-    kind = _EXIT_CODE_KINDS.get(exit_code, GpuProbeErrorKind.OTHER) if exit_code else None
-    kind = kind or GpuProbeErrorKind.OTHER
-    return GpuProbeError(
-        kind=kind,
-        detail=_quote_exit(exit_code, lines[0] if lines else ""),
-        remedy=REMEDIES[kind],
-        exit_code=exit_code,
-    )
-
-
-def _reports_failure(stdout: str, stderr: str) -> bool:
-    lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
-    return any(matches(line) for line in lines for _, matches in _TEXT_RULES)
-
-
-# --- all together ------------------------------------------------------------------------
+def classify_failure(exit_code: int | None, output: str) -> GpuProblem:
+    """Name why nvidia-smi failed from its exit code (None: not installed) and output."""
+    if exit_code is None:
+        return _problem(GpuProblemKind.NVIDIA_SMI_MISSING, "nvidia-smi is not installed")
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        for text, kind in _MESSAGES:
+            if text in line:
+                return _problem(kind, line)
+    kind = _EXIT_CODES.get(exit_code, GpuProblemKind.FAILED)
+    if kind is GpuProblemKind.TIMED_OUT:
+        return _problem(kind, "nvidia-smi did not answer in time")
+    return _problem(kind, f"nvidia-smi exited {exit_code}: {lines[0] if lines else 'no output'}")
 
 
 @dataclass(frozen=True)
 class GpuFacts:
-    """Everything vcluster knows about one host's GPUs; `error` is set when a probe failed.
+    """One host's GPUs; `problem` is set when nvidia-smi failed or answered in part.
 
-    GPUs that were read are kept even when `error` is set (one lost GPU among eight).
+    GPUs that were read are kept even with a problem (seven good GPUs beside a lost one).
     """
 
-    gpus: tuple[GpuInfo, ...]
-    driver_version: str | None
-    topology: GpuTopology | None
-    error: GpuProbeError | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+    topology: GpuTopology | None = None
+    driver_version: str | None = None
+    problem: GpuProblem | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -599,77 +366,51 @@ class GpuFacts:
         return len(self.gpus)
 
     @property
-    def model_names(self) -> tuple[str, ...]:
-        """The distinct GPU model names, in index order."""
-        return tuple(dict.fromkeys(gpu.name for gpu in self.gpus if gpu.name))
-
-    @property
     def model_name(self) -> str | None:
-        """The GPU model when every GPU is the same model; None when mixed or none."""
-        names = self.model_names
-        return names[0] if len(names) == 1 else None
+        """The GPU model; `A + B` when mixed; None when there is none."""
+        names = dict.fromkeys(gpu.name for gpu in self.gpus if gpu.name)
+        return " + ".join(names) or None
 
-    @property
-    def sick_gpus(self) -> tuple[GpuInfo, ...]:
-        """GPUs for which nvidia-smi reported an error in some field."""
-        return tuple(gpu for gpu in self.gpus if gpu.is_sick)
 
-    @property
-    def ok(self) -> bool:
-        """True when GPUs were found and no probe failed."""
-        return self.error is None and bool(self.gpus)
+@dataclass(frozen=True)
+class CommandOutput:
+    """What one nvidia-smi command printed; `exit_code` None when it is not installed."""
+
+    exit_code: int | None
+    stdout: str = ""
+    stderr: str = ""
 
 
 def parse_gpu_facts(
-    query_out: str,
-    topo_out: str | None = None,
+    query: CommandOutput,
     *,
-    query_exit_code: int = 0,
-    query_stderr: str = "",
-    topo_exit_code: int = 0,
-    topo_stderr: str = "",
-    driver_version_text: str | None = None,
+    processes: CommandOutput | None = None,
+    topology: CommandOutput | None = None,
+    driver_version_file: str | None = None,
 ) -> GpuFacts:
-    """Combine the query-gpu, topo -m and driver-version outputs of one host; never raises.
-
-    A failed or half-failed query keeps the GPU rows it did print and sets `error`.
-    Topology is None when it was not run or failed.
-    """
-    gpus, stray = _read_query_rows(query_out)
-    error: GpuProbeError | None = None
-    if query_exit_code != 0 or _reports_failure(query_out, query_stderr):
-        error = classify_nvidia_smi_failure(query_exit_code, query_out, query_stderr)
-    elif stray:
-        error = GpuProbeError(
-            kind=GpuProbeErrorKind.UNPARSEABLE,
-            detail=f"nvidia-smi --query-gpu printed a non-GPU line: {_one_line(stray[0])}",
-            remedy=REMEDIES[GpuProbeErrorKind.UNPARSEABLE],
-            exit_code=query_exit_code,
-        )
+    """Combine one host's nvidia-smi outputs (and /proc/driver/nvidia/version); never raises."""
+    gpus, other = parse_query_gpu(query.stdout)
+    problem = None
+    if query.exit_code != 0 or any(text in line for line in other for text, _ in _MESSAGES):
+        problem = classify_failure(query.exit_code, query.stderr + "\n" + query.stdout)
+    elif other:
+        problem = _problem(GpuProblemKind.UNREADABLE, f"nvidia-smi --query-gpu: {other[0]}")
     elif not gpus:
-        error = GpuProbeError(
-            kind=GpuProbeErrorKind.NO_DEVICES,
-            detail="nvidia-smi --query-gpu listed no GPUs",
-            remedy=REMEDIES[GpuProbeErrorKind.NO_DEVICES],
-            exit_code=query_exit_code,
-        )
+        problem = _problem(GpuProblemKind.NO_DEVICES, "nvidia-smi --query-gpu listed no GPUs")
 
-    topology: GpuTopology | None = None
-    if topo_out is not None:
-        if topo_exit_code != 0 or _reports_failure(topo_out, topo_stderr):
-            error = error or classify_nvidia_smi_failure(topo_exit_code, topo_out, topo_stderr)
-        else:
-            try:
-                topology = parse_topology(topo_out)
-            except ValueError as problem:
-                error = error or GpuProbeError(
-                    kind=GpuProbeErrorKind.UNPARSEABLE,
-                    detail=f"nvidia-smi topo -m: {problem}",
-                    remedy=REMEDIES[GpuProbeErrorKind.UNPARSEABLE],
-                    exit_code=topo_exit_code,
-                )
+    links = None
+    if topology is not None and topology.exit_code == 0:
+        try:
+            links = parse_topology(topology.stdout)
+        except ValueError as error:
+            problem = problem or _problem(GpuProblemKind.UNREADABLE, str(error))
 
-    driver_version = parse_driver_version(driver_version_text) if driver_version_text else None
-    if driver_version is None:
-        driver_version = next((gpu.driver_version for gpu in gpus if gpu.driver_version), None)
-    return GpuFacts(gpus=tuple(gpus), driver_version=driver_version, topology=topology, error=error)
+    running = processes is not None and processes.exit_code == 0
+    driver = parse_driver_version(driver_version_file or "")
+    return GpuFacts(
+        gpus=tuple(gpus),
+        processes=tuple(parse_compute_apps(processes.stdout)) if running else (),
+        topology=links,
+        driver_version=driver or next((g.driver_version for g in gpus if g.driver_version), None),
+        problem=problem,
+    )

@@ -15,6 +15,7 @@ from cluster.plan import NodePlan
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
 from cluster.vllm import (
+    error_lines,
     http_get,
     launch_argv,
     likely_cause,
@@ -141,10 +142,10 @@ def _died(context: UpContext, node: NodePlan) -> VllmFailed:
     assert node.serve is not None
     full = _exec(context, node, log_tail_argv(node.serve, 200)).output.decode(errors="replace")
     cause = likely_cause(full)
-    tail = " | ".join(full.strip().splitlines()[-LOG_LINES:]) or "(empty)"
+    errors = " | ".join(error_lines(full)) or " | ".join(full.strip().splitlines()[-3:])
     summary = f"likely cause: {cause.summary}; " if cause else ""
     return VllmFailed(
-        f"vLLM exited during start-up ({summary}last log lines: {tail})",
+        f"vLLM exited during start-up ({summary}errors: {errors or '(empty log)'})",
         where=node.name,
         fix=cause.fix if cause else "read the log with `vcluster logs --component vllm`",
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
-from cluster.plan import build_plan
+from cluster.plan import ClusterPlan, build_plan
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.connect import connect_to_hosts
@@ -52,6 +52,14 @@ class UpResult:
     served_model_name: str
     changes: tuple[str, ...]
     api_key_required: bool
+
+
+def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:
+    """The plan from the hosts' real facts (what `up` would do), without changing anything."""
+    with Session(inventory) as session:
+        context = UpContext(inventory, session, reporter)
+        run_steps([*STEPS_BEFORE_LOCK, STEPS[0], Step("Planning", _plan)], context, reporter)
+        return context.require_plan()
 
 
 def up(inventory: Inventory, reporter: Reporter, options: UpOptions | None = None) -> UpResult:

@@ -316,8 +316,13 @@ def _drain(channel: paramiko.Channel, *, deadline: float) -> tuple[str | None, s
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None, None
-        # the channel's fileno becomes readable on data on either stream, EOF or close
-        select.select([channel], [], [], min(remaining, 1.0))
+        if channel.eof_received:
+            # No data follows EOF, and the channel's fileno stays readable from EOF on: selecting
+            # on it would spin until the exit status arrives, so wait for that instead.
+            channel.status_event.wait(min(remaining, 1.0))
+        else:
+            # the channel's fileno becomes readable on data on either stream, EOF or close
+            select.select([channel], [], [], min(remaining, 1.0))
     return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 

@@ -94,13 +94,6 @@ def test_plan_json_masks_secrets_even_when_they_are_set():
     assert "--tensor-parallel-size" in head["serve"]["argv"]
 
 
-def test_plan_from_live_facts_says_it_is_not_yet_available():
-    result = vcluster("plan", REPO / "inventory" / "gpu-2x8.yaml")
-    assert result.exit_code == 1
-    assert "not yet available" in result.output
-    assert "--offline" in result.output
-
-
 def test_console_script_runs_as_a_module():
     result = subprocess.run(
         [sys.executable, "-m", "cluster", "validate", str(REPO / "inventory" / "gpu-2x8.yaml")],

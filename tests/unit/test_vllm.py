@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cluster.plan import ServeSpec
-from cluster.vllm import launch_argv, likely_cause, served_models
+from cluster.vllm import error_lines, launch_argv, likely_cause, served_models
 
 # Lines vLLM really printed (FACTS.md, checked on this machine).
 SHM_FAILURE = (
@@ -51,3 +53,21 @@ def test_launch_passes_every_value_as_an_argument():
     assert argv[:2] == ["sh", "-c"]
     assert "reboot" not in script and "abc123" not in script
     assert argv[-5:] == ["vllm", "serve", "/m; reboot", "--port", "8000"]
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm"
+
+
+def test_a_real_worker_crash_is_summed_up_by_its_error_lines_and_cause():
+    # vLLM 0.32 (CPU) on a sandbox worker whose image lacked libnuma, captured with `vcluster logs`
+    log = (FIXTURES / "worker-missing-libnuma.log").read_text()
+    assert error_lines(log) == [
+        "Failed to import from vllm._C: ImportError('libnuma.so.1: cannot open shared object "
+        "file: No such file or directory')",
+        "AttributeError: '_OpNamespace' '_C' object has no attribute 'init_cpu_memory_env'",
+        "Exception: WorkerProc initialization failed due to an exception in a background "
+        "process. See stack trace for root cause.",
+    ]
+    cause = likely_cause(log)
+    assert cause is not None
+    assert cause.summary == "a shared library is missing in the image"
