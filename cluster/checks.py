@@ -1,29 +1,44 @@
 """Preflight and topology rules: pure functions from facts to PASS / WARN / FAIL / SKIP results.
 
-Each rule looks at the facts of every node (gathered by one probe per host) and returns results
-that name the node, say what was found in one line, and give the remedy. `up` stops on any FAIL
-before changing anything; `vcluster check` prints them all.
+Each rule reads the inventory and the facts of every node (one probe per host) and returns
+results that name the node (None: the whole cluster), say what was found in one line, and
+give the remedy. `run_checks` runs the rules that need only the probe's facts; the rules
+below it take data gathered by other steps (image IDs, model presence, reachability, Ray).
+`up` stops on any FAIL before changing anything; `vcluster check` prints them all.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
+from rich.table import Table
+
+from cluster.facts.gpu import GpuTopology
 from cluster.facts.host import HostFacts
 from cluster.inventory import Inventory
 
 GIB = 1 << 30
-MIN_SHM_BYTES = 1 * GIB
-MIN_CACHE_FREE_BYTES = 20 * GIB
-MAX_CLOCK_SKEW_S = 2.0
+SHM_FAIL_BELOW_BYTES = 1 * GIB
+SHM_WARN_BELOW_BYTES = 8 * GIB
+"""NCCL and vLLM's workers share memory through /dev/shm (the containers use --ipc=host).
+In cpu mode (the sandbox's tiny model, 4 GiB nodes) only the FAIL threshold applies."""
+CACHE_FAIL_BELOW_BYTES = 2 * GIB
+CACHE_WARN_BELOW_BYTES = 100 * GIB
+"""Model weights take tens to hundreds of GiB; the CPU sandbox's tiny model takes little."""
+CLOCK_SKEW_WARN_S = 2.0
+MIN_DOCKER_VERSION = (19, 3)
+"""`docker run --gpus` came with Docker 19.03."""
 NVIDIA_RUNTIME = "nvidia"
 
 
 class Status(enum.StrEnum):
-    PASS = "PASS"  # noqa: S105 (a check outcome, not a password)
+    """A check's outcome; FAIL stops `up`."""
+
+    PASS = "PASS"  # noqa: S105 (an outcome, not a password)
     WARN = "WARN"
     FAIL = "FAIL"
     SKIP = "SKIP"
@@ -31,6 +46,8 @@ class Status(enum.StrEnum):
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One rule's verdict on one node (or on the cluster when `node` is None)."""
+
     name: str
     status: Status
     detail: str
@@ -38,6 +55,7 @@ class CheckResult:
     remedy: str | None = None
 
     def to_dict(self) -> dict[str, str | None]:
+        """As JSON-able data."""
         return {
             "name": self.name,
             "node": self.node,
@@ -49,305 +67,517 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class CheckInput:
-    """What the rules read: the inventory, each node's facts, and what already runs."""
+    """What the rules read: the inventory and each reachable node's facts.
+
+    `unreachable` gives, for nodes that could not be probed, the reason (the SSH error).
+    `cluster_running_on_head`: this cluster's own container already runs on the head, so
+    its ports are expected to be in use.
+    """
 
     inventory: Inventory
     facts: Mapping[str, HostFacts]
+    unreachable: Mapping[str, str] = field(default_factory=dict)
     cluster_running_on_head: bool = False
-    """vcluster's own container runs on the head: its ports are expected to be in use."""
+
+    def probed(self) -> Iterator[tuple[str, HostFacts]]:
+        """(node name, facts) of every probed node, in inventory order."""
+        for node in self.inventory.nodes:
+            if node.node_name in self.facts:
+                yield node.node_name, self.facts[node.node_name]
 
 
 Rule = Callable[[CheckInput], list[CheckResult]]
+T = TypeVar("T")
 
 
-def _gpu_mode_only(rule: Rule) -> Rule:
+def _pass(name: str, node: str | None, detail: str) -> CheckResult:
+    return CheckResult(name, Status.PASS, detail, node)
+
+
+def _warn(name: str, node: str | None, detail: str, fix: str | None = None) -> CheckResult:
+    return CheckResult(name, Status.WARN, detail, node, fix)
+
+
+def _fail(name: str, node: str | None, detail: str, fix: str) -> CheckResult:
+    return CheckResult(name, Status.FAIL, detail, node, fix)
+
+
+def _skip(name: str, node: str | None, detail: str) -> CheckResult:
+    return CheckResult(name, Status.SKIP, detail, node)
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.1f} GiB"
+
+
+def _majority(values: Mapping[str, T]) -> T:
+    """The most common value (the first seen among equals)."""
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def _by_size(
+    name: str, node: str, size: int, *, fail_below: int, warn_below: int, detail: str, fix: str
+) -> CheckResult:
+    """FAIL under `fail_below` bytes, WARN under `warn_below`, else PASS."""
+    if size < fail_below:
+        return _fail(name, node, detail, fix)
+    if size < warn_below:
+        return _warn(name, node, detail, fix)
+    return _pass(name, node, detail)
+
+
+def gpu_mode_only(rule: Rule) -> Rule:
+    """In `accelerator: cpu` mode the rule gives one SKIP with the reason instead."""
+
     def checked(given: CheckInput) -> list[CheckResult]:
         if given.inventory.accelerator == "cpu":
             name = rule.__name__.removeprefix("check_").replace("_", " ")
-            return [CheckResult(name, Status.SKIP, "accelerator: cpu (no GPUs to check)")]
+            return [_skip(name, None, "accelerator: cpu, no GPUs to check")]
         return rule(given)
 
     checked.__name__ = rule.__name__
+    checked.__doc__ = rule.__doc__
     return checked
 
 
+# --- per host ------------------------------------------------------------------------------
+
+
+def check_ssh(given: CheckInput) -> list[CheckResult]:
+    """Every node was reached over SSH and its probe ran to the end."""
+    results = []
+    for node in given.inventory.nodes:
+        name = node.node_name
+        facts = given.facts.get(name)
+        if facts is None:
+            reason = given.unreachable.get(name, "no facts were gathered from this node")
+            results.append(
+                _fail(
+                    "ssh",
+                    name,
+                    reason,
+                    f"check that `ssh {node.address}` works with the inventory's user, key "
+                    "and known_hosts (`ssh -v` says why not)",
+                )
+            )
+        elif facts.problems:
+            results.append(
+                _warn(
+                    "ssh",
+                    name,
+                    "; ".join(facts.problems),
+                    "run the probe again; raise ssh.command_timeout if the host is slow",
+                )
+            )
+        else:
+            results.append(_pass("ssh", name, f"reached {facts.hostname or node.address}"))
+    return results
+
+
+def _docker_remedy(problem: str) -> str:
+    if "not installed" in problem:
+        return "install Docker Engine (https://docs.docker.com/engine/install/)"
+    if "permission denied" in problem.lower():
+        return "add the SSH user to the docker group (`usermod -aG docker USER`), then log in again"
+    return "start the daemon (`systemctl enable --now docker`) and check `docker info` on the host"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def check_docker(given: CheckInput) -> list[CheckResult]:
+    """The Docker daemon answers on every node, and is recent enough."""
     results = []
-    for node, facts in given.facts.items():
-        if facts.docker_version:
+    for name, facts in given.probed():
+        docker = facts.docker
+        if docker.server_version is None:
+            problem = docker.problem or "no answer"
             results.append(
-                CheckResult("docker", Status.PASS, f"engine {facts.docker_version}", node)
-            )
-        else:
-            results.append(
-                CheckResult(
+                _fail(
                     "docker",
-                    Status.FAIL,
-                    f"Docker engine not reachable: {facts.docker_error or 'docker not installed'}",
-                    node,
-                    "install Docker and start it; the SSH user must be in the docker group",
+                    name,
+                    f"Docker daemon not reachable: {problem}",
+                    _docker_remedy(problem),
                 )
             )
-    return results
-
-
-@_gpu_mode_only
-def check_nvidia_runtime(given: CheckInput) -> list[CheckResult]:
-    results = []
-    for node, facts in given.facts.items():
-        if not facts.docker_version:
-            continue
-        if NVIDIA_RUNTIME in facts.docker_runtimes:
-            results.append(CheckResult("nvidia runtime", Status.PASS, "present", node))
+        elif _version_tuple(docker.server_version) < MIN_DOCKER_VERSION:
+            results.append(
+                _fail(
+                    "docker",
+                    name,
+                    f"Docker {docker.server_version} is too old",
+                    "upgrade Docker Engine to 19.03 or later (`docker run --gpus` needs it)",
+                )
+            )
         else:
+            results.append(_pass("docker", name, f"Docker {docker.server_version}"))
+    return results
+
+
+@gpu_mode_only
+def check_nvidia_runtime(given: CheckInput) -> list[CheckResult]:
+    """Docker can give containers GPUs: the NVIDIA container toolkit is installed."""
+    results = []
+    for name, facts in given.probed():
+        docker = facts.docker
+        if NVIDIA_RUNTIME in docker.runtimes:
+            results.append(_pass("nvidia runtime", name, "Docker has the nvidia runtime"))
+        elif docker.nvidia_hooks:
+            detail = f"NVIDIA container toolkit found ({docker.nvidia_hooks[0]})"
+            results.append(_pass("nvidia runtime", name, detail))
+        elif not docker.reachable:
+            results.append(_skip("nvidia runtime", name, "Docker not reachable (see docker)"))
+        else:
+            runtimes = ", ".join(docker.runtimes) or "none"
             results.append(
-                CheckResult(
+                _fail(
                     "nvidia runtime",
-                    Status.FAIL,
-                    f"Docker has no nvidia runtime (runtimes: {', '.join(facts.docker_runtimes) or 'none'})",
-                    node,
+                    name,
+                    f"no NVIDIA container toolkit; Docker's runtimes: {runtimes}",
                     "install nvidia-container-toolkit, run `nvidia-ctk runtime configure "
-                    "--runtime=docker` and restart docker",
+                    "--runtime=docker` and restart Docker",
                 )
             )
-    return results
-
-
-@_gpu_mode_only
-def check_gpus(given: CheckInput) -> list[CheckResult]:
-    """nvidia-smi works everywhere, and every node has the same GPU count and model."""
-    results = []
-    seen: dict[str, tuple[int, str | None]] = {}
-    for node, facts in given.facts.items():
-        gpu = facts.gpu
-        if gpu is None:
-            results.append(
-                CheckResult(
-                    "gpus", Status.FAIL, "nvidia-smi is not installed", node,
-                    "install the NVIDIA driver and its utilities",
-                )
-            )  # fmt: skip
-            continue
-        if gpu.error is not None:
-            results.append(
-                CheckResult("gpus", Status.FAIL, gpu.error.detail, node, gpu.error.remedy)
-            )
-            continue
-        seen[node] = (gpu.gpu_count, gpu.model_name)
-    shapes = Counter(seen.values())
-    if len(shapes) > 1:
-        common = shapes.most_common(1)[0][0]
-        for node, shape in seen.items():
-            if shape != common:
-                results.append(
-                    CheckResult(
-                        "gpus",
-                        Status.FAIL,
-                        f"{shape[0]} x {shape[1]}, the other nodes {common[0]} x {common[1]}",
-                        node,
-                        "tensor parallel = GPUs per node needs identical nodes: fix or leave out this node",
-                    )
-                )
-    declared = {n.node_name: n.gpus for n in given.inventory.nodes if n.gpus is not None}
-    for node, (count, model) in seen.items():
-        if node in declared and declared[node] != count:
-            results.append(
-                CheckResult(
-                    "gpus", Status.FAIL,
-                    f"inventory declares {declared[node]} GPUs, nvidia-smi lists {count}", node,
-                    "fix gpus: in the inventory, or the node (a GPU may have fallen off the bus)",
-                )
-            )  # fmt: skip
-        elif not any(r.node == node for r in results):
-            results.append(CheckResult("gpus", Status.PASS, f"{count} x {model}", node))
-    return results
-
-
-@_gpu_mode_only
-def check_driver_versions(given: CheckInput) -> list[CheckResult]:
-    versions = {
-        node: f.gpu.driver_version
-        for node, f in given.facts.items()
-        if f.gpu is not None and f.gpu.driver_version
-    }
-    if len(set(versions.values())) <= 1:
-        only = next(iter(versions.values()), "unknown")
-        return [CheckResult("driver version", Status.PASS, f"{only} on every node")]
-    common = Counter(versions.values()).most_common(1)[0][0]
-    return [
-        CheckResult(
-            "driver version",
-            Status.WARN,
-            f"driver {version}, the others {common}",
-            node,
-            "use one driver version on every node (NCCL across versions is untested)",
-        )
-        for node, version in versions.items()
-        if version != common
-    ]
-
-
-@_gpu_mode_only
-def check_gpu_health(given: CheckInput) -> list[CheckResult]:
-    """Uncorrected ECC errors fail; GPUs already holding other processes' memory warn."""
-    results = []
-    for node, facts in given.facts.items():
-        if facts.gpu is None:
-            continue
-        ecc = [g.index for g in facts.gpu.gpus if g.ecc_uncorrected]
-        if ecc:
-            results.append(
-                CheckResult(
-                    "gpu health", Status.FAIL,
-                    f"uncorrected ECC errors on GPU {', '.join(map(str, ecc))}", node,
-                    "drain the node; reset the GPU (nvidia-smi -r) or have it replaced",
-                )
-            )  # fmt: skip
-        if facts.gpu_processes:
-            names = sorted({p.process_name or str(p.pid) for p in facts.gpu_processes})
-            results.append(
-                CheckResult(
-                    "gpu health", Status.WARN,
-                    f"{len(facts.gpu_processes)} process(es) hold GPU memory: {', '.join(names)[:120]}",
-                    node, "stop them, or vLLM may run out of GPU memory",
-                )
-            )  # fmt: skip
-        if not ecc and not facts.gpu_processes:
-            results.append(CheckResult("gpu health", Status.PASS, "no ECC errors, GPUs idle", node))
     return results
 
 
 def check_shared_memory(given: CheckInput) -> list[CheckResult]:
+    """/dev/shm is large enough for NCCL and vLLM's workers (the containers use --ipc=host)."""
+    remedy = "enlarge /dev/shm: `mount -o remount,size=32G /dev/shm` (and in /etc/fstab)"
+    warn_below = SHM_WARN_BELOW_BYTES if given.inventory.accelerator == "nvidia" else 0
     results = []
-    for node, facts in given.facts.items():
-        if facts.shm_bytes is None:
-            results.append(CheckResult("shared memory", Status.WARN, "/dev/shm size unknown", node))
-        elif facts.shm_bytes < MIN_SHM_BYTES:
-            results.append(
-                CheckResult(
-                    "shared memory", Status.FAIL,
-                    f"/dev/shm is {facts.shm_bytes / GIB:.2f} GiB; vLLM needs more with --ipc=host",
-                    node, "enlarge /dev/shm (mount -o remount,size=16g /dev/shm)",
-                )
-            )  # fmt: skip
-        else:
-            results.append(
-                CheckResult(
-                    "shared memory", Status.PASS, f"/dev/shm {facts.shm_bytes / GIB:.1f} GiB", node
-                )
+    for name, facts in given.probed():
+        if facts.shm is None:
+            results.append(_warn("shared memory", name, "/dev/shm size unknown", remedy))
+            continue
+        results.append(
+            _by_size(
+                "shared memory",
+                name,
+                facts.shm.size_bytes,
+                fail_below=SHM_FAIL_BELOW_BYTES,
+                warn_below=warn_below,
+                detail=f"/dev/shm is {_gib(facts.shm.size_bytes)}",
+                fix=remedy,
             )
+        )
     return results
 
 
-def check_model_cache_disk(given: CheckInput) -> list[CheckResult]:
-    results = []
+def check_cache_disk(given: CheckInput) -> list[CheckResult]:
+    """Free space on the file system that holds the model cache."""
     cache = given.inventory.model_cache
-    for node, facts in given.facts.items():
-        free = facts.disk_free_bytes
-        if free is None:
-            results.append(
-                CheckResult("cache disk", Status.WARN, f"free space at {cache} unknown", node)
+    warn_below = CACHE_WARN_BELOW_BYTES if given.inventory.accelerator == "nvidia" else 0
+    remedy = f"free space under {cache}, or point model_cache at a larger disk"
+    results = []
+    for name, facts in given.probed():
+        disk = facts.cache_disk
+        if disk is None:
+            detail = f"free space at {cache} unknown"
+            results.append(_warn("cache disk", name, detail, remedy))
+            continue
+        results.append(
+            _by_size(
+                "cache disk",
+                name,
+                disk.free_bytes,
+                fail_below=CACHE_FAIL_BELOW_BYTES,
+                warn_below=warn_below,
+                detail=f"{_gib(disk.free_bytes)} free at {cache} (on {disk.mount_point})",
+                fix=remedy,
             )
-        elif free < MIN_CACHE_FREE_BYTES and given.inventory.accelerator == "nvidia":
-            results.append(
-                CheckResult(
-                    "cache disk", Status.WARN,
-                    f"{free / GIB:.1f} GiB free at {cache} ({facts.disk_path})", node,
-                    "free space: model weights need tens to hundreds of GiB",
-                )
-            )  # fmt: skip
-        else:
-            results.append(
-                CheckResult(
-                    "cache disk", Status.PASS, f"{free / GIB:.0f} GiB free at {cache}", node
-                )
-            )
+        )
     return results
+
+
+# --- GPUs ----------------------------------------------------------------------------------
+
+
+@gpu_mode_only
+def check_gpus(given: CheckInput) -> list[CheckResult]:
+    """nvidia-smi answers on every node, with the same GPU count and model everywhere."""
+    results = []
+    shapes: dict[str, tuple[int, str | None]] = {}
+    for name, facts in given.probed():
+        gpu = facts.gpu
+        if gpu.problem is not None:
+            detail = f"{gpu.problem.kind}: {gpu.problem.detail}"
+            results.append(_fail("gpus", name, detail, gpu.problem.remedy))
+        if gpu.gpus:
+            shapes[name] = (gpu.gpu_count, gpu.model_name)
+        elif gpu.problem is None:
+            detail = "nvidia-smi listed no GPUs"
+            results.append(_fail("gpus", name, detail, "run `nvidia-smi` on the host"))
+    declared = {n.node_name: n.gpus for n in given.inventory.nodes if n.gpus is not None}
+    common = _majority(shapes) if shapes else None
+    for name, (count, model) in shapes.items():
+        if (count, model) != common:
+            detail = f"{count} x {model}, but other nodes have {common[0]} x {common[1]}"
+            remedy = "tensor parallel = GPUs per node needs identical nodes: fix this node or leave it out"
+            results.append(_fail("gpus", name, detail, remedy))
+        elif name in declared and declared[name] != count:
+            detail = f"the inventory declares {declared[name]} GPUs, nvidia-smi lists {count}"
+            remedy = (
+                "correct gpus: in the inventory, or the node (a GPU may have fallen off the bus)"
+            )
+            results.append(_fail("gpus", name, detail, remedy))
+        elif not any(r.node == name for r in results):
+            results.append(_pass("gpus", name, f"{count} x {model}"))
+    return results
+
+
+@gpu_mode_only
+def check_driver_version(given: CheckInput) -> list[CheckResult]:
+    """The same NVIDIA driver on every node (WARN: NCCL across versions is a gamble)."""
+    versions = {
+        name: facts.gpu.driver_version for name, facts in given.probed() if facts.gpu.driver_version
+    }
+    if not versions:
+        return [_skip("driver version", None, "no driver version known")]
+    common = _majority(versions)
+    odd = {name: version for name, version in versions.items() if version != common}
+    if not odd:
+        return [_pass("driver version", None, f"{common} on every node")]
+    return [
+        _warn(
+            "driver version",
+            name,
+            f"driver {version}, other nodes {common}",
+            f"install driver {common} here (one version everywhere avoids NCCL surprises)",
+        )
+        for name, version in odd.items()
+    ]
+
+
+@gpu_mode_only
+def check_gpu_errors(given: CheckInput) -> list[CheckResult]:
+    """No GPU reports uncorrected ECC errors, an error value, or MIG mode."""
+    results = []
+    for name, facts in given.probed():
+        if not facts.gpus:
+            continue  # check_gpus says why
+        ecc = [f"GPU{g.index} ({g.ecc_uncorrected})" for g in facts.gpus if g.ecc_uncorrected]
+        broken = [f"GPU{g.index} {', '.join(g.errors)}" for g in facts.gpus if g.errors]
+        mig = [f"GPU{g.index}" for g in facts.gpus if g.mig_enabled]
+        if ecc:
+            results.append(
+                _fail(
+                    "gpu errors",
+                    name,
+                    f"uncorrected ECC errors: {', '.join(ecc)}",
+                    "drain the node; reset the GPU (`nvidia-smi -r -i N`) or reboot, and have "
+                    "it replaced if errors come back",
+                )
+            )
+        if broken:
+            results.append(
+                _fail(
+                    "gpu errors",
+                    name,
+                    f"nvidia-smi reports errors: {'; '.join(broken)}",
+                    "reset the GPU (`nvidia-smi -r -i N`) or reboot the host; "
+                    "`dmesg | grep -i xid` says what happened",
+                )
+            )
+        if mig:
+            results.append(
+                _fail(
+                    "gpu errors",
+                    name,
+                    f"MIG mode enabled on {', '.join(mig)}",
+                    "tensor parallel needs whole GPUs: `nvidia-smi -i N -mig 0` and reset the GPU",
+                )
+            )
+        if not (ecc or broken or mig):
+            results.append(_pass("gpu errors", name, "no ECC errors, no error values"))
+    return results
+
+
+@gpu_mode_only
+def check_gpus_idle(given: CheckInput) -> list[CheckResult]:
+    """No other process holds GPU memory (vLLM takes 90% of it by default)."""
+    results = []
+    for name, facts in given.probed():
+        if not facts.gpus:
+            continue
+        processes = facts.gpu.processes
+        if not processes:
+            results.append(_pass("gpus idle", name, "no process holds GPU memory"))
+            continue
+        by_uuid = {g.uuid: g.index for g in facts.gpus}
+        held = ", ".join(
+            f"{p.process_name} (pid {p.pid}, GPU{by_uuid.get(p.gpu_uuid, '?')}, "
+            f"{p.used_memory_mib} MiB)"
+            for p in processes[:4]
+        )
+        more = f" and {len(processes) - 4} more" if len(processes) > 4 else ""
+        results.append(
+            _warn(
+                "gpus idle",
+                name,
+                f"GPU memory held by {held}{more}",
+                "stop those processes (`nvidia-smi` lists them), or vLLM may run out of GPU memory",
+            )
+        )
+    return results
+
+
+def _tensor_parallel_groups(given: CheckInput, gpu_count: int) -> list[list[int]] | None:
+    """The GPU indices each tensor-parallel group uses on a node; None when TP spans nodes."""
+    tensor_parallel = given.inventory.model.tensor_parallel
+    size = gpu_count if tensor_parallel == "auto" else tensor_parallel
+    if size > gpu_count:
+        return None
+    return [list(range(start, start + size)) for start in range(0, gpu_count - size + 1, size)]
+
+
+def _describe_topology(topology: GpuTopology) -> str:
+    return f"{topology.interconnect} between {len(topology.gpu_indices)} GPUs"
+
+
+@gpu_mode_only
+def check_topology(given: CheckInput) -> list[CheckResult]:
+    """NVLink or PCIe per node; WARN when tensor parallel spans GPUs without NVLink."""
+    results = []
+    for name, facts in given.probed():
+        topology = facts.gpu.topology
+        if topology is None:
+            if facts.gpus:
+                results.append(_skip("topology", name, "nvidia-smi topo -m gave no matrix"))
+            continue
+        groups = _tensor_parallel_groups(given, len(topology.gpu_indices))
+        if groups is None:
+            results.append(
+                _warn(
+                    "topology",
+                    name,
+                    f"tensor parallel {given.inventory.model.tensor_parallel} spans nodes: "
+                    "its all-reduces cross the network",
+                    "set tensor_parallel to the GPUs per node, pipeline_parallel to nodes",
+                )
+            )
+            continue
+        slow = [pair for group in groups for pair in topology.pairs_without_nvlink(group)]
+        if slow:
+            shown = ", ".join(slow[:3]) + (f" and {len(slow) - 3} more" if len(slow) > 3 else "")
+            results.append(
+                _warn(
+                    "topology",
+                    name,
+                    f"{_describe_topology(topology)}: tensor parallel runs over PCIe ({shown})",
+                    "expect lower throughput; a smaller tensor_parallel within NVLinked "
+                    "GPUs and a larger pipeline_parallel may serve faster",
+                )
+            )
+        else:
+            results.append(_pass("topology", name, _describe_topology(topology)))
+    return results
+
+
+# --- network -------------------------------------------------------------------------------
 
 
 def check_head_ports(given: CheckInput) -> list[CheckResult]:
+    """The ports the head will listen on (Ray, vLLM, the mp rendezvous) are free."""
     head = given.inventory.head.node_name
     facts = given.facts.get(head)
     if facts is None:
         return []
     ports = given.inventory.ports
-    wanted = {"ray": ports.ray, "vllm": ports.vllm}
-    if given.inventory.executor == "mp":
-        wanted["master"] = ports.master
-    busy = {name: port for name, port in wanted.items() if port in facts.listening_ports}
+    wanted = {"vLLM": ports.vllm}
+    if given.inventory.executor == "ray":
+        wanted["Ray"] = ports.ray
+    else:
+        wanted["torch.distributed"] = ports.master
+    listed = ", ".join(f"{what} {port}" for what, port in wanted.items())
+    busy = ", ".join(f"{w} {p}" for w, p in wanted.items() if p in facts.listening_ports)
     if not busy:
-        listed = ", ".join(f"{n} {p}" for n, p in wanted.items())
-        return [CheckResult("head ports", Status.PASS, f"free: {listed}", head)]
+        return [_pass("head ports", head, f"free: {listed}")]
     if given.cluster_running_on_head:
-        return [CheckResult("head ports", Status.PASS, "in use by this cluster's container", head)]
-    taken = ", ".join(f"{name} {port}" for name, port in busy.items())
+        detail = f"in use by this cluster's container: {busy}"
+        return [_pass("head ports", head, detail)]
     return [
-        CheckResult(
-            "head ports", Status.FAIL, f"already in use on the head: {taken}", head,
-            "stop what listens there (ss -ltnp), or change ports: in the inventory",
+        _fail(
+            "head ports",
+            head,
+            f"already in use on the head: {busy}",
+            "stop what listens there (`ss -ltnp`), or choose other ports: in the inventory",
         )
-    ]  # fmt: skip
+    ]
 
 
-def check_interfaces(given: CheckInput) -> list[CheckResult]:
-    """The interface each node routes to the head by: what NCCL/Gloo will use."""
+def check_route_to_head(given: CheckInput) -> list[CheckResult]:
+    """The interface each node reaches the head by: NCCL/Gloo's interface and VLLM_HOST_IP's."""
     configured = given.inventory.network.interface
     results = []
-    for node, facts in given.facts.items():
-        if facts.route_interface is None:
+    for name, facts in given.probed():
+        route = facts.route
+        if route.interface is None:
+            status = Status.WARN if configured else Status.FAIL
+            detail = f"no route to the head found: {route.problem}"
+            remedy = "check the head's address and this node's routing (`ip route get HEAD`)"
+            if configured is None:
+                remedy += ", or set network.interface in the inventory"
+            results.append(CheckResult("route to head", status, detail, name, remedy))
+        elif configured and route.interface != configured:
             results.append(
-                CheckResult(
-                    "interface", Status.FAIL if configured is None else Status.WARN,
-                    "no route to the head's address", node,
-                    "check the head address and the node's routing (ip route get HEAD)",
+                _warn(
+                    "route to head",
+                    name,
+                    f"routes to the head via {route.interface}, network.interface is {configured}",
+                    "check network.interface: NCCL and Gloo would use an interface "
+                    "the route to the head does not",
                 )
-            )  # fmt: skip
-        elif configured and facts.route_interface not in (configured, "lo"):
-            results.append(
-                CheckResult(
-                    "interface", Status.WARN,
-                    f"routes to the head via {facts.route_interface}, inventory says {configured}",
-                    node, "check network.interface: NCCL/Gloo would use a NIC the route avoids",
-                )
-            )  # fmt: skip
-        else:
-            used = configured or facts.route_interface
-            results.append(
-                CheckResult("interface", Status.PASS, f"{used} (source {facts.route_source})", node)
             )
+        else:
+            source = f", source {route.source_address}" if route.source_address else ""
+            results.append(_pass("route to head", name, f"via {route.interface}{source}"))
     return results
 
 
 def check_clock_skew(given: CheckInput) -> list[CheckResult]:
-    clocks = {node: f.clock for node, f in given.facts.items() if f.clock is not None}
+    """The nodes' clocks agree within a few seconds (logs, Ray's timeouts, TLS)."""
+    clocks = {name: facts.clock_s for name, facts in given.probed() if facts.clock_s is not None}
     if len(clocks) < 2:
-        return [CheckResult("clock skew", Status.PASS, "one node")]
-    skew = max(clocks.values()) - min(clocks.values())
-    if skew > MAX_CLOCK_SKEW_S:
-        fastest = max(clocks, key=lambda n: clocks[n])
-        slowest = min(clocks, key=lambda n: clocks[n])
+        return [_skip("clock skew", None, "fewer than two clocks read")]
+    fastest = max(clocks, key=lambda name: clocks[name])
+    slowest = min(clocks, key=lambda name: clocks[name])
+    skew = clocks[fastest] - clocks[slowest]
+    if skew > CLOCK_SKEW_WARN_S:
         return [
-            CheckResult(
-                "clock skew", Status.WARN,
-                f"{skew:.1f}s between {fastest} and {slowest} (includes probe latency)", None,
-                "run NTP/chrony on every node",
+            _warn(
+                "clock skew",
+                None,
+                f"{fastest} is {skew:.1f} s ahead of {slowest} (probe latency included)",
+                "run NTP (chrony or systemd-timesyncd) on every node",
             )
-        ]  # fmt: skip
-    return [CheckResult("clock skew", Status.PASS, f"at most {skew:.1f}s")]
+        ]
+    return [_pass("clock skew", None, f"within {skew:.1f} s")]
 
 
 RULES: tuple[Rule, ...] = (
+    check_ssh,
     check_docker,
     check_nvidia_runtime,
     check_gpus,
-    check_driver_versions,
-    check_gpu_health,
+    check_driver_version,
+    check_gpu_errors,
+    check_gpus_idle,
+    check_topology,
     check_shared_memory,
-    check_model_cache_disk,
+    check_cache_disk,
     check_head_ports,
-    check_interfaces,
+    check_route_to_head,
     check_clock_skew,
 )
+"""The rules that need only the probe's facts, in the order they are shown."""
 
 
 def run_checks(given: CheckInput) -> list[CheckResult]:
@@ -355,5 +585,171 @@ def run_checks(given: CheckInput) -> list[CheckResult]:
     return [result for rule in RULES for result in rule(given)]
 
 
+# --- rules over data that other steps gather -----------------------------------------------
+
+
+def check_image(inventory: Inventory, image_ids: Mapping[str, str | None]) -> list[CheckResult]:
+    """The inventory's image on every node with one ID; `image_ids[node]` None: not there.
+
+    A node without it is fine (`up` copies it over SSH); different IDs under one name are not.
+    """
+    present = {name: image_id for name, image_id in image_ids.items() if image_id}
+    missing = [name for name, image_id in image_ids.items() if not image_id]
+    if not present:
+        return [
+            _warn(
+                "image",
+                None,
+                f"{inventory.image} is on no node",
+                "`up` will try to pull it, then to copy it from this machine; "
+                "or `docker load` it on one node",
+            )
+        ]
+    common = _majority(present)
+    results = [
+        _fail(
+            "image",
+            name,
+            f"{inventory.image} is {image_id[:19]} here, {common[:19]} on the others",
+            f"remove or re-tag it here (`docker rmi {inventory.image}`) so `up` copies the "
+            "common one",
+        )
+        for name, image_id in present.items()
+        if image_id != common
+    ]
+    if missing:
+        detail = f"{inventory.image} missing on {', '.join(missing)}: `up` will copy it"
+        results.append(_warn("image", None, detail))
+    if not results:
+        detail = f"{inventory.image} {common[:19]} on every node"
+        results.append(_pass("image", None, detail))
+    return results
+
+
+def check_model_present(inventory: Inventory, present: Mapping[str, bool]) -> list[CheckResult]:
+    """The model in every node's cache: required for a local path, else downloaded at start."""
+    model = inventory.model.name
+    local = model.startswith("/")
+    missing = [name for name, found in present.items() if not found]
+    if not missing:
+        return [_pass("model", None, f"{model} in every node's cache")]
+    if local:
+        return [
+            _fail(
+                "model",
+                name,
+                f"{model} is not on this node",
+                f"copy the model to {model} on every node (e.g. rsync from a node that has it)",
+            )
+            for name in missing
+        ]
+    if len(missing) == len(present):
+        detail = f"{model} is in no node's cache: each node downloads it at start"
+        remedy = (
+            "make sure the nodes reach the Hugging Face hub (and secrets.hf_token for gated models)"
+        )
+        return [_warn("model", None, detail, remedy)]
+    return [
+        _warn(
+            "model",
+            name,
+            f"{model} not downloaded here (other nodes have it)",
+            f"download it here too (`hf download {model}`) so every node serves the same files",
+        )
+        for name in missing
+    ]
+
+
+def check_workers_reach_head(
+    inventory: Inventory, reached: Mapping[str, str | None]
+) -> list[CheckResult]:
+    """Each worker opened a TCP connection to the head's Ray (or rendezvous) port.
+
+    `reached[worker]` is None when it connected, else the error the worker saw.
+    """
+    port = inventory.ports.ray if inventory.executor == "ray" else inventory.ports.master
+    head = inventory.head.address
+    results = []
+    for name, error in reached.items():
+        if error is None:
+            results.append(_pass("reach head", name, f"{head}:{port} reached"))
+        else:
+            results.append(
+                _fail(
+                    "reach head",
+                    name,
+                    f"cannot reach {head}:{port}: {error}",
+                    f"open TCP {port} and the ports Ray/NCCL use between the nodes in the "
+                    "firewall (or security group), and check the route",
+                )
+            )
+    return results
+
+
+def check_ray_nodes(
+    facts: Mapping[str, HostFacts], ray_gpus: Mapping[str, float | None]
+) -> list[CheckResult]:
+    """Ray's view against the facts: every node alive in Ray with the GPUs nvidia-smi lists.
+
+    `ray_gpus[node]` is the GPUs Ray reports for the node, None when Ray has no alive node there.
+    """
+    results = []
+    for name, gpus in ray_gpus.items():
+        listed = facts[name].gpu.gpu_count if name in facts else None
+        if gpus is None:
+            results.append(
+                _fail(
+                    "ray nodes",
+                    name,
+                    "not alive in Ray",
+                    "read the node container's log (`vcluster logs --node NAME`)",
+                )
+            )
+        elif listed is not None and gpus != listed:
+            results.append(
+                _fail(
+                    "ray nodes",
+                    name,
+                    f"Ray sees {gpus:g} GPUs, nvidia-smi {listed}",
+                    "check that the container got the GPUs (`--gpus all`, the nvidia runtime)",
+                )
+            )
+        else:
+            results.append(_pass("ray nodes", name, f"alive with {gpus:g} GPUs"))
+    return results
+
+
+# --- output --------------------------------------------------------------------------------
+
+_STYLES = {Status.PASS: "green", Status.WARN: "yellow", Status.FAIL: "bold red", Status.SKIP: "dim"}
+
+
 def failed(results: list[CheckResult]) -> list[CheckResult]:
-    return [r for r in results if r.status is Status.FAIL]
+    """The results that FAIL."""
+    return [result for result in results if result.status is Status.FAIL]
+
+
+def exit_code(results: list[CheckResult]) -> int:
+    """1 when any check FAILs, else 0."""
+    return 1 if failed(results) else 0
+
+
+def results_as_dicts(results: list[CheckResult]) -> list[dict[str, str | None]]:
+    """The results as JSON-able data, for `--json`."""
+    return [result.to_dict() for result in results]
+
+
+def results_table(results: list[CheckResult]) -> Table:
+    """The results as a rich table: status, check, node, detail, and the fix when not PASS."""
+    table = Table(show_lines=False)
+    for column in ("status", "check", "node", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        table.add_row(
+            f"[{_STYLES[result.status]}]{result.status.value}[/]",
+            result.name,
+            result.node or "cluster",
+            result.detail,
+            result.remedy or "" if result.status is not Status.PASS else "",
+        )
+    return table

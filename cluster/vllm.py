@@ -76,6 +76,11 @@ _CAUSES = [
         "use an image with every library vLLM needs (the message names it)",
     ),
     (
+        re.compile(r"No working C\+\+ compiler", re.I),
+        "torch.compile needs a C++ compiler that the image lacks",
+        "add --enforce-eager to model.args (no compilation), or use an image with g++",
+    ),
+    (
         re.compile(r"Address already in use", re.I),
         "a port is already in use",
         "free the port on the node, or change ports: in the inventory",

@@ -46,6 +46,7 @@ COMPUTE_APPS_FIELDS: tuple[str, ...] = ("pid", "process_name", "used_memory", "g
 
 _NOT_REPORTED = frozenset({"", "N/A", "[N/A]", "Not Supported", "[Not Supported]"})
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_NUMBER_WITH_UNIT = re.compile(r"([-+]?\d+(?:\.\d+)?)\s*(?:[A-Za-z]+|%)?")
 _SWITCH = {"enabled": True, "on": True, "disabled": False, "off": False}
 
 
@@ -83,21 +84,17 @@ class GpuInfo:
 
 
 def _cell_value(cell: str, kind: type) -> Any:
-    """The typed value of one cell (`"143771 MiB"` -> 143771); ValueError when it is none."""
+    """The typed value of one cell (`"143771 MiB"` -> 143771); ValueError when it has none."""
     if kind is str:
         return cell
     if kind is bool:
-        return _SWITCH[cell.lower()] if cell.lower() in _SWITCH else _raise(cell)
-    number = _NUMBER.match(cell)
-    if number is None or cell[number.end() :].strip(" %").isalpha() is False and cell[
-        number.end() :
-    ].strip(" %"):
+        if cell.lower() not in _SWITCH:
+            raise ValueError(cell)
+        return _SWITCH[cell.lower()]
+    number = _NUMBER_WITH_UNIT.fullmatch(cell)
+    if number is None:
         raise ValueError(cell)
-    return kind(float(number[0])) if kind is int else float(number[0])
-
-
-def _raise(cell: str) -> Any:
-    raise ValueError(cell)
+    return int(float(number[1])) if kind is int else float(number[1])
 
 
 def _gpu_row(line: str) -> GpuInfo | None:
@@ -220,11 +217,11 @@ def parse_topology(text: str) -> GpuTopology:
     links: dict[tuple[int, int], str] = {}
     indices: list[int] = []
     for row in rows[header_at + 1 :]:
-        label = _GPU_LABEL.match(row[0]) if row else None
+        if not any(row):
+            break  # the blank line before the legend
+        label = _GPU_LABEL.match(row[0])
         if label is None:
-            if row and row[0].startswith(("NIC", "")) and row[0] != "Legend:":
-                continue
-            break
+            continue  # a NIC's row
         a = int(label[1])
         indices.append(a)
         for column, value in zip(columns, row[1 : 1 + len(columns)], strict=False):
@@ -237,7 +234,9 @@ def parse_topology(text: str) -> GpuTopology:
     return GpuTopology(gpu_indices=tuple(indices), links=links)
 
 
-_DRIVER_VERSION = re.compile(r"^NVRM version:.*?Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)\s", re.M)
+_DRIVER_VERSION = re.compile(
+    r"^NVRM version:.*?Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)\s", re.M
+)
 
 
 def parse_driver_version(text: str) -> str | None:
@@ -258,6 +257,7 @@ class GpuProblemKind(enum.StrEnum):
     UNKNOWN_FIELD = "unknown query field"
     FAILED = "nvidia-smi failed"
     UNREADABLE = "unreadable output"
+    NOT_PROBED = "not probed"
 
 
 REMEDIES: dict[GpuProblemKind, str] = {
@@ -296,6 +296,7 @@ REMEDIES: dict[GpuProblemKind, str] = {
         "nvidia-smi printed something vcluster does not understand: report it with the "
         "output of `nvidia-smi` and the driver version"
     ),
+    GpuProblemKind.NOT_PROBED: "run the checks again; raise ssh.command_timeout if the host is slow",
 }
 
 # The message nvidia-smi prints, matched first; its exit code (NVML return codes) second.
@@ -327,7 +328,8 @@ class GpuProblem:
     remedy: str
 
 
-def _problem(kind: GpuProblemKind, detail: str) -> GpuProblem:
+def gpu_problem(kind: GpuProblemKind, detail: str) -> GpuProblem:
+    """A problem of that kind, with its remedy; the detail is cut to one short line."""
     detail = " ".join(detail.split())
     return GpuProblem(kind, detail[:237] + "..." if len(detail) > 240 else detail, REMEDIES[kind])
 
@@ -335,16 +337,16 @@ def _problem(kind: GpuProblemKind, detail: str) -> GpuProblem:
 def classify_failure(exit_code: int | None, output: str) -> GpuProblem:
     """Name why nvidia-smi failed from its exit code (None: not installed) and output."""
     if exit_code is None:
-        return _problem(GpuProblemKind.NVIDIA_SMI_MISSING, "nvidia-smi is not installed")
+        return gpu_problem(GpuProblemKind.NVIDIA_SMI_MISSING, "nvidia-smi is not installed")
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in lines:
         for text, kind in _MESSAGES:
             if text in line:
-                return _problem(kind, line)
+                return gpu_problem(kind, line)
     kind = _EXIT_CODES.get(exit_code, GpuProblemKind.FAILED)
     if kind is GpuProblemKind.TIMED_OUT:
-        return _problem(kind, "nvidia-smi did not answer in time")
-    return _problem(kind, f"nvidia-smi exited {exit_code}: {lines[0] if lines else 'no output'}")
+        return gpu_problem(kind, "nvidia-smi did not answer in time")
+    return gpu_problem(kind, f"nvidia-smi exited {exit_code}: {lines[0] if lines else 'no output'}")
 
 
 @dataclass(frozen=True)
@@ -394,16 +396,16 @@ def parse_gpu_facts(
     if query.exit_code != 0 or any(text in line for line in other for text, _ in _MESSAGES):
         problem = classify_failure(query.exit_code, query.stderr + "\n" + query.stdout)
     elif other:
-        problem = _problem(GpuProblemKind.UNREADABLE, f"nvidia-smi --query-gpu: {other[0]}")
+        problem = gpu_problem(GpuProblemKind.UNREADABLE, f"nvidia-smi --query-gpu: {other[0]}")
     elif not gpus:
-        problem = _problem(GpuProblemKind.NO_DEVICES, "nvidia-smi --query-gpu listed no GPUs")
+        problem = gpu_problem(GpuProblemKind.NO_DEVICES, "nvidia-smi --query-gpu listed no GPUs")
 
     links = None
     if topology is not None and topology.exit_code == 0:
         try:
             links = parse_topology(topology.stdout)
         except ValueError as error:
-            problem = problem or _problem(GpuProblemKind.UNREADABLE, str(error))
+            problem = problem or gpu_problem(GpuProblemKind.UNREADABLE, str(error))
 
     running = processes is not None and processes.exit_code == 0
     driver = parse_driver_version(driver_version_file or "")

@@ -1,194 +1,226 @@
-"""All facts of one host in ONE remote exec: a constant sh script, and a pure parser.
+"""Host facts: what one run of the probe (`cluster.facts.probe`) found on a host, typed.
 
-The script prints sections (`@@vcluster:NAME rc=N@@` then the section's output); a missing
-tool becomes a section with its exit code (127), never a failed probe. The head address and the
-model cache path reach the script as positional arguments, never pasted into it.
+`parse_probe` never raises: a missing tool, a failing command or a cut-off output leaves the
+fact unknown (None) with the reason in a `problem` field, for the checks to report.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.facts.gpu import (
-    COMPUTE_APPS_FIELDS,
-    GPU_QUERY_FIELDS,
+    CommandOutput,
     GpuFacts,
-    GpuProcess,
-    parse_compute_apps,
+    GpuInfo,
+    GpuProblemKind,
+    gpu_problem,
     parse_gpu_facts,
 )
+from cluster.facts.probe import ProbeOutput, Section, probe_argv, split_sections
 
-_SECTION = re.compile(r"^@@vcluster:(?P<name>[a-z-]+) rc=(?P<rc>\d+)@@$")
-
-PROBE_SCRIPT = f"""\
-head=$1; cache=$2
-section() {{ name=$1; shift; out=$("$@" 2>&1); rc=$?; echo "@@vcluster:$name rc=$rc@@"; \
-[ -n "$out" ] && printf '%s\\n' "$out"; }}
-section hostname hostname
-section clock date +%s.%N
-section cpus nproc
-section memory sh -c 'grep MemTotal /proc/meminfo'
-section gpu-query nvidia-smi --query-gpu={",".join(GPU_QUERY_FIELDS)} --format=csv,noheader,nounits
-section gpu-topology nvidia-smi topo -m
-section gpu-apps nvidia-smi --query-compute-apps={",".join(COMPUTE_APPS_FIELDS)} --format=csv,noheader,nounits
-section driver cat /proc/driver/nvidia/version
-section docker docker version --format '{{{{.Server.Version}}}}'
-section docker-runtimes docker info --format '{{{{range $name, $_ := .Runtimes}}}}{{{{$name}}}} {{{{end}}}}'
-section shm df -Pk /dev/shm
-section route ip -o route get "$head"
-section disk sh -c 'd=$0; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"' "$cache"
-section listening sh -c 'cat /proc/net/tcp /proc/net/tcp6 2>/dev/null'
-"""
-
-
-def probe_argv(*, head_address: str, model_cache: str) -> list[str]:
-    """The one command that gathers a host's facts."""
-    return ["sh", "-c", PROBE_SCRIPT, "vcluster-probe", head_address, model_cache]
+__all__ = [
+    "DiskSpace",
+    "DockerFacts",
+    "HostFacts",
+    "RouteToHead",
+    "parse_probe",
+    "probe_argv",
+]
 
 
 @dataclass(frozen=True)
-class Section:
-    exit_code: int
-    output: str
+class DockerFacts:
+    """The Docker engine: its version and runtimes, or why it could not be asked."""
+
+    server_version: str | None = None
+    runtimes: tuple[str, ...] = ()
+    nvidia_hooks: tuple[str, ...] = ()
+    """The NVIDIA container toolkit's programs found on the PATH (what `--gpus` needs)."""
+    problem: str | None = None
 
     @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
+    def reachable(self) -> bool:
+        """The daemon answered."""
+        return self.server_version is not None
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """A file system as `df -Pk PATH` reports it."""
+
+    mount_point: str
+    size_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class RouteToHead:
+    """How this host reaches the head: the interface and source address, or why unknown.
+
+    On the head itself the kernel routes through `lo`; the interface is then the one that
+    holds the head's address, which is what NCCL and Gloo must use.
+    """
+
+    interface: str | None = None
+    source_address: str | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
 class HostFacts:
-    """What one probe found on a host; None where a tool was missing or failed."""
+    """Everything one probe found on a host; None where a fact is unknown."""
 
-    hostname: str | None
-    clock: float | None
-    cpus: int | None
-    memory_bytes: int | None
-    gpu: GpuFacts | None  # None when nvidia-smi is not installed
-    gpu_processes: tuple[GpuProcess, ...]
-    docker_version: str | None
-    docker_error: str | None
-    docker_runtimes: tuple[str, ...]
-    shm_bytes: int | None
-    route_interface: str | None
-    route_source: str | None
-    disk_free_bytes: int | None
-    disk_path: str | None
-    listening_ports: frozenset[int]
+    hostname: str | None = None
+    clock_s: float | None = None
+    """The host's clock (seconds since the epoch) when the probe started."""
+    cpu_count: int | None = None
+    memory_bytes: int | None = None
+    gpu: GpuFacts = field(default_factory=GpuFacts)
+    docker: DockerFacts = DockerFacts()
+    shm: DiskSpace | None = None
+    cache_disk: DiskSpace | None = None
+    """The file system holding the model cache (or its nearest existing parent)."""
+    route: RouteToHead = RouteToHead()
+    listening_ports: frozenset[int] = frozenset()
+    problems: tuple[str, ...] = field(default=())
+    """What the probe could not learn that no other field reports (a cut-off output)."""
 
     @property
-    def gpus(self) -> tuple:
-        return self.gpu.gpus if self.gpu is not None else ()
+    def gpus(self) -> tuple[GpuInfo, ...]:
+        """The GPUs nvidia-smi listed (none when it is missing or failed)."""
+        return self.gpu.gpus
 
-
-def split_sections(output: str) -> dict[str, Section]:
-    """The probe's output by section name."""
-    sections: dict[str, Section] = {}
-    name, code, lines = None, 0, []
-    for line in output.splitlines():
-        match = _SECTION.match(line)
-        if match:
-            if name is not None:
-                sections[name] = Section(code, "\n".join(lines))
-            name, code, lines = match["name"], int(match["rc"]), []
-        elif name is not None:
-            lines.append(line)
-    if name is not None:
-        sections[name] = Section(code, "\n".join(lines))
-    return sections
+    @property
+    def route_interface(self) -> str | None:
+        """The interface that routes to the head."""
+        return self.route.interface
 
 
 def parse_probe(output: str) -> HostFacts:
-    """Typed facts from the probe's output; never raises on odd or partial output."""
-    sections = split_sections(output)
-
-    def text(name: str) -> str | None:
-        section = sections.get(name)
-        return section.output.strip() if section is not None and section.ok else None
-
-    interface, source = _parse_route(text("route"))
-    disk_free, disk_path = _parse_df(text("disk"))
-    docker = sections.get("docker")
+    """Typed facts from the probe's output; never raises on odd, partial or empty output."""
+    probe = split_sections(output)
+    problems = () if probe.complete else ("the probe's output was cut off (no end marker)",)
     return HostFacts(
-        hostname=text("hostname"),
-        clock=_number(text("clock"), float),
-        cpus=_number(text("cpus"), int),
-        memory_bytes=_meminfo_bytes(text("memory")),
-        gpu=_gpu_facts(sections),
-        gpu_processes=tuple(parse_compute_apps(text("gpu-apps") or "")),
-        docker_version=text("docker") or None,
-        docker_error=None if docker is None or docker.ok else _last_line(docker.output),
-        docker_runtimes=tuple((text("docker-runtimes") or "").split()),
-        shm_bytes=_parse_df(text("shm"))[0],
-        route_interface=interface,
-        route_source=source,
-        disk_free_bytes=disk_free,
-        disk_path=disk_path,
-        listening_ports=_listening_ports(text("listening") or ""),
+        hostname=_stdout(probe, "hostname") or None,
+        clock_s=_number(_stdout(probe, "clock"), float),
+        cpu_count=_number(_stdout(probe, "cpus"), int),
+        memory_bytes=_meminfo_bytes(_stdout(probe, "memory")),
+        gpu=_gpu_facts(probe),
+        docker=_docker_facts(probe),
+        shm=_df(_stdout(probe, "shm")),
+        cache_disk=_df(_stdout(probe, "cache-disk")),
+        route=_route(probe),
+        listening_ports=_listening_ports(_stdout(probe, "listening", any_exit_code=True)),
+        problems=problems,
     )
 
 
-def _gpu_facts(sections: dict[str, Section]) -> GpuFacts | None:
-    query = sections.get("gpu-query")
-    if query is None or query.exit_code == 127:
+def _stdout(probe: ProbeOutput, name: str, *, any_exit_code: bool = False) -> str:
+    """A section's stdout when its command succeeded (or ran at all); else ''."""
+    section = probe.get(name)
+    if section is None or section.missing or not (section.ok or any_exit_code):
+        return ""
+    return section.stdout.strip()
+
+
+def _why_not(section: Section | None, what: str) -> str:
+    if section is None:
+        return f"the probe did not reach {what}"
+    return section.message()
+
+
+def _command_output(section: Section | None) -> CommandOutput | None:
+    if section is None:
         return None
-    topology = sections.get("gpu-topology")
-    driver = sections.get("driver")
+    return CommandOutput(section.exit_code, section.stdout, section.stderr)
+
+
+def _gpu_facts(probe: ProbeOutput) -> GpuFacts:
+    query = _command_output(probe.get("gpu-query"))
+    if query is None:
+        detail = "the probe's output ended before nvidia-smi ran"
+        return GpuFacts(problem=gpu_problem(GpuProblemKind.NOT_PROBED, detail))
     return parse_gpu_facts(
-        query.output if query.ok else "",
-        topology.output if topology is not None and topology.ok else None,
-        query_exit_code=query.exit_code,
-        query_stderr="" if query.ok else query.output,
-        driver_version_text=driver.output if driver is not None and driver.ok else None,
+        query,
+        processes=_command_output(probe.get("gpu-apps")),
+        topology=_command_output(probe.get("gpu-topology")),
+        driver_version_file=_stdout(probe, "driver"),
     )
 
 
-def _number(text: str | None, kind: type) -> float | int | None:
+def _docker_facts(probe: ProbeOutput) -> DockerFacts:
+    version = _stdout(probe, "docker-version")
+    hooks = tuple(_stdout(probe, "nvidia-toolkit").split())
+    if not version:
+        return DockerFacts(
+            nvidia_hooks=hooks, problem=_why_not(probe.get("docker-version"), "docker")
+        )
+    try:
+        runtimes = json.loads(_stdout(probe, "docker-runtimes") or "null") or {}
+    except ValueError:
+        runtimes = {}
+    names = tuple(sorted(runtimes)) if isinstance(runtimes, dict) else ()
+    return DockerFacts(server_version=version, runtimes=names, nvidia_hooks=hooks)
+
+
+def _route(probe: ProbeOutput) -> RouteToHead:
+    text = _stdout(probe, "route")
+    device = re.search(r"\bdev\s+(\S+)", text)
+    source = re.search(r"\bsrc\s+(\S+)", text)
+    if device is None:
+        return RouteToHead(problem=_why_not(probe.get("route"), "the route to the head"))
+    interface = device[1]
+    if interface == "lo" and source is not None:
+        interface = _interface_holding(_stdout(probe, "addresses"), source[1]) or interface
+    return RouteToHead(interface=interface, source_address=source[1] if source else None)
+
+
+def _interface_holding(addresses: str, address: str) -> str | None:
+    """From `ip -o addr show`: the interface (other than lo) that holds `address`."""
+    for line in addresses.splitlines():
+        cells = line.split()
+        if len(cells) > 3 and cells[1] != "lo" and cells[3].split("/")[0] == address:
+            return cells[1]
+    return None
+
+
+def _number(text: str, kind: type) -> float | int | None:
     try:
         return kind(text) if text else None
     except ValueError:
-        return None
+        # busybox `date` prints `%N` literally: keep the whole seconds
+        whole = re.match(r"\d+", text)
+        return kind(whole[0]) if whole else None
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def _meminfo_bytes(text: str | None) -> int | None:
-    match = re.search(r"MemTotal:\s+(\d+)\s+kB", text or "")
+def _meminfo_bytes(text: str) -> int | None:
+    match = re.search(r"MemTotal:\s+(\d+)\s+kB", text)
     return int(match[1]) * 1024 if match else None
 
 
-def _parse_route(text: str | None) -> tuple[str | None, str | None]:
-    """`ip -o route get` -> (device, source address)."""
-    if not text:
-        return None, None
-    device = re.search(r"\bdev\s+(\S+)", text)
-    source = re.search(r"\bsrc\s+(\S+)", text)
-    return (device[1] if device else None, source[1] if source else None)
+def _df(text: str) -> DiskSpace | None:
+    """`df -Pk PATH`: the last line is `FS 1024-blocks Used Available Capacity Mounted-on`."""
+    lines = text.splitlines()
+    cells = lines[-1].split() if len(lines) >= 2 else []
+    if len(cells) < 6 or not (cells[1].isdigit() and cells[3].isdigit()):
+        return None
+    return DiskSpace(
+        mount_point=" ".join(cells[5:]),
+        size_bytes=int(cells[1]) * 1024,
+        free_bytes=int(cells[3]) * 1024,
+    )
 
 
-def _parse_df(text: str | None) -> tuple[int | None, str | None]:
-    """`df -Pk PATH` -> (available bytes, mount point)."""
-    lines = (text or "").splitlines()
-    if len(lines) < 2:
-        return None, None
-    cells = lines[-1].split()
-    if len(cells) < 6 or not cells[3].isdigit():
-        return None, None
-    return int(cells[3]) * 1024, cells[5]
-
-
-_LISTEN_STATE = "0A"
+_LISTEN = "0A"
 
 
 def _listening_ports(text: str) -> frozenset[int]:
-    """Ports in LISTEN state from /proc/net/tcp and tcp6."""
+    """The TCP ports in LISTEN state, from /proc/net/tcp and /proc/net/tcp6."""
     ports = set()
-    for line in text.splitlines()[0:]:
+    for line in text.splitlines():
         cells = line.split()
-        if len(cells) > 3 and cells[3] == _LISTEN_STATE and ":" in cells[1]:
+        if len(cells) > 3 and cells[3] == _LISTEN and ":" in cells[1]:
             ports.add(int(cells[1].rsplit(":", 1)[1], 16))
     return frozenset(ports)

@@ -25,6 +25,10 @@ DEFAULT_COMMAND_TIMEOUT_S = 20
 _SCRIPT = r"""
 head=$1 cache=$2 limit=${3:-20}
 export LC_ALL=C
+case $head in *[!0-9.:]*)  # a name: route to the address it resolves to here
+  address=$(getent ahosts "$head" 2>/dev/null | sed -n '1s/ .*//p')
+  [ -n "$address" ] && head=$address ;;
+esac
 err=$(mktemp 2>/dev/null) || err=/tmp/vcluster-probe.$$
 trap 'rm -f "$err"' EXIT
 section() {
@@ -32,6 +36,7 @@ section() {
   shift
   if ! command -v "$1" >/dev/null 2>&1; then
     echo "@@vcluster $name missing $1@@"
+    rc=missing
     return
   fi
   case $1 in
@@ -48,16 +53,18 @@ section hostname uname -n
 section cpus nproc
 section memory grep -E '^(MemTotal|MemAvailable):' /proc/meminfo
 section gpu-query nvidia-smi --query-gpu=@GPU_FIELDS@ --format=csv,noheader,nounits
-section gpu-apps nvidia-smi --query-compute-apps=@APPS_FIELDS@ --format=csv,noheader,nounits
-section gpu-topology nvidia-smi topo -m
+if [ "$rc" != 124 ]; then  # a hanging nvidia-smi would hang again: spare the time limit
+  section gpu-apps nvidia-smi --query-compute-apps=@APPS_FIELDS@ --format=csv,noheader,nounits
+  section gpu-topology nvidia-smi topo -m
+fi
 section driver cat /proc/driver/nvidia/version
 section docker-version docker version --format '{{.Server.Version}}'
-section docker-runtimes docker info --format '{{json .Runtimes}}'
+[ "$rc" != 124 ] && section docker-runtimes docker info --format '{{json .Runtimes}}'
+section nvidia-toolkit sh -c 'for t in nvidia-container-runtime-hook nvidia-ctk; do command -v "$t"; done; true'
 section shm df -Pk /dev/shm
 section cache-disk sh -c 'd=$1; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; df -Pk "$d"' \
   sh "$cache"
-section route sh -c 'ip -o route get "$1" || ip -o route get "$(getent ahosts "$1" |
-  sed -n "1s/ .*//p")"' sh "$head"
+section route ip -o route get "$head"
 section addresses ip -o addr show
 section listening cat /proc/net/tcp /proc/net/tcp6
 echo "@@vcluster end@@"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from cluster.errors import VclusterError
 from cluster.plan import NodePlan
@@ -26,6 +27,7 @@ from cluster.vllm import (
 )
 
 POLL_INTERVAL_S = 2.0
+LAUNCH_TIMEOUT_S = 10.0
 LOG_LINES = 15
 
 
@@ -78,8 +80,14 @@ def launch_vllm(context: UpContext) -> str:
 
 
 def _launch(context: UpContext, node: NodePlan) -> None:
+    """Start vLLM detached and wait until its pid file names a live process."""
     assert node.serve is not None
     _exec(context, node, launch_argv(node.serve, spec_id(node)), detach=True)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not _alive(context, node):
+        if time.monotonic() > deadline:
+            raise _died(context, node)
+        time.sleep(0.2)
 
 
 def _node(context: UpContext, name: str) -> NodePlan:

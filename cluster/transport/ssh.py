@@ -13,7 +13,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 _READ_CHUNK = 1 << 16
+NO_EXIT_STATUS = -1
+"""`CommandResult.exit_code` of a command that ended without one (killed by a signal)."""
+_TRANSPORT_TEARDOWN_S = 0.1
+"""paramiko closes a dead connection's channels just before it marks the transport inactive."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,12 @@ class CommandFailed(SshError):
 
     def __init__(self, target: SshTarget, result: CommandResult, fix: str | None = None):
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        if result.exit_code == NO_EXIT_STATUS:
+            ended = "ended without an exit status (killed by a signal?)"
+        else:
+            ended = f"exited {result.exit_code}"
         super().__init__(
-            f"`{_describe(result.argv)}` exited {result.exit_code}: {tail[0][:300]}",
+            f"`{_describe(result.argv)}` {ended}: {tail[0][:300]}",
             where=target.label,
             fix=fix,
         )
@@ -200,8 +208,9 @@ class SshConnection:
         """Run `argv` (quoted with shlex, never pasted into a shell string) and collect its output.
 
         `stdin` may be bytes or a binary file object streamed to the command (e.g. an image
-        into `docker load`); secrets go there, never into argv. With `check`, a non-zero exit
-        raises `CommandFailed` carrying `fix`.
+        into `docker load`); secrets go there, never into argv. Input the command exits without
+        reading is dropped, as with OpenSSH. With `check`, a non-zero exit raises
+        `CommandFailed` carrying `fix`.
         """
         if not argv:
             raise ValueError("argv must not be empty")
@@ -212,13 +221,6 @@ class SshConnection:
             channel.exec_command(shlex.join(argv))
             writer = _start_stdin_writer(channel, stdin)
             stdout, stderr = _drain(channel, deadline=started + limit)
-            if writer is not None:
-                writer.join()
-                if writer.error is not None:
-                    raise SshError(
-                        f"streaming input to `{_describe(argv)}` failed: {writer.error}",
-                        where=self.target.label,
-                    )
             if stdout is None:
                 raise CommandTimeout(
                     f"`{_describe(argv)}` did not finish within {limit:g}s",
@@ -227,7 +229,20 @@ class SshConnection:
                 )
             exit_code = channel.recv_exit_status()
         finally:
-            channel.close()
+            channel.close()  # also ends a writer still blocked on a command that stopped reading
+        if writer is not None:
+            writer.join()
+            if writer.error is not None:
+                raise SshError(
+                    f"reading the input for `{_describe(argv)}` failed: {writer.error}",
+                    where=self.target.label,
+                )
+        if exit_code == NO_EXIT_STATUS and self._connection_lost():
+            raise HostUnreachable(
+                f"the SSH connection was lost while `{_describe(argv)}` ran",
+                where=self.target.label,
+                fix="check that the host and its sshd are up, then run again",
+            )
         result = CommandResult(
             tuple(argv), exit_code, stdout, stderr or "", time.monotonic() - started
         )
@@ -241,6 +256,14 @@ class SshConnection:
         if check and not result.ok:
             raise CommandFailed(self.target, result, fix)
         return result
+
+    def _connection_lost(self) -> bool:
+        """Whether the connection died, as opposed to the command ending without a status."""
+        transport = self._client.get_transport()
+        if transport is None:
+            return True
+        transport.join(_TRANSPORT_TEARDOWN_S)  # at once when its thread has already ended
+        return not transport.is_active()
 
     def open_channel(self, argv: Sequence[str]) -> paramiko.Channel:
         """A channel running `argv`, for callers that speak a protocol over it (e.g. Docker)."""
@@ -288,18 +311,36 @@ def _start_stdin_writer(
 
     def pump() -> None:
         try:
-            if isinstance(stdin, bytes):
-                channel.sendall(stdin)
-            else:
-                while chunk := stdin.read(_READ_CHUNK * 16):
-                    channel.sendall(chunk)
+            for chunk in _input_chunks(stdin):
+                channel.sendall(chunk)
             channel.shutdown_write()
-        except (OSError, EOFError) as exc:
-            state.error = exc
+        except _InputUnreadable as unreadable:
+            state.error = unreadable.__cause__
+            channel.close()  # stop the command: part of its input must not pass for all of it
+        except (OSError, EOFError):
+            pass  # the channel closed: the command exited, timed out or lost its connection
 
     state.thread = threading.Thread(target=pump, daemon=True, name="ssh-stdin")
     state.thread.start()
     return state
+
+
+class _InputUnreadable(Exception):
+    pass
+
+
+def _input_chunks(stdin: bytes | BinaryIO) -> Iterator[bytes]:
+    if isinstance(stdin, bytes):
+        yield stdin
+        return
+    while True:
+        try:
+            chunk = stdin.read(_READ_CHUNK * 16)
+        except OSError as exc:
+            raise _InputUnreadable() from exc
+        if not chunk:
+            return
+        yield chunk
 
 
 def _drain(channel: paramiko.Channel, *, deadline: float) -> tuple[str | None, str | None]:
@@ -395,6 +436,9 @@ def _authenticated_client(
 
 
 def _translate_connect_error(exc: BaseException, target: SshTarget) -> BaseException:
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        # paramiko folds "refused" and "no route" for each of the host's addresses into this
+        exc = next(iter(exc.errors.values()))
     where = target.label
     known_hosts = target.known_hosts_path
     host_entry = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
@@ -443,9 +487,9 @@ def _translate_connect_error(exc: BaseException, target: SshTarget) -> BaseExcep
         )
     if isinstance(exc, OSError):
         return HostUnreachable(
-            f"cannot connect: {exc.strerror or exc}",
+            f"cannot connect to port {target.port}: {exc.strerror or exc}",
             where=where,
-            fix="check the address and network",
+            fix="check the address, that the host is up, and the network",
         )
     if isinstance(exc, paramiko.SSHException | EOFError):
         return SshError(
