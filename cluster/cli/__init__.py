@@ -12,8 +12,7 @@ from rich.console import Console
 
 from cluster import __version__
 from cluster.cli.common import INVENTORY, JSON, reports_errors
-from cluster.cli.lifecycle import ConsoleReporter, down, exec_, logs, status, up
-from cluster.cli.sandbox import sandbox
+from cluster.cli.lifecycle import ConsoleReporter, check, down, exec_, logs, status, up
 from cluster.inventory import Inventory, load_inventory
 from cluster.plan import build_plan, declared_facts, render_text
 from cluster.steps.up import live_plan
@@ -75,9 +74,13 @@ def plan(inventory: Path, as_json: bool, offline: bool) -> None:
         click.echo(render_text(cluster_plan))
 
 
+main.add_command(check)
 main.add_command(up)
 main.add_command(status)
 main.add_command(down)
 main.add_command(exec_)
 main.add_command(logs)
+
+from cluster.cli.sandbox import sandbox  # noqa: E402
+
 main.add_command(sandbox)

@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from cluster.checks import exit_code as checks_exit_code
+from cluster.checks import results_as_dicts, results_table
 from cluster.cli.common import INVENTORY, JSON, reports_errors
 from cluster.errors import ExitCode, UsageError
 from cluster.inventory import Inventory, load_inventory
@@ -20,6 +22,7 @@ from cluster.session import Session
 from cluster.status import gather_status, render_table
 from cluster.steps.context import DEFAULT_RAY_TIMEOUT_S, DEFAULT_READY_TIMEOUT_S, UpOptions
 from cluster.steps.down import down as run_down
+from cluster.steps.up import gather_checks
 from cluster.steps.up import up as run_up
 from cluster.transport.fanout import FanOutError
 from cluster.transport.terminal import interact, stream, terminal_size
@@ -130,6 +133,21 @@ def status(inventory: Path, as_json: bool) -> None:
             console.print(part, highlight=False)
     if not snapshot.healthy:
         sys.exit(int(ExitCode.UNHEALTHY))
+
+
+@click.command()
+@INVENTORY
+@JSON
+@reports_errors
+def check(inventory: Path, as_json: bool) -> None:
+    """Run the preflight checks on every node, changing nothing (exit 1 on any FAIL)."""
+    loaded = load_inventory(inventory)
+    results = gather_checks(loaded, ConsoleReporter(_stderr_console()))
+    if as_json:
+        click.echo(json.dumps(results_as_dicts(results), indent=2))
+    else:
+        Console(width=None if sys.stdout.isatty() else 160).print(results_table(results))
+    sys.exit(checks_exit_code(results))
 
 
 @click.command()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from cluster.checks import CheckInput, CheckResult, Status, failed, run_checks
+from cluster.checks import CheckResult, Status, failed
 from cluster.containers import inspect_container
 from cluster.errors import VclusterError
 from cluster.plan import container_name
+from cluster.preflight import preflight_results
 from cluster.steps.context import UpContext
 
 
@@ -28,12 +29,11 @@ def run_preflight(context: UpContext) -> str:
     inventory = context.inventory
     head = inventory.head.node_name
     state = inspect_container(context.session.docker(head), container_name(inventory.cluster))
-    results = run_checks(
-        CheckInput(
-            inventory=inventory,
-            facts=context.host_facts,
-            cluster_running_on_head=state is not None and state.running,
-        )
+    results = preflight_results(
+        inventory,
+        context.session,
+        context.host_facts,
+        cluster_running_on_head=state is not None and state.running,
     )
     for warning in (r for r in results if r.status is Status.WARN):
         context.reporter.note(

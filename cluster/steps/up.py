@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.checks import CheckResult
+from cluster.containers import inspect_container
 from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
-from cluster.plan import ClusterPlan, build_plan
+from cluster.plan import ClusterPlan, build_plan, container_name
+from cluster.preflight import preflight_results
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.connect import connect_to_hosts
@@ -52,6 +55,28 @@ class UpResult:
     served_model_name: str
     changes: tuple[str, ...]
     api_key_required: bool
+
+
+def gather_checks(inventory: Inventory, reporter: Reporter) -> list[CheckResult]:
+    """Every preflight result, reaching what can be reached; changes nothing."""
+    with Session(inventory) as session:
+        context = UpContext(inventory, session, reporter)
+        run_steps([Step("Connecting to the hosts", _connect_reachable)], context, reporter)
+        run_steps([STEPS[0]], context, reporter)
+        head = inventory.head.node_name
+        running = False
+        if head in session.connections:
+            state = inspect_container(session.docker(head), container_name(inventory.cluster))
+            running = state is not None and state.running
+        return preflight_results(
+            inventory, session, context.host_facts, cluster_running_on_head=running
+        )
+
+
+def _connect_reachable(context: UpContext) -> str:
+    outcome = context.session.open()
+    unreachable = f"; unreachable: {', '.join(outcome.failed)}" if outcome.failed else ""
+    return f"{len(outcome.succeeded)} of {len(context.inventory.nodes)} host(s){unreachable}"
 
 
 def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:

@@ -1,0 +1,113 @@
+"""Gather what the preflight rules need beyond the probe (image IDs, model files, reachability
+of the head from each worker), all hosts at once, then run every rule.
+
+Used by the preflight step of `up` and by `vcluster check`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+
+import paramiko
+
+from cluster.checks import (
+    CheckInput,
+    CheckResult,
+    Status,
+    check_image,
+    check_model_present,
+    check_workers_reach_head,
+    run_checks,
+)
+from cluster.facts.host import HostFacts
+from cluster.images import image_id
+from cluster.inventory import Inventory
+from cluster.session import Session
+
+REACH_TIMEOUT_S = 5.0
+
+
+def preflight_results(
+    inventory: Inventory,
+    session: Session,
+    facts: Mapping[str, HostFacts],
+    *,
+    cluster_running_on_head: bool,
+) -> list[CheckResult]:
+    """Every preflight result for the connected nodes; unreachable nodes FAIL the ssh rule."""
+    unreachable = {name: error.one_line() for name, error in session.failed.items()}
+    results = run_checks(
+        CheckInput(
+            inventory=inventory,
+            facts=facts,
+            unreachable=unreachable,
+            cluster_running_on_head=cluster_running_on_head,
+        )
+    )
+    reachable = [n for n in facts if n in session.connections]
+    ids = session.on_each(lambda n: image_id(session.docker(n), inventory.image), reachable)
+    results += check_image(inventory, ids.succeeded)
+    present = session.on_each(lambda n: _model_present(session, n, inventory), reachable)
+    results += check_model_present(inventory, present.succeeded)
+    results += _reach_head(inventory, session, facts)
+    return results
+
+
+def model_files(inventory: Inventory) -> str:
+    """The host path whose presence shows the model is in a node's cache."""
+    name = inventory.model.name
+    if name.startswith("/"):
+        return str(PurePosixPath(name) / "config.json")
+    # Hugging Face's cache layout: <cache>/hub/models--ORG--NAME
+    return str(PurePosixPath(inventory.model_cache) / "hub" / f"models--{name.replace('/', '--')}")
+
+
+def _model_present(session: Session, node: str, inventory: Inventory) -> bool:
+    return session.ssh(node).run(["test", "-e", model_files(inventory)]).ok
+
+
+def _reach_head(
+    inventory: Inventory, session: Session, facts: Mapping[str, HostFacts]
+) -> list[CheckResult]:
+    """From each worker's own side (its sshd opens the TCP connection), reach the head.
+
+    The head's Ray (or rendezvous) port is tried when something listens there (the cluster is
+    up); before that, the head's SSH port shows at least that the route and firewall let the
+    worker through.
+    """
+    head = inventory.head
+    port = inventory.ports.ray if inventory.executor == "ray" else inventory.ports.master
+    head_facts = facts.get(head.node_name)
+    if head_facts is None or port not in head_facts.listening_ports:
+        port = (
+            session.ssh(head.node_name).target.port if head.node_name in session.connections else 22
+        )
+        probed_port_note = " (the Ray port is not open before `up`: tested the head's SSH port)"
+    else:
+        probed_port_note = ""
+    workers = [w.node_name for w in inventory.workers if w.node_name in session.connections]
+
+    def attempt(name: str) -> str | None:
+        try:
+            channel = session.ssh(name).transport.open_channel(
+                "direct-tcpip", (head.address, port), ("127.0.0.1", 0), timeout=REACH_TIMEOUT_S
+            )
+        except (paramiko.ChannelException, paramiko.SSHException, OSError) as exc:
+            return f"connecting to {head.address}:{port} failed ({exc})"
+        channel.close()
+        return None
+
+    reached = session.on_each(attempt, workers).succeeded
+    if probed_port_note:
+        return [
+            CheckResult(
+                "reach head",
+                Status.PASS if error is None else Status.FAIL,
+                f"{head.address}:{port} reached{probed_port_note}" if error is None else error,
+                name,
+                None if error is None else "check the route and firewall between the nodes",
+            )
+            for name, error in reached.items()
+        ]
+    return check_workers_reach_head(inventory, reached)
