@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from rich.table import Table
 
 from cluster.containers import ContainerState, inspect_container
+from cluster.facts.gpu import GpuInfo
+from cluster.facts.host import HostFacts, parse_probe
+from cluster.facts.probe import probe_argv
 from cluster.inventory import Inventory
 from cluster.plan import container_name
 from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
@@ -33,6 +36,8 @@ class NodeStatus:
     image_id: str | None = None
     ray_alive: bool = False
     vllm_process: bool | None = None  # None where no vLLM process belongs
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_problem: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -41,6 +46,7 @@ class NodeStatus:
             and self.container == "running"
             and self.ray_alive
             and self.vllm_process is not False
+            and self.gpu_problem is None
         )
 
 
@@ -93,7 +99,8 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
     serving = {n.node_name for n in inventory.nodes}
     if inventory.executor == "ray":
         serving = {inventory.head.node_name}
-    states = session.on_each(lambda node: _node_state(session, node, name, node in serving))
+    probe = probe_argv(head_address=inventory.head.address, model_cache=inventory.model_cache)
+    states = session.on_each(lambda node: _node_state(session, node, name, node in serving, probe))
     ray_alive, resources, ray_error = _ray_view(inventory, session, name)
     nodes = []
     for node in inventory.nodes:
@@ -109,7 +116,7 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 NodeStatus(node_name, node.address, role, True, error=outcome.error.one_line())
             )
             continue
-        state, vllm_alive = outcome.value  # type: ignore[misc]
+        state, vllm_alive, facts = outcome.value  # type: ignore[misc]
         nodes.append(
             NodeStatus(
                 node_name,
@@ -121,6 +128,12 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 image_id=state.image_id if state else None,
                 ray_alive=node.address in ray_alive,
                 vllm_process=vllm_alive,
+                gpus=facts.gpu.gpus,
+                gpu_problem=(
+                    facts.gpu.problem.detail
+                    if facts.gpu.problem and inventory.accelerator == "nvidia"
+                    else None
+                ),
             )
         )
     served = inventory.model.served_name or inventory.model.name
@@ -140,16 +153,17 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
 
 
 def _node_state(
-    session: Session, node: str, name: str, serves: bool
-) -> tuple[ContainerState | None, bool | None]:
+    session: Session, node: str, name: str, serves: bool, probe: list[str]
+) -> tuple[ContainerState | None, bool | None, HostFacts]:
+    facts = parse_probe(session.ssh(node).run(probe).stdout)
     client = session.docker(node)
     state = inspect_container(client, name)
     if not serves:
-        return state, None
+        return state, None, facts
     if state is None or not state.running:
-        return state, False
+        return state, False, facts
     result = client.containers.get(name).exec_run(running_spec_argv())
-    return state, result.exit_code == 0
+    return state, result.exit_code == 0, facts
 
 
 def _ray_view(
@@ -250,6 +264,43 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
             f"vllm: {'healthy' if vllm.health else 'UNHEALTHY'} at {status.endpoint}, "
             f"models {', '.join(vllm.models) or 'none'}{load}{kv}"
         )
+    gpu_table = _gpu_table(status)
     problems = [f"{n.name}: {n.error}" for n in status.nodes if n.error]
+    problems += [f"{n.name}: GPUs: {n.gpu_problem}" for n in status.nodes if n.gpu_problem]
     verdict = "healthy" if status.healthy else "DEGRADED"
-    return [table, ray_line, vllm_line, *problems, f"cluster {status.cluster}: {verdict}"]
+    parts: list[Table | str] = [table]
+    if gpu_table is not None:
+        parts.append(gpu_table)
+    return [*parts, ray_line, vllm_line, *problems, f"cluster {status.cluster}: {verdict}"]
+
+
+def _value(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:g}{unit}"
+
+
+def _gpu_table(status: ClusterStatus) -> Table | None:
+    """One row per GPU of every node; None in cpu mode or when no node listed a GPU."""
+    if status.accelerator == "cpu" or not any(n.gpus for n in status.nodes):
+        return None
+    table = Table(title="GPUs")
+    for column in ("node", "gpu", "model", "util", "memory", "temp", "power", "ecc", "errors"):
+        table.add_column(column)
+    for node in status.nodes:
+        for gpu in node.gpus:
+            memory = (
+                f"{gpu.memory_used_mib}/{gpu.memory_total_mib} MiB"
+                if gpu.memory_used_mib is not None and gpu.memory_total_mib is not None
+                else "-"
+            )
+            table.add_row(
+                node.name,
+                str(gpu.index),
+                gpu.name or "-",
+                _value(gpu.utilization_pct, "%"),
+                memory,
+                _value(gpu.temperature_c, "C"),
+                _value(gpu.power_draw_w, "W"),
+                _value(gpu.ecc_uncorrected),
+                ", ".join(gpu.errors) or "-",
+            )
+    return table

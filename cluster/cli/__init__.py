@@ -12,7 +12,16 @@ from rich.console import Console
 
 from cluster import __version__
 from cluster.cli.common import INVENTORY, JSON, reports_errors
-from cluster.cli.lifecycle import ConsoleReporter, check, down, exec_, logs, status, up
+from cluster.cli.lifecycle import (
+    ConsoleReporter,
+    check,
+    down,
+    exec_,
+    exporter,
+    logs,
+    status,
+    up,
+)
 from cluster.inventory import Inventory, load_inventory
 from cluster.plan import build_plan, declared_facts, render_text
 from cluster.steps.up import live_plan
@@ -80,6 +89,7 @@ main.add_command(status)
 main.add_command(down)
 main.add_command(exec_)
 main.add_command(logs)
+main.add_command(exporter)
 
 from cluster.cli.sandbox import sandbox  # noqa: E402
 

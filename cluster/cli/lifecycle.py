@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import click
+from prometheus_client import CollectorRegistry, start_http_server
 from rich.console import Console
 
 from cluster.checks import exit_code as checks_exit_code
 from cluster.checks import results_as_dicts, results_table
 from cluster.cli.common import INVENTORY, JSON, reports_errors
 from cluster.errors import ExitCode, UsageError
+from cluster.exporter import DEFAULT_INTERVAL_S, ClusterCollector
 from cluster.inventory import Inventory, load_inventory
 from cluster.node_commands import COMPONENTS, Component, exec_argv, logs_argv
 from cluster.plan import container_name
@@ -148,6 +150,31 @@ def check(inventory: Path, as_json: bool) -> None:
     else:
         Console(width=None if sys.stdout.isatty() else 160).print(results_table(results))
     sys.exit(checks_exit_code(results))
+
+
+@click.command()
+@INVENTORY
+@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True)
+@click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_INTERVAL_S,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@reports_errors
+def exporter(inventory: Path, port: int, address: str, interval_s: float) -> None:
+    """Serve Prometheus metrics of the cluster (nodes, GPUs, Ray, vLLM) on PORT."""
+    loaded = load_inventory(inventory)
+    collector = ClusterCollector(loaded, interval_s)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    collector.refresh()
+    start_http_server(port, addr=address, registry=registry)
+    click.echo(f"serving metrics of {loaded.cluster} on http://{address}:{port}/metrics", err=True)
+    collector.run_forever()
 
 
 @click.command()

@@ -1,4 +1,4 @@
-"""`vcluster sandbox up / down / demo`: the local GPU-less cluster."""
+"""`vcluster sandbox up / down / demo`: the local GPU-less cluster. Parse, call, render."""
 
 from __future__ import annotations
 
@@ -8,20 +8,44 @@ from pathlib import Path
 import click
 
 from cluster.cli.common import reports_errors
-from cluster.sandbox.sandbox import DEFAULT_NAME, DEFAULT_NODES, MAX_NODES, sandbox_down, sandbox_up
+from cluster.sandbox.sandbox import (
+    DEFAULT_NAME,
+    DEFAULT_NODES,
+    MAX_NODES,
+    Sandbox,
+    default_workdir,
+    sandbox_down,
+    sandbox_up,
+)
 
 NAME = click.option(
-    "--name", default=DEFAULT_NAME, show_default=True, help="Sandbox name (labels, network)."
+    "--name",
+    default=DEFAULT_NAME,
+    show_default=True,
+    help="Sandbox name: labels, network and container names.",
 )
 WORKDIR = click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where keys and the inventory go [default: ./.work/NAME].",
+    help=f"Keys, known_hosts and the inventory [default: {default_workdir('NAME')}].",
+)
+NODES = click.option(
+    "--nodes", type=click.IntRange(1, MAX_NODES), default=DEFAULT_NODES, show_default=True
 )
 
 
 def _progress(line: str) -> None:
     click.echo(line, err=True)
+
+
+def _bring_up(nodes: int, workdir: Path | None, name: str) -> Sandbox:
+    started = time.monotonic()
+    result = sandbox_up(nodes, workdir, name, progress=_progress)
+    click.echo(f"sandbox {name}: {nodes} node(s) up in {time.monotonic() - started:.0f}s")
+    for node in result.nodes:
+        click.echo(f"  {node.name}  {node.address}  (container {node.container})")
+    click.echo(f"inventory: {result.inventory}")
+    return result
 
 
 @click.group()
@@ -30,39 +54,33 @@ def sandbox() -> None:
 
 
 @sandbox.command()
-@click.option(
-    "--nodes",
-    type=click.IntRange(1, MAX_NODES),
-    default=DEFAULT_NODES,
-    show_default=True,
-)
+@NODES
 @WORKDIR
 @NAME
 @reports_errors
 def up(nodes: int, workdir: Path | None, name: str) -> None:
-    """Start the sandbox's nodes, with the workload image and the tiny model on each."""
-    started = time.monotonic()
-    result = sandbox_up(nodes, workdir, name, progress=_progress)
-    click.echo(f"sandbox {name}: {nodes} node(s) up in {time.monotonic() - started:.0f}s")
-    for node in result.nodes:
-        click.echo(f"  {node.name}  {node.address}")
-    click.echo(f"inventory: {result.inventory}")
-
-
-@sandbox.command()
-@NAME
-@reports_errors
-def down(name: str) -> None:
-    """Remove the sandbox's containers, volumes and network (idempotent)."""
-    sandbox_down(name, progress=click.echo)
+    """Start the nodes, with the workload image and the tiny model on each (idempotent)."""
+    _bring_up(nodes, workdir, name)
 
 
 @sandbox.command()
 @WORKDIR
 @NAME
 @reports_errors
-def demo(workdir: Path | None, name: str) -> None:
-    """What `make demo` runs: the sandbox, then the cluster on it, then a chat completion."""
-    result = sandbox_up(DEFAULT_NODES, workdir, name, progress=_progress)
-    click.echo(f"sandbox up; inventory: {result.inventory}")
-    click.echo(f"next: vcluster up {result.inventory}")
+def down(workdir: Path | None, name: str) -> None:
+    """Remove the sandbox's containers, volumes and network (idempotent); keys are kept."""
+    sandbox_down(name, workdir, progress=click.echo)
+
+
+@sandbox.command()
+@NODES
+@WORKDIR
+@NAME
+@reports_errors
+def demo(nodes: int, workdir: Path | None, name: str) -> None:
+    """What `make demo` runs: build what is missing, bring the sandbox up, say what is next."""
+    result = _bring_up(nodes, workdir, name)
+    click.echo("")
+    click.echo("next: serve the tiny model on it with")
+    click.echo(f"  vcluster up {result.inventory}")
+    click.echo(f"and remove it all with: vcluster sandbox down --name {name}")
