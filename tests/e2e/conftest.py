@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SANDBOX_UP_TIMEOUT_S = 3600  # a cold machine builds the images first
+SANDBOX = "e2e"  # its own name, network and nodes: a developer's sandbox may be up meanwhile
 
 
 def _sandbox(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -27,10 +28,13 @@ def _sandbox(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def sandbox_inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     workdir = tmp_path_factory.mktemp("sandbox")
-    up = _sandbox("up", "--nodes", "2", "--workdir", str(workdir), timeout=SANDBOX_UP_TIMEOUT_S)
+    up = _sandbox(
+        "up", "--nodes", "2", "--name", SANDBOX, "--workdir", str(workdir),
+        timeout=SANDBOX_UP_TIMEOUT_S,
+    )  # fmt: skip
     assert up.returncode == 0, f"sandbox up failed:\n{up.stdout}\n{up.stderr}"
     inventory = workdir / "inventory.yaml"
     assert inventory.exists(), up.stdout
     yield inventory
-    down = _sandbox("down", "--workdir", str(workdir), timeout=600)
+    down = _sandbox("down", "--name", SANDBOX, timeout=600)
     assert down.returncode == 0, f"sandbox down failed:\n{down.stdout}\n{down.stderr}"

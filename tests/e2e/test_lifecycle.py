@@ -8,7 +8,6 @@ The steps depend on each other (the cluster is brought up once), so they run in 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,18 +22,15 @@ from cluster.session import Session
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-API_KEY = "sk-e2e-" + os.urandom(8).hex()
 UP_TIMEOUT_S = 900
 
 
 def vcluster(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VCLUSTER_API_KEY": API_KEY}
     return subprocess.run(
         [sys.executable, "-m", "cluster", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
         cwd=REPO,
         check=False,
     )
@@ -52,9 +48,15 @@ def loaded(inventory: Path):
 
 
 @pytest.fixture(scope="module")
-def client(loaded) -> openai.OpenAI:
+def api_key(loaded) -> str:
+    """The key `sandbox up` made; the inventory refers to it as `file:...`."""
+    return loaded.secrets.api_key.resolve()
+
+
+@pytest.fixture(scope="module")
+def client(loaded, api_key) -> openai.OpenAI:
     head = loaded.head.address
-    return openai.OpenAI(base_url=f"http://{head}:{loaded.ports.vllm}/v1", api_key=API_KEY)
+    return openai.OpenAI(base_url=f"http://{head}:{loaded.ports.vllm}/v1", api_key=api_key)
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
