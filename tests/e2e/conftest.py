@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,10 @@ def _sandbox(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="session")
 def sandbox_inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    existing = os.environ.get("VCLUSTER_E2E_INVENTORY")
+    if existing:  # a developer's sandbox, brought up by hand: used, not removed
+        yield Path(existing)
+        return
     workdir = tmp_path_factory.mktemp("sandbox")
     up = _sandbox(
         "up", "--nodes", "2", "--name", SANDBOX, "--workdir", str(workdir),
