@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="leave the sandbox up")
     parser.add_argument("--json", action="store_true")
     options = parser.parse_args()
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # refused polls are expected
 
     print("sandbox (not measured) ...", file=sys.stderr)
     sandbox = sandbox_up(options.nodes, Path(".work/bench"), "bench", progress=lambda _: None)
