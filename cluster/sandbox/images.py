@@ -18,12 +18,14 @@ build over loopback HTTP for `pip install --no-index`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import http.server
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -55,6 +57,15 @@ WHEEL_DOWNLOAD_TIMEOUT_S = 1800.0
 
 CONTEXT_EXCLUDED_SUFFIXES = (".md",)
 """Files that do not go into a recipe hash (docs: editing them must not rebuild an image)."""
+
+IMAGE_PYTHON = "3.11"
+"""Debian bookworm's python3, the workload image's interpreter."""
+IMAGE_PLATFORM_TAGS = [
+    *(f"manylinux_2_{minor}_x86_64" for minor in range(36, 4, -1)),  # bookworm: glibc 2.36
+    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64",
+]  # fmt: skip
+"""Wheels the image can use. pip does not widen an explicit --platform to older manylinux
+tags, so every one is listed (with only manylinux_2_28, blake3 1.0.11 is not found)."""
 
 Progress = Callable[[str], None]
 
@@ -88,12 +99,23 @@ def recipe_hash(parts: Iterable[tuple[str, bytes]]) -> str:
 
 
 def context_parts(folder: Path) -> list[tuple[str, bytes]]:
-    """The (relative path, content) of every file in a build context that shapes the image."""
+    """The (relative path, content) of every file in a build context that shapes the image.
+
+    A Dockerfile counts without its comment lines: rewording a comment rebuilds nothing.
+    """
     return [
-        (path.relative_to(folder).as_posix(), path.read_bytes())
+        (path.relative_to(folder).as_posix(), _shaping_bytes(path))
         for path in sorted(folder.rglob("*"))
         if path.is_file() and not path.name.endswith(CONTEXT_EXCLUDED_SUFFIXES)
     ]
+
+
+def _shaping_bytes(path: Path) -> bytes:
+    content = path.read_bytes()
+    if path.name != "Dockerfile":
+        return content
+    lines = content.splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.lstrip().startswith(b"#"))
 
 
 def read_package_list(text: str) -> list[str]:
@@ -202,6 +224,12 @@ def _record_if_cached(
                        time.monotonic() - started)  # fmt: skip
 
 
+def _drop_superseded(docker: LocalDocker, old_id: str | None, image: str) -> None:
+    """Remove the image a rebuild replaced (GBs for the workload), unless something uses it."""
+    if old_id and old_id != image_id(docker, image):
+        subprocess.run(docker.argv("rmi", old_id), capture_output=True, timeout=300, check=False)
+
+
 def _run_logged(argv: list[str], log_path: Path, timeout_s: float, what: str) -> None:
     """Run argv with its output appended to a log file; a failure carries the log's tail."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +272,7 @@ def build_base(
     if cached is not None:
         return cached
     log_path = LOG_DIR / "build-base.log"
+    superseded = image_id(docker, BASE_IMAGE)
     packages = read_package_list((images_dir / "base" / "packages.txt").read_text())
     (CACHE_DIR / "tmp").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE_DIR / "tmp", prefix="rootfs-") as tmp:
@@ -254,6 +283,7 @@ def build_base(
         _finish_root(root, images_dir / "base" / "sources.list")
         progress(f"{BASE_IMAGE}: docker import")
         _import_root(docker, root, recipe, log_path)
+    _drop_superseded(docker, superseded, BASE_IMAGE)
     progress(f"{BASE_IMAGE}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(BASE_IMAGE, "built", recipe, image_id(docker, BASE_IMAGE) or "",
                        _image_size(docker, BASE_IMAGE), time.monotonic() - started,
@@ -336,6 +366,7 @@ def _build_dockerfile(
     if cached is not None:
         return cached
     log_path = LOG_DIR / f"build-{context.name}.log"
+    superseded = image_id(docker, image)
     progress(f"{image}: docker build {context} (log: {log_path})")
     setup = before_build() if before_build else contextlib.nullcontext({})
     with setup as more_args:
@@ -343,6 +374,7 @@ def _build_dockerfile(
             docker, image, context, recipe, {**(build_args or {}), **more_args}
         )
         _run_logged(argv, log_path, BUILD_TIMEOUT_S, f"docker build of {image}")
+    _drop_superseded(docker, superseded, image)
     progress(f"{image}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(image, "built", recipe, image_id(docker, image) or "",
                        _image_size(docker, image), time.monotonic() - started, log_path)  # fmt: skip
@@ -375,13 +407,33 @@ def build_workload(
 def build_images(
     progress: Progress = _quiet, docker: LocalDocker | None = None
 ) -> list[BuildRecord]:
-    """Build (or find cached) base, node and workload images, in that order."""
+    """Build (or find cached) base, node and workload images, in that order.
+
+    One process builds at a time (two test sessions, two shells): the second waits, then
+    finds the first one's images cached instead of building the same recipe again.
+    """
     docker = docker or ensure_local_docker()
-    return [
-        build_base(docker, progress),
-        build_node(docker, progress),
-        build_workload(docker, progress),
-    ]
+    with _build_lock(progress):
+        return [
+            build_base(docker, progress),
+            build_node(docker, progress),
+            build_workload(docker, progress),
+        ]
+
+
+@contextlib.contextmanager
+def _build_lock(progress: Progress) -> Iterator[None]:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / "build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("another vcluster process is building the images; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # --- the wheelhouse ---------------------------------------------------------------------------
@@ -400,8 +452,9 @@ def ensure_wheelhouse(
     if not missing:
         return
     progress(f"wheelhouse: downloading {len(missing)} wheels into {wheelhouse}")
-    argv = ["python3", "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
+    platforms = [x for tag in IMAGE_PLATFORM_TAGS for x in ("--platform", tag)]
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--python-version", IMAGE_PYTHON, *platforms,
             "--dest", str(wheelhouse), "--requirement", str(lock)]  # fmt: skip
     _run_logged(argv, LOG_DIR / "wheelhouse.log", WHEEL_DOWNLOAD_TIMEOUT_S, "pip download")
     still = missing_wheels(read_lock(lock.read_text()), (p.name for p in wheelhouse.iterdir()))

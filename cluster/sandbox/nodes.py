@@ -1,32 +1,38 @@
 """The sandbox's nodes: containers on a private bridge, each with its own sshd and dockerd.
 
-Each node stands in for a GPU server: its own IP address, its own SSH host key (made here, so
-the known_hosts file is written from the keys themselves, never trusted blindly), its own
-Docker engine (Docker-in-Docker with the flags FACTS.md found to work without --privileged) and
-a `/dev/shm` large enough for vLLM (the workload's `--ipc=host` is the node's IPC namespace).
+Each node stands in for a GPU server: its own IP address (fixed: .11, .12, ... of the
+sandbox's subnet), its own SSH host key (made on the controller and mounted read-only, so
+known_hosts comes from the keys themselves), its own Docker engine (Docker-in-Docker with the
+flags FACTS.md found to work without --privileged, its /var/lib/docker on a named volume) and a
+`/dev/shm` large enough for vLLM (the workload's `--ipc=host` is the node's IPC namespace).
 Every Docker object is labelled `io.vcluster.sandbox=<name>`, so `down` finds them all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from cluster.errors import VclusterError
 from cluster.sandbox.dockerd import LocalDocker
+from cluster.sandbox.keys import HostKey
 
 SANDBOX_LABEL = "io.vcluster.sandbox"
+NODE_LABEL = "io.vcluster.sandbox.node"
+SPEC_LABEL = "io.vcluster.sandbox.spec"
 NODE_IMAGE = "vcluster/node:bookworm"
 SHM_SIZE = "4g"
 NODE_MODEL_CACHE = "/data/hf"
 FIRST_HOST = 11
-SUBNET_CANDIDATES = [f"172.30.{third}.0/24" for third in range(0, 32)]
-SSH_READY_TIMEOUT_S = 90.0
-LOG_LINES = 15
+SUBNET_CANDIDATES = [f"172.30.{third}.0/24" for third in range(0, 64)]
+NODE_START_TIMEOUT_S = 60.0
+"""How long a node may take until its entrypoint says dockerd and sshd run (about 2 s)."""
+LOG_LINES = 12
+READY_LINE = "vcluster-node: dockerd and sshd are running"
 DIND_FLAGS = [
     "--cap-add=ALL", "--cap-drop=SYS_RESOURCE",
     "--security-opt", "seccomp=unconfined",
@@ -53,8 +59,10 @@ def network_name(sandbox: str) -> str:
 
 
 def plan_nodes(sandbox: str, count: int, subnet: str) -> list[SandboxNode]:
-    """Names and fixed addresses: .11, .12, ... of the subnet."""
+    """Names and fixed addresses (.11, .12, ... of the subnet), pure."""
     network = ipaddress.IPv4Network(subnet)
+    if count + FIRST_HOST > network.num_addresses - 1:
+        raise SandboxError(f"{count} nodes do not fit in {subnet}")
     return [
         SandboxNode(
             name=f"node-{i}",
@@ -78,7 +86,34 @@ def _docker(local: LocalDocker, *args: str, timeout_s: float = 120.0, check: boo
     return done.stdout
 
 
-def _labelled(local: LocalDocker, kind: str, sandbox: str) -> list[str]:
+def _inspect(local: LocalDocker, kind: str, name: str) -> dict | None:
+    """`docker KIND inspect NAME` as a dict, or None when there is no such object."""
+    done = subprocess.run(
+        local.argv(kind, "inspect", name), capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        return None
+    found = json.loads(done.stdout)
+    return found[0] if found else None
+
+
+def _labels(inspected: dict) -> dict[str, str]:
+    """The labels of an inspected container, volume or network."""
+    return (inspected.get("Config") or inspected).get("Labels") or {}
+
+
+def _require_ours(inspected: dict | None, kind: str, name: str, sandbox: str) -> None:
+    """An object of that name that is not this sandbox's is never touched: say which it is."""
+    if inspected is not None and _labels(inspected).get(SANDBOX_LABEL) != sandbox:
+        raise SandboxError(
+            f"a Docker {kind} named {name} exists and does not belong to sandbox {sandbox}",
+            where="localhost",
+            fix=f"remove it (docker {kind} rm {name}) or choose another name with --name",
+        )
+
+
+def labelled(local: LocalDocker, kind: str, sandbox: str) -> list[str]:
+    """IDs of the containers, volumes or networks labelled for `sandbox`."""
     label = f"label={SANDBOX_LABEL}={sandbox}"
     if kind == "container":
         output = _docker(local, "ps", "-aq", "--filter", label)
@@ -88,18 +123,12 @@ def _labelled(local: LocalDocker, kind: str, sandbox: str) -> list[str]:
 
 
 def create_network(local: LocalDocker, sandbox: str) -> str:
-    """The sandbox's bridge on the first free candidate subnet; returns the subnet."""
+    """The sandbox's bridge (kept if it exists) on the first free subnet; returns the subnet."""
     name = network_name(sandbox)
-    existing = _docker(local, "network", "ls", "-q", "--filter", f"name=^{name}$").split()
-    if existing:
-        inspected = json.loads(_docker(local, "network", "inspect", name))[0]
-        if inspected["Labels"].get(SANDBOX_LABEL) != sandbox:
-            raise SandboxError(
-                f"a Docker network named {name} exists and is not this sandbox's",
-                where="localhost",
-                fix=f"remove it (docker network rm {name}) or use another sandbox name",
-            )
-        return inspected["IPAM"]["Config"][0]["Subnet"]
+    existing = _inspect(local, "network", name)
+    _require_ours(existing, "network", name, sandbox)
+    if existing is not None:
+        return existing["IPAM"]["Config"][0]["Subnet"]
     taken: list[str] = []
     for subnet in SUBNET_CANDIDATES:
         done = subprocess.run(
@@ -117,97 +146,103 @@ def create_network(local: LocalDocker, sandbox: str) -> str:
             )
         taken.append(subnet)
     raise SandboxError(
-        f"no free subnet for the sandbox (tried {taken[0]} to {taken[-1]})",
+        f"no free subnet for the sandbox: {taken[0]} to {taken[-1]} are all in use",
         where="localhost",
         fix="remove unused Docker networks (docker network prune)",
     )
 
 
-def make_host_key(keys_dir: Path, node: SandboxNode) -> str:
-    """An ed25519 host key for the node, made here; returns its public line."""
-    key = keys_dir / node.name / "ssh_host_ed25519_key"
-    if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", node.name, "-f", str(key)],
-            check=True,
-            capture_output=True,
-        )
-    return key.with_suffix(".pub").read_text().strip()
+def node_spec(node: SandboxNode, node_image_id: str, host_key: HostKey, authorized: str) -> str:
+    """A hash of everything a running node was started with; equal means it can be kept."""
+    parts = [node.address, node_image_id, host_key.public_line, authorized, SHM_SIZE, *DIND_FLAGS]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
-def run_node(
-    local: LocalDocker, sandbox: str, node: SandboxNode, keys_dir: Path, authorized_key: str
-) -> None:
-    """Start one node container (replacing a stopped leftover of the same name)."""
-    _docker(local, "rm", "-f", node.container, check=False)
-    _docker(local, "volume", "create", "--label", f"{SANDBOX_LABEL}={sandbox}", node.volume)
-    key = keys_dir / node.name / "ssh_host_ed25519_key"
+def start_node(
+    local: LocalDocker,
+    sandbox: str,
+    node: SandboxNode,
+    *,
+    node_image_id: str,
+    host_key: HostKey,
+    authorized: str,
+) -> bool:
+    """Start one node container; keep it when it already runs with the same spec.
+
+    Returns True when a container was (re)started. Its Docker volume is kept either way, so a
+    restarted node still has the images it had.
+    """
+    spec = node_spec(node, node_image_id, host_key, authorized)
+    existing = _inspect(local, "container", node.container)
+    _require_ours(existing, "container", node.container, sandbox)
+    if existing is not None:
+        if existing["State"]["Running"] and _labels(existing).get(SPEC_LABEL) == spec:
+            return False
+        _docker(local, "rm", "--force", node.container)
+    volume = _inspect(local, "volume", node.volume)
+    _require_ours(volume, "volume", node.volume, sandbox)
+    if volume is None:
+        _docker(local, "volume", "create", "--label", f"{SANDBOX_LABEL}={sandbox}", node.volume)
     _docker(
         local,
         "run", "--detach", "--name", node.container, "--hostname", node.name,
         "--network", network_name(sandbox), "--ip", node.address,
         "--label", f"{SANDBOX_LABEL}={sandbox}",
+        "--label", f"{NODE_LABEL}={node.name}",
+        "--label", f"{SPEC_LABEL}={spec}",
         *DIND_FLAGS,
         "--shm-size", SHM_SIZE,
         "--mount", f"type=volume,source={node.volume},target=/var/lib/docker",
-        "--label", f"{SANDBOX_LABEL}.node={node.name}",
-        "--volume", f"{key}:/etc/ssh/ssh_host_ed25519_key:ro",
-        "--volume", f"{key}.pub:/etc/ssh/ssh_host_ed25519_key.pub:ro",
-        "--env", f"VCLUSTER_AUTHORIZED_KEYS={authorized_key}",
+        "--mount", f"type=bind,source={host_key.private},target=/etc/ssh/ssh_host_ed25519_key,readonly",
+        "--mount", f"type=bind,source={host_key.public},target=/etc/ssh/ssh_host_ed25519_key.pub,readonly",
+        "--env", f"VCLUSTER_AUTHORIZED_KEYS={authorized}",
         NODE_IMAGE,
     )  # fmt: skip
+    return True
 
 
-def node_log_tail(local: LocalDocker, node: SandboxNode) -> str:
+def node_log_tail(local: LocalDocker, node: SandboxNode, lines: int = LOG_LINES) -> str:
+    """The last lines of a node container's log, joined on one line."""
     done = subprocess.run(
-        local.argv("logs", "--tail", str(LOG_LINES), node.container),
+        local.argv("logs", "--tail", str(lines), node.container),
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     return " | ".join((done.stdout + done.stderr).strip().splitlines()) or "(no output)"
 
 
-def is_running(local: LocalDocker, node: SandboxNode) -> bool:
-    output = _docker(
-        local, "inspect", "--format", "{{.State.Running}}", node.container, check=False
-    )
-    return output.strip() == "true"
-
-
-def wait_until_running(local: LocalDocker, node: SandboxNode, timeout_s: float = 30.0) -> None:
-    """The node's entrypoint says its dockerd and sshd run; else its log tail in the error."""
+def wait_until_ready(
+    local: LocalDocker, node: SandboxNode, timeout_s: float = NODE_START_TIMEOUT_S
+) -> None:
+    """Wait for the entrypoint's ready line; a node that stops or stalls fails with its log."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_running(local, node):
-            break
-        if "dockerd and sshd are running" in node_log_tail(local, node):
+    while True:
+        state = _inspect(local, "container", node.container)
+        running = state is not None and state["State"]["Running"]
+        if running and READY_LINE in node_log_tail(local, node, lines=200):
             return
-        time.sleep(0.5)
-    raise SandboxError(
-        f"node container {node.container} did not start: {node_log_tail(local, node)}",
-        where=node.name,
-        fix="see docs/sandbox.md (Docker-in-Docker needs cgroup v1/v2 access and these caps)",
-    )
+        if not running or time.monotonic() >= deadline:
+            why = "it stopped" if not running else f"not ready within {timeout_s:.0f} s"
+            raise SandboxError(
+                f"node container {node.container} did not start ({why}): "
+                f"{node_log_tail(local, node)}",
+                where=node.name,
+                fix="see docs/sandbox.md, 'When a node does not start'",
+            )
+        time.sleep(0.3)
 
 
 def remove_all(local: LocalDocker, sandbox: str) -> list[str]:
     """Remove every container, volume and network labelled for `sandbox`; what was removed."""
     removed = []
-    containers = _labelled(local, "container", sandbox)
+    containers = labelled(local, "container", sandbox)
     if containers:
         _docker(local, "rm", "--force", "--volumes", *containers, timeout_s=300)
         removed.append(f"{len(containers)} container(s)")
-    volumes = _labelled(local, "volume", sandbox)
-    node_volumes = [
-        v
-        for v in _docker(local, "volume", "ls", "-q").split()
-        if v.startswith(f"vcluster-{sandbox}-node-") and v.endswith("-docker")
-    ]
-    volumes = sorted(set(volumes) | set(node_volumes))
+    volumes = labelled(local, "volume", sandbox)
     if volumes:
         _docker(local, "volume", "rm", "--force", *volumes, timeout_s=300)
         removed.append(f"{len(volumes)} volume(s)")
-    networks = _labelled(local, "network", sandbox)
+    networks = labelled(local, "network", sandbox)
     if networks:
         _docker(local, "network", "rm", *networks)
         removed.append(f"{len(networks)} network(s)")
@@ -215,5 +250,5 @@ def remove_all(local: LocalDocker, sandbox: str) -> list[str]:
 
 
 def leftovers(local: LocalDocker, sandbox: str) -> dict[str, list[str]]:
-    """What of the sandbox still exists, by kind (empty lists once it is down)."""
-    return {kind: _labelled(local, kind, sandbox) for kind in ("container", "volume", "network")}
+    """What of the sandbox still exists, by kind (all lists empty once it is down)."""
+    return {kind: labelled(local, kind, sandbox) for kind in ("container", "volume", "network")}

@@ -1,41 +1,43 @@
 """`vcluster sandbox up / down`: N local nodes, the workload image and the tiny model on each,
 and an inventory for them that `vcluster up` uses as is.
 
-Everything vcluster writes lies in the workdir (client key, host keys, known_hosts, inventory,
-API key) or is a Docker object labelled `io.vcluster.sandbox=<name>`; `~/.ssh` is never touched.
-The image and the model reach the nodes over SSH through vcluster's own transport, as they
-would reach air-gapped servers.
+`up` is a list of small steps, each reporting one line with its duration. It converges: nodes
+already running with the same spec are kept, an image or model already on a node is not sent
+again, so a second `up` takes seconds. Everything vcluster writes lies in the workdir (keys,
+known_hosts, inventory, API key, `sandbox.json`) or is a Docker object labelled
+`io.vcluster.sandbox=<name>`; `~/.ssh` is never touched.
 """
 
 from __future__ import annotations
 
-import io
-import secrets
+import contextlib
+import fcntl
+import json
 import subprocess
-import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from cluster.images import ImageError
-from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
-from cluster.sandbox.images import WORKLOAD_IMAGE, build_images, image_id
-from cluster.sandbox.model import RECIPE_FILE, TINY_MODEL_NAME, ensure_tiny_model
+from cluster.sandbox import keys
+from cluster.sandbox.dockerd import RUN_DIR, LocalDocker, ensure_local_docker
+from cluster.sandbox.images import NODE_IMAGE, WORKLOAD_IMAGE, build_images, image_id
+from cluster.sandbox.inventory_file import inventory_text, write_inventory
+from cluster.sandbox.model import TINY_MODEL_NAME, ensure_tiny_model
 from cluster.sandbox.nodes import (
+    NODE_LABEL,
     NODE_MODEL_CACHE,
     SandboxError,
     SandboxNode,
     create_network,
+    labelled,
     leftovers,
-    make_host_key,
     plan_nodes,
     remove_all,
-    run_node,
-    wait_until_running,
+    start_node,
+    wait_until_ready,
 )
+from cluster.sandbox.transfer import image_to_nodes, model_to_node
 from cluster.transport.fanout import fan_out
 from cluster.transport.ssh import HostUnreachable, SshConnection, SshTarget, SshTimeouts, connect
 
@@ -43,15 +45,16 @@ Progress = Callable[[str], None]
 DEFAULT_NAME = "sandbox"
 DEFAULT_NODES = 2
 MAX_NODES = 16
+WORKDIR_ROOT = Path("/var/lib/vcluster")
+STATE_FILE = "sandbox.json"
 SSH_TIMEOUTS = SshTimeouts(connect=5.0, command=120.0)
-SSH_READY_TIMEOUT_S = 60.0
-IMAGE_TRANSFER_TIMEOUT_S = 1800.0
-INVENTORY_FILE = "inventory.yaml"
-SERVED_NAME = "tiny-llama"
+SSH_READY_TIMEOUT_S = 30.0
+"""How long a node's sshd may refuse connections after its entrypoint said it runs."""
 
 
 def default_workdir(name: str = DEFAULT_NAME) -> Path:
-    return Path.cwd() / ".work" / name
+    """`/var/lib/vcluster/<name>`: one place per machine, as the sandbox's Docker objects are."""
+    return WORKDIR_ROOT / name
 
 
 @dataclass(frozen=True)
@@ -60,18 +63,61 @@ class Sandbox:
     workdir: Path
     inventory: Path
     nodes: tuple[SandboxNode, ...]
-    docker: LocalDocker
     image_id: str
 
 
-class _Reporter:
-    """Timestamps each progress line with the time its step took."""
+class Steps:
+    """Runs named steps; each reports one line with its duration when it ends (or fails)."""
 
     def __init__(self, progress: Progress) -> None:
-        self._progress = progress
+        self.progress = progress
 
-    def step(self, text: str, started: float) -> None:
-        self._progress(f"{text} ({time.monotonic() - started:.1f}s)")
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[list[str]]:
+        """`with steps.step("nodes") as done: ... done.append("2 nodes running")`."""
+        started = time.monotonic()
+        done: list[str] = []
+        try:
+            yield done
+        except BaseException:
+            self.progress(f"✗ {what} ({time.monotonic() - started:.1f}s)")
+            raise
+        self.progress(f"✓ {'; '.join(done) or what} ({time.monotonic() - started:.1f}s)")
+
+    def detail(self, line: str) -> None:
+        self.progress(f"    {line}")
+
+
+@contextlib.contextmanager
+def _sandbox_lock(name: str) -> Iterator[None]:
+    """One `up` or `down` of a sandbox at a time on this machine."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / f"sandbox-{name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SandboxError(
+                f"another `vcluster sandbox up/down` of sandbox {name!r} is running",
+                where="localhost",
+                fix="wait for it to finish, or use another --name",
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def name_in(workdir: Path) -> str | None:
+    """The name of the sandbox whose workdir this is (from its `sandbox.json`), if any."""
+    try:
+        return json.loads((workdir / STATE_FILE).read_text())["name"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_state(workdir: Path, name: str, nodes: list[SandboxNode] | None = None) -> None:
+    state = {"name": name, "nodes": [n.__dict__ for n in nodes or []]}
+    (workdir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
 def sandbox_up(
@@ -80,106 +126,138 @@ def sandbox_up(
     name: str = DEFAULT_NAME,
     progress: Progress = print,
 ) -> Sandbox:
-    """Bring the sandbox up (or complete a half-built one); idempotent."""
+    """Bring the sandbox up, or complete or resize one that exists; idempotent."""
     if not 1 <= nodes <= MAX_NODES:
         raise SandboxError(f"--nodes must be 1 to {MAX_NODES}, got {nodes}")
     workdir = (workdir or default_workdir(name)).resolve()
-    report = _Reporter(progress)
-    started = time.monotonic()
-    local = ensure_local_docker()
-    where = f"data in {local.data_root}" if local.data_root else "the system's daemon"
-    report.step(f"docker: {local.host} ({where})", started)
+    owner = name_in(workdir)
+    if owner not in (None, name):
+        raise SandboxError(
+            f"{workdir} belongs to sandbox {owner!r}",
+            fix=f"use --name {owner}, or another --workdir",
+        )
+    steps = Steps(progress)
+    with _sandbox_lock(name):
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_state(workdir, name)
+        local = _docker_step(steps)
+        workload_id = _images_step(steps, local)
+        with steps.step("tiny model") as done:
+            model_dir = ensure_tiny_model(docker=local, progress=steps.detail)
+            done.append(f"model {TINY_MODEL_NAME} ready in {model_dir}")
+        planned, known_hosts = _nodes_step(steps, local, name, nodes, workdir)
+        key = keys.client_key(workdir)
+        with steps.step("SSH") as done:
+            connections = _connect_all(planned, key, known_hosts)
+            done.append(f"SSH to {len(connections)} node(s), host keys checked")
+        try:
+            with steps.step(f"{WORKLOAD_IMAGE} on every node") as done:
+                sent = image_to_nodes(
+                    local, connections, WORKLOAD_IMAGE, workload_id, progress=steps.detail
+                )
+                how = f"streamed to {sent}" if sent else "already on every node"
+                done.append(f"{WORKLOAD_IMAGE} {workload_id[7:19]} on every node ({how})")
+            with steps.step("model on every node") as done:
+                copied = fan_out(connections, lambda c: model_to_node(c, model_dir), name=_name)
+                count = sum(copied.values())
+                done.append(f"model in {NODE_MODEL_CACHE} on every node (copied to {count})")
+        finally:
+            for connection in connections:
+                connection.close()
+        inventory = write_inventory(
+            workdir,
+            inventory_text(
+                name,
+                WORKLOAD_IMAGE,
+                planned,
+                key_file=key,
+                known_hosts=known_hosts,
+                api_key_file=keys.api_key_file(workdir),
+            ),
+        )
+        _write_state(workdir, name, planned)
+    return Sandbox(name, workdir, inventory, tuple(planned), workload_id)
 
-    started = time.monotonic()
-    build_images(progress=lambda line: progress(f"  {line}"), docker=local)
+
+def _docker_step(steps: Steps) -> LocalDocker:
+    with steps.step("local Docker") as done:
+        local = ensure_local_docker()
+        if local.data_root is None:
+            done.append(f"Docker: the running daemon at {local.host}")
+        else:
+            done.append(f"Docker: vcluster's daemon at {local.host}, data in {local.data_root}")
+    return local
+
+
+def _images_step(steps: Steps, local: LocalDocker) -> str:
+    with steps.step("images") as done:
+        records = build_images(progress=steps.detail, docker=local)
+        built = [r.image for r in records if r.action == "built"]
+        done.append(f"images: built {', '.join(built)}" if built else "images: all cached")
     workload_id = image_id(local, WORKLOAD_IMAGE)
     if workload_id is None:
         raise SandboxError(f"{WORKLOAD_IMAGE} is missing after the build", where="localhost")
-    report.step("images built or cached", started)
-
-    started = time.monotonic()
-    model_dir = ensure_tiny_model(docker=local, progress=lambda line: progress(f"  {line}"))
-    report.step(f"model {TINY_MODEL_NAME} ready in {model_dir}", started)
-
-    started = time.monotonic()
-    workdir.mkdir(parents=True, exist_ok=True)
-    client_key = _client_key(workdir)
-    subnet = create_network(local, name)
-    planned = plan_nodes(name, nodes, subnet)
-    keys_dir = workdir / "host-keys"
-    host_keys = {n.name: make_host_key(keys_dir, n) for n in planned}
-    authorized = client_key.with_suffix(".pub").read_text().strip()
-    for node in planned:
-        run_node(local, name, node, keys_dir, authorized)
-    for node in planned:
-        wait_until_running(local, node)
-    known_hosts = workdir / "known_hosts"
-    known_hosts.write_text(
-        "".join(f"{n.address} {' '.join(host_keys[n.name].split()[:2])}\n" for n in planned)
-    )
-    report.step(f"{nodes} node(s) running on {subnet}", started)
-
-    started = time.monotonic()
-    targets = [_target(n, client_key, known_hosts) for n in planned]
-    connections = fan_out(targets, _connect_when_ready, name=lambda t: t.name).values()
-    try:
-        report.step("SSH to every node with strict host keys", started)
-        started = time.monotonic()
-        copied = _image_to_nodes(local, connections, workload_id)
-        report.step(f"{WORKLOAD_IMAGE} on every node ({copied})", started)
-        started = time.monotonic()
-        fan_out(connections, lambda c: _model_to_node(c, model_dir), name=_name).values()
-        report.step(f"model on every node in {NODE_MODEL_CACHE}", started)
-    finally:
-        for connection in connections:
-            connection.close()
-
-    api_key = _api_key(workdir)
-    inventory = workdir / INVENTORY_FILE
-    inventory.write_text(_inventory_text(name, planned, client_key, known_hosts, api_key))
-    return Sandbox(name, workdir, inventory, tuple(planned), local, workload_id)
+    return workload_id
 
 
-def sandbox_down(name: str = DEFAULT_NAME, progress: Progress = print) -> list[str]:
-    """Remove every Docker object of the sandbox; fine when there is nothing left."""
-    local = ensure_local_docker()
-    removed = remove_all(local, name)
-    remaining = {kind: ids for kind, ids in leftovers(local, name).items() if ids}
-    if remaining:
-        raise SandboxError(f"these remain after removal: {remaining}", where="localhost")
-    progress(f"sandbox {name}: " + (", ".join(removed) + " removed" if removed else "nothing left"))
-    return removed
-
-
-def _client_key(workdir: Path) -> Path:
-    key = workdir / "id_ed25519"
-    if not key.exists():
-        subprocess.run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "vcluster-sandbox",
-                "-f",
-                str(key),
-            ],
-            check=True,
-            capture_output=True,
+def _nodes_step(
+    steps: Steps, local: LocalDocker, name: str, count: int, workdir: Path
+) -> tuple[list[SandboxNode], Path]:
+    with steps.step("nodes") as done:
+        node_image_id = image_id(local, NODE_IMAGE)
+        if node_image_id is None:
+            raise SandboxError(f"{NODE_IMAGE} is missing after the build", where="localhost")
+        subnet = create_network(local, name)
+        planned = plan_nodes(name, count, subnet)
+        _remove_extra_nodes(local, name, {n.name for n in planned})
+        authorized = keys.authorized_key(keys.client_key(workdir))
+        host_keys = {n.name: keys.host_key(workdir, n.name) for n in planned}
+        started = [
+            start_node(
+                local,
+                name,
+                node,
+                node_image_id=node_image_id,
+                host_key=host_keys[node.name],
+                authorized=authorized,
+            )
+            for node in planned
+        ]
+        for node in planned:
+            wait_until_ready(local, node)
+        known_hosts = keys.write_known_hosts(
+            workdir, [(n.address, host_keys[n.name]) for n in planned]
         )
-    return key
+        kept = started.count(False)
+        done.append(
+            f"{count} node(s) on {subnet}: "
+            + ", ".join(f"{n.name} {n.address}" for n in planned)
+            + (f" ({kept} kept running)" if kept else "")
+        )
+    return planned, known_hosts
 
 
-def _api_key(workdir: Path) -> Path:
-    """A random API key for the sandbox's endpoint, in a 0600 file the inventory refers to."""
-    path = workdir / "api-key"
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(f"sk-sandbox-{secrets.token_hex(16)}\n")
-    return path
+def _remove_extra_nodes(local: LocalDocker, name: str, wanted: set[str]) -> None:
+    """After `up --nodes 3` then `up --nodes 2`, node-3 goes (with its volume)."""
+    for container in labelled(local, "container", name):
+        node = _container_node(local, container)
+        if node is not None and node not in wanted:
+            volume = f"vcluster-{name}-{node}-docker"
+            for argv in (("rm", "--force", container), ("volume", "rm", "--force", volume)):
+                _run_docker(local, *argv)
+
+
+def _container_node(local: LocalDocker, container: str) -> str | None:
+    fmt = '{{index .Config.Labels "' + NODE_LABEL + '"}}'
+    node = _run_docker(local, "inspect", "--format", fmt, container).strip()
+    return node or None
+
+
+def _run_docker(local: LocalDocker, *args: str) -> str:
+    done = subprocess.run(
+        local.argv(*args), capture_output=True, text=True, timeout=120, check=False
+    )
+    return done.stdout
 
 
 def _target(node: SandboxNode, key: Path, known_hosts: Path) -> SshTarget:
@@ -190,8 +268,18 @@ def _name(connection: SshConnection) -> str:
     return connection.target.name
 
 
+def _connect_all(nodes: list[SandboxNode], key: Path, known_hosts: Path) -> list[SshConnection]:
+    """One connection per node, in parallel; close the opened ones if any node fails."""
+    targets = [_target(n, key, known_hosts) for n in nodes]
+    outcome = fan_out(targets, _connect_when_ready, name=lambda t: t.name)
+    if outcome.failed:
+        for connection in outcome.succeeded.values():
+            connection.close()
+    return outcome.values()
+
+
 def _connect_when_ready(target: SshTarget) -> SshConnection:
-    """Connect once the node's sshd accepts; a host key problem fails at once."""
+    """Connect once the node's sshd accepts; a host key or auth problem fails at once."""
     deadline = time.monotonic() + SSH_READY_TIMEOUT_S
     while True:
         try:
@@ -202,84 +290,25 @@ def _connect_when_ready(target: SshTarget) -> SshConnection:
             time.sleep(0.3)
 
 
-def _remote_image_id(connection: SshConnection, image: str) -> str | None:
-    result = connection.run(["docker", "image", "inspect", "--format", "{{.Id}}", image])
-    return result.stdout.strip() if result.ok else None
+def sandbox_down(
+    name: str = DEFAULT_NAME, workdir: Path | None = None, progress: Progress = print
+) -> list[str]:
+    """Remove every Docker object of the sandbox; fine when there is nothing left.
 
-
-def _image_to_nodes(local: LocalDocker, connections: list[SshConnection], wanted: str) -> str:
-    """Stream the workload image to the nodes that lack it (in parallel); check every ID."""
-
-    def ensure(connection: SshConnection) -> bool:
-        if _remote_image_id(connection, WORKLOAD_IMAGE) == wanted:
-            return False
-        with subprocess.Popen(local.argv("save", WORKLOAD_IMAGE), stdout=subprocess.PIPE) as save:
-            assert save.stdout is not None
-            result = connection.run(
-                ["docker", "load"], stdin=save.stdout, timeout=IMAGE_TRANSFER_TIMEOUT_S
-            )
-        if not result.ok or save.returncode != 0:
-            raise ImageError(
-                f"streaming {WORKLOAD_IMAGE} failed: {result.stderr.strip()[-300:]}",
-                fix="check free disk space on this machine (the nodes' Docker volumes)",
-            )
-        return True
-
-    copied = fan_out(connections, ensure, name=_name).values()
-    ids = fan_out(connections, lambda c: _remote_image_id(c, WORKLOAD_IMAGE), name=_name)
-    odd = {n: i for n, i in ids.succeeded.items() if i != wanted}
-    if odd or ids.failed:
-        raise ImageError(
-            f"{WORKLOAD_IMAGE} has another ID on {', '.join(odd) or ', '.join(ids.failed)}"
+    With a workdir, the sandbox is the one that workdir belongs to. The workdir itself (keys)
+    is kept, so a later `up` gives the nodes the same host keys.
+    """
+    if workdir is not None:
+        name = name_in(workdir.resolve()) or name
+    with _sandbox_lock(name):
+        local = ensure_local_docker()
+        removed = remove_all(local, name)
+        remaining = {kind: ids for kind, ids in leftovers(local, name).items() if ids}
+    if remaining:
+        raise SandboxError(
+            f"these remain after removal: {remaining}",
+            where="localhost",
+            fix=f"remove them by hand: docker ... --filter label=io.vcluster.sandbox={name}",
         )
-    count = sum(copied)
-    return f"streamed over SSH to {count} node(s)" if count else "already there"
-
-
-def _model_to_node(connection: SshConnection, model_dir: Path) -> None:
-    """Copy the model into the node's cache (a tar over SSH), unless the same recipe is there."""
-    target = f"{NODE_MODEL_CACHE}/models/{TINY_MODEL_NAME}"
-    recipe = (model_dir / RECIPE_FILE).read_text().strip()
-    present = connection.run(["cat", f"{target}/{RECIPE_FILE}"])
-    if present.ok and present.stdout.strip() == recipe:
-        return
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        tar.add(model_dir, arcname=TINY_MODEL_NAME)
-    # The target directory comes in as $0; the script itself is constant.
-    unpack = 'rm -rf "$0/$1" && mkdir -p "$0" && tar -x -C "$0"'
-    connection.run(
-        ["sh", "-c", unpack, f"{NODE_MODEL_CACHE}/models", TINY_MODEL_NAME],
-        stdin=archive.getvalue(),
-        check=True,
-        fix="check free disk space on the node",
-    )
-
-
-def _inventory_text(
-    name: str, nodes: list[SandboxNode], key: Path, known_hosts: Path, api_key: Path
-) -> str:
-    document = {
-        "cluster": name,
-        "image": WORKLOAD_IMAGE,
-        "accelerator": "cpu",
-        "ssh": {"user": "root", "key_file": str(key), "known_hosts": str(known_hosts)},
-        "nodes": [
-            {"name": n.name, "address": n.address, **({"role": "head"} if i == 0 else {})}
-            for i, n in enumerate(nodes)
-        ],
-        "model_cache": NODE_MODEL_CACHE,
-        "network": {"interface": "eth0"},
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-        "secrets": {"api_key": f"file:{api_key}"},
-        "model": {
-            "name": f"{NODE_MODEL_CACHE}/models/{TINY_MODEL_NAME}",
-            "served_name": SERVED_NAME,
-            "args": ["--dtype", "bfloat16", "--max-model-len", "256"],
-        },
-    }
-    header = (
-        f"# Written by `vcluster sandbox up` for the local sandbox {name!r}.\n"
-        "# Use it as is: vcluster up THIS_FILE; vcluster status THIS_FILE; vcluster down THIS_FILE\n"
-    )
-    return header + yaml.safe_dump(document, sort_keys=False)
+    progress(f"sandbox {name}: " + (", ".join(removed) + " removed" if removed else "nothing left"))
+    return removed

@@ -6,7 +6,9 @@ set -euo pipefail
 
 DOCKERD_START_TIMEOUT_S="${DOCKERD_START_TIMEOUT_S:-60}"
 
-ssh-keygen -A >/dev/null                      # this node's own host keys, made at first start
+# vcluster mounts this node's host key (made on the controller, so its known_hosts is exact);
+# a node started by hand makes its own.
+if [ ! -s /etc/ssh/ssh_host_ed25519_key ]; then ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; fi
 mkdir -p /run/sshd /root/.ssh
 chmod 700 /root/.ssh
 if [ -n "${VCLUSTER_AUTHORIZED_KEYS:-}" ]; then

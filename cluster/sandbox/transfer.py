@@ -1,0 +1,166 @@
+"""The workload image and the tiny model reach the nodes over SSH, as on air-gapped servers.
+
+The image goes `docker save` -> SSH (vcluster's own transport) -> `docker load`, to every
+node in parallel, and only to nodes that lack that image ID; afterwards every node must report
+the same ID. `docker save` runs once per image ID: its archive is kept in
+`/var/cache/vcluster/images/` (the save alone takes 40 s for the 3 GB image on this kind of
+machine, about as long as streaming it), so a warm `sandbox up` only streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import re
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cluster.sandbox.dockerd import LocalDocker
+from cluster.sandbox.images import CACHE_DIR
+from cluster.sandbox.model import RECIPE_FILE, TINY_MODEL_NAME
+from cluster.sandbox.nodes import NODE_MODEL_CACHE, SandboxError
+from cluster.transport.fanout import fan_out
+from cluster.transport.ssh import SshConnection
+
+ARCHIVE_DIR = CACHE_DIR / "images"
+SAVE_TIMEOUT_S = 900.0
+LOAD_TIMEOUT_S = 1800.0
+"""Bounds one node's `docker load` of a streamed image (2 minutes is usual here)."""
+
+Progress = Callable[[str], None]
+
+
+def _name(connection: SshConnection) -> str:
+    return connection.target.name
+
+
+def archive_path(image: str, image_id: str, folder: Path = ARCHIVE_DIR) -> Path:
+    """Where the `docker save` archive of this image ID lives (pure)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", image)
+    return folder / f"{slug}@{image_id.removeprefix('sha256:')[:16]}.tar"
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One saver at a time across processes (two test sessions, two shells)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def image_archive(
+    local: LocalDocker, image: str, image_id: str, folder: Path = ARCHIVE_DIR
+) -> tuple[Path, bool]:
+    """The archive of `image` at `image_id` (saved now unless kept); (path, saved_now).
+
+    Archives of older IDs of the same image are removed: one archive per image on disk.
+    """
+    path = archive_path(image, image_id, folder)
+    with _locked(folder):
+        if path.exists():
+            return path, False
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        done = subprocess.run(
+            local.argv("save", "--output", str(partial), image),
+            capture_output=True, text=True, timeout=SAVE_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise SandboxError(
+                f"`docker save {image}` failed: {done.stderr.strip()[-300:]}",
+                where="localhost",
+                fix=f"check free disk space under {folder}",
+            )
+        os.replace(partial, path)
+        for older in folder.glob(path.name.split("@")[0] + "@*.tar"):
+            if older != path:
+                older.unlink(missing_ok=True)
+    return path, True
+
+
+def remote_image_id(connection: SshConnection, image: str) -> str | None:
+    """The ID of `image` in a node's Docker, or None when it is not there."""
+    result = connection.run(["docker", "image", "inspect", "--format", "{{.Id}}", image])
+    return result.stdout.strip() if result.ok else None
+
+
+def _load(connection: SshConnection, archive: Path) -> None:
+    with archive.open("rb") as stream:
+        result = connection.run(["docker", "load"], stdin=stream, timeout=LOAD_TIMEOUT_S)
+    if not result.ok or "Loaded image" not in result.stdout:
+        raise SandboxError(
+            f"`docker load` of the streamed image failed: {result.stderr.strip()[-300:]}",
+            where=connection.target.label,
+            fix="check free disk space on this machine (the nodes' Docker volumes live on it)",
+        )
+
+
+def image_to_nodes(
+    local: LocalDocker,
+    connections: list[SshConnection],
+    image: str,
+    wanted_id: str,
+    progress: Progress,
+) -> int:
+    """Stream `image` to every node that lacks `wanted_id`, in parallel; check every ID after.
+
+    Returns how many nodes received it.
+    """
+    present = fan_out(connections, lambda c: remote_image_id(c, image), name=_name)
+    present.raise_if_failed("asking the nodes for their image")
+    lacking = [c for c in connections if present[_name(c)].value != wanted_id]
+    if lacking:
+        started = time.monotonic()
+        archive, saved = image_archive(local, image, wanted_id)
+        if saved:
+            progress(f"saved {image} to {archive} ({time.monotonic() - started:.1f}s)")
+        size_gb = archive.stat().st_size / 1e9
+        names = ", ".join(_name(c) for c in lacking)
+        progress(f"streaming {image} ({size_gb:.1f} GB) over SSH to {names}")
+        fan_out(lacking, lambda c: _load(c, archive), name=_name).raise_if_failed(
+            f"streaming {image}"
+        )
+    after = fan_out(connections, lambda c: remote_image_id(c, image), name=_name)
+    after.raise_if_failed("checking the image on the nodes")
+    odd = {host: found for host, found in after.succeeded.items() if found != wanted_id}
+    if odd:
+        raise SandboxError(
+            f"{image} is not {wanted_id[:19]} on "
+            + ", ".join(f"{host} ({found or 'missing'})" for host, found in odd.items()),
+            where="localhost",
+            fix="run `vcluster sandbox up` again (it streams the image again)",
+        )
+    return len(lacking)
+
+
+def model_to_node(connection: SshConnection, model_dir: Path) -> bool:
+    """Copy the model into the node's cache (a tar over SSH) unless the same recipe is there.
+
+    Returns True when it was copied.
+    """
+    target = f"{NODE_MODEL_CACHE}/models/{TINY_MODEL_NAME}"
+    recipe = (model_dir / RECIPE_FILE).read_text().strip()
+    present = connection.run(["cat", f"{target}/{RECIPE_FILE}"])
+    if present.ok and present.stdout.strip() == recipe:
+        return False
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        tar.add(model_dir, arcname=TINY_MODEL_NAME)
+    # The script is constant; the folder and the model name come in as $0 and $1.
+    unpack = 'rm -rf "$0/$1" && mkdir -p "$0" && tar -x --no-same-owner -C "$0"'
+    connection.run(
+        ["sh", "-c", unpack, f"{NODE_MODEL_CACHE}/models", TINY_MODEL_NAME],
+        stdin=archive.getvalue(),
+        check=True,
+        fix="check free disk space on this machine",
+    )
+    return True

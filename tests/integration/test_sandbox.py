@@ -1,0 +1,130 @@
+"""`vcluster sandbox up / down` for real: two Docker-in-Docker nodes, checked through vcluster's
+own SSH transport with the sandbox's strict known_hosts, then removed without a trace.
+
+Brought up once for the module (a cold machine builds the images first: allow an hour).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.inventory import load_inventory
+from cluster.sandbox.dockerd import ensure_local_docker
+from cluster.sandbox.images import WORKLOAD_IMAGE, image_id
+from cluster.sandbox.nodes import SANDBOX_LABEL
+from cluster.sandbox.sandbox import Sandbox, sandbox_down, sandbox_up
+from cluster.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(3600),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's Docker daemon needs root"),
+]
+
+NAME = "itest"  # its own name, network and nodes: a developer's sandbox may be up meanwhile
+MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    workdir = tmp_path_factory.mktemp("sandbox")
+    try:
+        yield sandbox_up(2, workdir, NAME, progress=print)
+    finally:
+        sandbox_down(NAME, progress=print)
+
+
+@pytest.fixture(scope="module")
+def connections(sandbox: Sandbox) -> Iterator[dict[str, SshConnection]]:
+    inventory = load_inventory(sandbox.inventory)
+    opened = {}
+    for node in inventory.nodes:
+        target = SshTarget(
+            name=node.name,
+            host=node.address,
+            key_file=Path(inventory.ssh.key_file),
+            known_hosts=Path(inventory.ssh.known_hosts),
+        )
+        opened[node.name] = connect(target, SshTimeouts(connect=5, command=60))
+    yield opened
+    for connection in opened.values():
+        connection.close()
+
+
+def _labelled(kind: str) -> list[str]:
+    local = ensure_local_docker()
+    label = f"label={SANDBOX_LABEL}={NAME}"
+    argv = ["ps", "-aq", "--filter", label] if kind == "container" else [kind, "ls", "-q"]
+    if kind != "container":
+        argv += ["--filter", label]
+    done = subprocess.run(local.argv(*argv), capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_the_inventory_names_the_nodes_the_cpu_image_and_the_model_in_the_cache(sandbox):
+    inventory = load_inventory(sandbox.inventory)
+    assert inventory.accelerator == "cpu"
+    assert inventory.image == WORKLOAD_IMAGE
+    assert [n.address for n in inventory.nodes] == [n.address for n in sandbox.nodes]
+    assert inventory.head.node_name == "node-1"
+    assert inventory.model.name.startswith(inventory.model_cache.rstrip("/") + "/")
+    assert Path(inventory.ssh.key_file).parent == sandbox.workdir
+    assert Path(inventory.ssh.known_hosts).parent == sandbox.workdir
+
+
+def test_each_node_answers_with_its_own_address_and_hostname(sandbox, connections):
+    for node in sandbox.nodes:
+        connection = connections[node.name]
+        assert connection.run(["hostname"], check=True).stdout.strip() == node.name
+        addresses = connection.run(["ip", "-4", "-o", "addr", "show", "eth0"], check=True).stdout
+        assert f" {node.address}/" in addresses
+
+
+def test_each_node_runs_its_own_docker_engine(sandbox, connections):
+    engine_ids = set()
+    for node in sandbox.nodes:
+        info = connections[node.name].run(
+            ["docker", "info", "--format", "{{.ID}} {{.Driver}}"], check=True
+        )
+        engine_id, driver = info.stdout.split()
+        engine_ids.add(engine_id)
+        assert driver == "overlay2"
+    assert len(engine_ids) == len(sandbox.nodes)
+
+
+def test_the_workload_image_has_the_same_id_on_every_node_as_here(sandbox, connections):
+    local_id = image_id(ensure_local_docker(), WORKLOAD_IMAGE)
+    argv = ["docker", "image", "inspect", "--format", "{{.Id}}", WORKLOAD_IMAGE]
+    found = {name: c.run(argv, check=True).stdout.strip() for name, c in connections.items()}
+    assert set(found.values()) == {local_id} == {sandbox.image_id}
+
+
+def test_the_model_files_are_in_each_nodes_model_cache(sandbox, connections):
+    inventory = load_inventory(sandbox.inventory)
+    for connection in connections.values():
+        listed = connection.run(["ls", inventory.model.name], check=True).stdout.split()
+        assert set(listed) >= MODEL_FILES
+
+
+def test_a_second_up_keeps_the_nodes_and_sends_nothing_again(sandbox):
+    lines: list[str] = []
+    again = sandbox_up(2, sandbox.workdir, NAME, progress=lines.append)
+    assert again.nodes == sandbox.nodes
+    text = "\n".join(lines)
+    assert "2 kept running" in text
+    assert "already on every node" in text
+    assert "copied to 0" in text
+
+
+def test_down_leaves_no_container_network_or_volume_and_twice_is_fine(sandbox):
+    assert _labelled("container")
+    sandbox_down(NAME, progress=print)
+    assert _labelled("container") == []
+    assert _labelled("network") == []
+    assert _labelled("volume") == []
+    assert sandbox_down(NAME, progress=print) == []

@@ -1,0 +1,90 @@
+"""The sandbox's pure parts: node plan, known_hosts, inventory, recipes, the image archive name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.inventory import load_inventory
+from cluster.sandbox.dockerd import dockerd_argv
+from cluster.sandbox.images import missing_wheels, read_lock, recipe_hash, wheel_pin
+from cluster.sandbox.inventory_file import inventory_text
+from cluster.sandbox.keys import HostKey, known_hosts_text
+from cluster.sandbox.nodes import SandboxError, node_spec, plan_nodes
+from cluster.sandbox.transfer import archive_path
+
+KEY = HostKey(Path("/w/host-keys/node-1/k"), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB node-1")
+
+
+def test_nodes_get_fixed_addresses_from_11_and_names_that_carry_the_sandbox():
+    nodes = plan_nodes("demo", 3, "172.30.4.0/24")
+    assert [n.address for n in nodes] == ["172.30.4.11", "172.30.4.12", "172.30.4.13"]
+    assert [n.name for n in nodes] == ["node-1", "node-2", "node-3"]
+    assert nodes[0].container == "vcluster-demo-node-1"
+    assert nodes[0].volume == "vcluster-demo-node-1-docker"
+
+
+def test_more_nodes_than_the_subnet_holds_is_an_error():
+    with pytest.raises(SandboxError):
+        plan_nodes("demo", 10, "172.30.4.0/28")
+
+
+def test_known_hosts_lists_each_address_with_its_key_and_no_comment():
+    text = known_hosts_text([("172.30.0.11", KEY)])
+    assert text == "172.30.0.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB\n"
+
+
+def test_a_node_spec_changes_with_the_node_image_and_the_authorized_key():
+    node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
+    spec = node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user")
+    assert spec == node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user")
+    assert spec != node_spec(node, "sha256:b", KEY, "ssh-ed25519 AAA user")
+    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 BBB user")
+
+
+def test_the_written_inventory_validates_and_points_into_the_workdir(tmp_path):
+    nodes = plan_nodes("demo", 2, "172.30.0.0/24")
+    path = tmp_path / "inventory.yaml"
+    path.write_text(
+        inventory_text(
+            "demo",
+            "vcluster/vllm-cpu:0.32.0",
+            nodes,
+            key_file=tmp_path / "id_ed25519",
+            known_hosts=tmp_path / "known_hosts",
+            api_key_file=tmp_path / "api-key",
+        )
+    )
+    inventory = load_inventory(path)
+    assert inventory.accelerator == "cpu"
+    assert inventory.head.address == "172.30.0.11"
+    assert inventory.model.name == "/data/hf/models/tiny-llama"
+    assert inventory.model.args[:2] == ["--dtype", "bfloat16"]
+    assert inventory.ssh.known_hosts == str(tmp_path / "known_hosts")
+
+
+def test_a_recipe_hash_ignores_order_but_not_content():
+    assert recipe_hash([("a", b"1"), ("b", b"2")]) == recipe_hash([("b", b"2"), ("a", b"1")])
+    assert recipe_hash([("a", b"1")]) != recipe_hash([("a", b"2")])
+
+
+def test_the_wheelhouse_lacks_exactly_the_pins_no_wheel_satisfies():
+    pins = read_lock("torch==2.13.0+cpu\nTyping_Extensions==4.15.0\nray==2.60.0\n")
+    files = [
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "typing_extensions-4.15.0-py3-none-any.whl",
+        "ray-2.59.0-cp311-cp311-manylinux2014_x86_64.whl",
+    ]
+    assert wheel_pin(files[0]) == ("torch", "2.13.0+cpu")
+    assert missing_wheels(pins, files) == {"ray": "2.60.0"}
+
+
+def test_one_archive_per_image_id_with_a_file_name_safe_name():
+    path = archive_path("vcluster/vllm-cpu:0.32.0", "sha256:0123456789abcdef0123", Path("/c"))
+    assert path == Path("/c/vcluster_vllm-cpu_0.32.0@0123456789abcdef.tar")
+
+
+def test_vclusters_own_dockerd_keeps_its_data_under_the_fixed_root():
+    argv = dockerd_argv("dockerd")
+    assert argv[argv.index("--data-root") + 1] == "/var/lib/vcluster/docker"
