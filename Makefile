@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := openssh-server openssh-client iproute2 docker.io debootstrap 
 # commands whose absence means a package above is missing
 SYSTEM_COMMANDS := /usr/sbin/sshd ssh ssh-keygen ip dockerd debootstrap pgrep curl
 
-.PHONY: help demo test unit integration e2e lint bench system-deps venv clean
+.PHONY: help demo test unit integration e2e lint bench images system-deps venv clean
 
 help:
 	@echo "make demo   - bring up the local sandbox cluster (no GPU needed) and serve a model"
@@ -44,13 +44,18 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
-integration: system-deps venv
+integration: system-deps venv images
 	$(BIN)/pytest -q tests/integration
 
-e2e: system-deps venv
+e2e: system-deps venv images
 	$(BIN)/pytest -q tests/e2e
 
-test: system-deps venv lint
+# The sandbox images (about 5 minutes on a cold machine, cached afterwards under
+# /var/lib/vcluster) are built before the tests, so no test's time limit includes them.
+images: system-deps venv
+	$(BIN)/vcluster sandbox build
+
+test: system-deps venv lint images
 	$(BIN)/pytest -q -rs tests
 
 bench: system-deps venv

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from pathlib import Path
 
 import click
+from rich.console import Console
 
 from cluster.cli.common import reports_errors
+from cluster.cli.lifecycle import ConsoleReporter, curl_line
+from cluster.errors import VclusterError
+from cluster.inventory import Inventory, load_inventory
+from cluster.sandbox.dockerd import ensure_local_docker
+from cluster.sandbox.images import build_images
+from cluster.sandbox.model import ensure_tiny_model
 from cluster.sandbox.sandbox import (
     DEFAULT_NAME,
     DEFAULT_NODES,
@@ -17,6 +26,8 @@ from cluster.sandbox.sandbox import (
     sandbox_down,
     sandbox_up,
 )
+from cluster.steps.down import down as run_down
+from cluster.steps.up import up as run_up
 
 NAME = click.option(
     "--name",
@@ -73,14 +84,61 @@ def down(workdir: Path | None, name: str) -> None:
 
 
 @sandbox.command()
+@reports_errors
+def build() -> None:
+    """Build (or find cached) the sandbox's images and tiny model; no node is started."""
+    local = ensure_local_docker()
+    for record in build_images(progress=_progress, docker=local):
+        click.echo(f"{record.image}: {record.action} ({record.image_id[:19]})")
+    click.echo(f"model: {ensure_tiny_model(docker=local, progress=_progress)}")
+
+
+@sandbox.command()
 @NODES
 @WORKDIR
 @NAME
+@click.option(
+    "--keep/--no-keep", default=True, show_default=True, help="Leave the cluster serving."
+)
 @reports_errors
-def demo(nodes: int, workdir: Path | None, name: str) -> None:
-    """What `make demo` runs: build what is missing, bring the sandbox up, say what is next."""
+def demo(nodes: int, workdir: Path | None, name: str, keep: bool) -> None:
+    """What `make demo` runs: the sandbox, `vcluster up` on it, and one chat completion."""
     result = _bring_up(nodes, workdir, name)
-    click.echo("")
-    click.echo("next: serve the tiny model on it with")
-    click.echo(f"  vcluster up {result.inventory}")
-    click.echo(f"and remove it all with: vcluster sandbox down --name {name}")
+    inventory = load_inventory(result.inventory)
+    served = run_up(inventory, ConsoleReporter(Console(stderr=True)))
+    reply = chat_once(inventory, served.endpoint, served.served_model_name)
+    click.echo(f"endpoint: {served.endpoint}  model: {served.served_model_name}")
+    click.echo(f"asked: {DEMO_PROMPT!r}")
+    click.echo(f"answer (a tiny model with random weights: expect gibberish): {reply!r}")
+    click.echo(f"try:   {curl_line(inventory, served.endpoint, served.served_model_name)}")
+    click.echo(f"then:  vcluster status {result.inventory}")
+    if not keep:
+        run_down(inventory, ConsoleReporter(Console(stderr=True)))
+    click.echo(
+        f"remove it all: vcluster down {result.inventory} && vcluster sandbox down --name {name}"
+    )
+
+
+DEMO_PROMPT = "Say hello to the cluster."
+
+
+def chat_once(inventory: Inventory, endpoint: str, model: str) -> str:
+    """One chat completion from the endpoint, as any OpenAI client would ask it."""
+    key = inventory.secrets.api_key.resolve() if inventory.secrets.api_key else None
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": DEMO_PROMPT}], "max_tokens": 16}
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{endpoint}/chat/completions", body, headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            answer = json.loads(response.read())
+    except OSError as exc:
+        raise VclusterError(
+            f"the chat completion failed: {exc}",
+            where=endpoint,
+            fix=f"vcluster status {inventory.source} and vcluster logs {inventory.source}",
+        ) from None
+    return answer["choices"][0]["message"]["content"]
