@@ -76,9 +76,9 @@ _CAUSES = [
         "use an image with every library vLLM needs (the message names it)",
     ),
     (
-        re.compile(r"No working C\+\+ compiler", re.I),
-        "torch.compile needs a C++ compiler that the image lacks",
-        "add --enforce-eager to model.args (no compilation), or use an image with g++",
+        re.compile(r"No working C\+\+ compiler|Python\.h: No such file", re.I),
+        "torch.compile needs a C++ compiler and Python headers that the image lacks",
+        "use an image with g++ and python3-dev, or add --enforce-eager to model.args",
     ),
     (
         re.compile(r"Address already in use", re.I),

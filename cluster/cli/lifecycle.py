@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 from prometheus_client import CollectorRegistry, start_http_server
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
 
 from cluster.checks import exit_code as checks_exit_code
 from cluster.checks import results_as_dicts, results_table
@@ -121,10 +123,19 @@ def curl_line(inventory: Inventory, endpoint: str, model: str) -> str:
 @click.command()
 @INVENTORY
 @JSON
+@click.option(
+    "--watch",
+    "watch_s",
+    type=click.FloatRange(min=1),
+    help="Refresh in place every N seconds (Ctrl-C stops).",
+)
 @reports_errors
-def status(inventory: Path, as_json: bool) -> None:
-    """Show SSH, container, Ray and vLLM health of every node (exit 3 when unhealthy)."""
+def status(inventory: Path, as_json: bool, watch_s: float | None) -> None:
+    """Show SSH, container, GPU, Ray and vLLM health of every node (exit 3 when unhealthy)."""
     loaded = load_inventory(inventory)
+    if watch_s is not None and not as_json:
+        _watch(loaded, watch_s)
+        return
     with Session(loaded) as session:
         snapshot = gather_status(loaded, session)
     if as_json:
@@ -135,6 +146,25 @@ def status(inventory: Path, as_json: bool) -> None:
             console.print(part, highlight=False)
     if not snapshot.healthy:
         sys.exit(int(ExitCode.UNHEALTHY))
+
+
+def _watch(inventory: Inventory, interval_s: float) -> None:
+    """Redraw the status every interval until Ctrl-C."""
+    with Live(Text("gathering ..."), auto_refresh=False) as live:
+        try:
+            while True:
+                started = time.monotonic()
+                with Session(inventory) as session:
+                    snapshot = gather_status(inventory, session)
+                taken = time.strftime("%H:%M:%S")
+                parts = [
+                    *render_table(snapshot),
+                    f"(at {taken}, every {interval_s:g}s; Ctrl-C stops)",
+                ]
+                live.update(Group(*parts), refresh=True)
+                time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            pass
 
 
 @click.command()

@@ -8,8 +8,13 @@ The steps depend on each other (the cluster is brought up once), so they run in 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,6 +137,32 @@ def test_exec_ray_status_lists_every_node(inventory, loaded):
     result = vcluster("exec", str(inventory), "--", "ray", "status")
     assert_ok(result)
     assert result.stdout.count("node_") >= len(loaded.nodes), result.stdout
+
+
+def test_exec_without_a_command_is_an_interactive_shell_that_returns_its_exit_code(inventory):
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: vcluster on a real terminal, as a user types into it
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "cluster", "exec", str(inventory)])
+    os.write(terminal, b"echo answer=$((6*7)) cols=$(stty size); exit 3\n")
+    output = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([terminal], [], [], 1)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child closed the terminal: it exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    else:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3, output
+    assert b"answer=42" in output
 
 
 def test_logs_show_vllms_log(inventory):
