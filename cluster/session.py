@@ -79,7 +79,8 @@ class Session:
 
     def open(self, nodes: Iterable[Node] | None = None) -> FanOut[SshConnection]:
         """Connect to `nodes` (all by default) in parallel; return every node's outcome."""
-        targets = [ssh_target(self.inventory, n) for n in (nodes or self.inventory.nodes)]
+        wanted = [n for n in (nodes or self.inventory.nodes) if n.node_name not in self.connections]
+        targets = [ssh_target(self.inventory, n) for n in wanted]
         timeouts = ssh_timeouts(self.inventory)
         outcome = fan_out(targets, lambda t: connect(t, timeouts), name=lambda t: t.name)
         self.connections.update(outcome.succeeded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cluster.facts.host import HostFacts, parse_probe, probe_argv
+from cluster.inventory import Inventory
 from cluster.plan import NodeFacts
 from cluster.steps.context import UpContext
 
@@ -29,7 +30,8 @@ def gather_facts(context: UpContext) -> str:
     )
 
 
-def node_facts(facts: HostFacts, address: str, inventory) -> NodeFacts:
+def node_facts(facts: HostFacts, address: str, inventory: Inventory) -> NodeFacts:
+    """What the plan needs of a node, from its probe."""
     gpus = facts.gpus if inventory.accelerator == "nvidia" else []
     return NodeFacts(
         address=address,
