@@ -78,7 +78,7 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         return
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSADRAIN)  # keep what was typed ahead (TCSAFLUSH drops it)
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)

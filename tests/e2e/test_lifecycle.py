@@ -144,10 +144,13 @@ def test_exec_without_a_command_is_an_interactive_shell_that_returns_its_exit_co
     if pid == 0:  # the child: vcluster on a real terminal, as a user types into it
         os.chdir(REPO)
         os.execv(sys.executable, [sys.executable, "-m", "cluster", "exec", str(inventory)])
-    os.write(terminal, b"echo answer=$((6*7)) cols=$(stty size); exit 3\n")
     output = b""
+    typed = False
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if not typed and b"# " in output:  # the remote shell's prompt: type as a user would
+            os.write(terminal, b"echo answer=$((6*7)); exit 3\n")
+            typed = True
         ready, _, _ = select.select([terminal], [], [], 1)
         if not ready:
             continue
