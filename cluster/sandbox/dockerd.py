@@ -11,18 +11,16 @@ like the system one); `stop_local_docker` stops one that vcluster started.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.errors import VclusterError
+from cluster.sandbox.filelock import file_lock
 
 DEFAULT_SOCKET = Path("/var/run/docker.sock")
 RUN_DIR = Path("/run/vcluster")
@@ -113,7 +111,7 @@ def ensure_local_docker(
     if daemon_answers(own.host):
         return own
     dockerd = _require_binary("dockerd", fix=INSTALL_FIX)
-    with _start_lock():
+    with file_lock(RUN_DIR / "dockerd.lock"):  # one start at a time on this machine
         if not daemon_answers(own.host):  # another process may have started it meanwhile
             _start_dockerd(dockerd, own, start_timeout_s)
     return own
@@ -141,18 +139,6 @@ def _require_binary(name: str, *, fix: str) -> str:
     if path is None:
         raise VclusterError(f"`{name}` was not found on PATH", where="localhost", fix=fix)
     return path
-
-
-@contextlib.contextmanager
-def _start_lock() -> Iterator[None]:
-    """Serialize starts between concurrent vcluster processes (tests, CI jobs, two shells)."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / "dockerd.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _start_dockerd(dockerd: str, own: LocalDocker, timeout_s: float) -> None:

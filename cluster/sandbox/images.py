@@ -18,7 +18,6 @@ build over loopback HTTP for `pip install --no-index`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import http.server
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from cluster.errors import VclusterError
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
+from cluster.sandbox.filelock import file_lock
 
 IMAGES_DIR = Path(__file__).resolve().parents[2] / "images"
 CACHE_DIR = Path("/var/cache/vcluster")
@@ -413,27 +413,15 @@ def build_images(
     finds the first one's images cached instead of building the same recipe again.
     """
     docker = docker or ensure_local_docker()
-    with _build_lock(progress):
+    with file_lock(
+        CACHE_DIR / "build.lock",
+        when_busy=lambda: progress("another vcluster process is building the images; waiting"),
+    ):
         return [
             build_base(docker, progress),
             build_node(docker, progress),
             build_workload(docker, progress),
         ]
-
-
-@contextlib.contextmanager
-def _build_lock(progress: Progress) -> Iterator[None]:
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / "build.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress("another vcluster process is building the images; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # --- the wheelhouse ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ known_hosts, inventory, API key, `sandbox.json`) or is a Docker object labelled
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from cluster.sandbox import keys
 from cluster.sandbox.dockerd import RUN_DIR, LocalDocker, ensure_local_docker
+from cluster.sandbox.filelock import file_lock
 from cluster.sandbox.images import NODE_IMAGE, WORKLOAD_IMAGE, build_images, image_id
 from cluster.sandbox.inventory_file import inventory_text, write_inventory
 from cluster.sandbox.model import TINY_MODEL_NAME, ensure_tiny_model
@@ -88,23 +88,17 @@ class Steps:
         self.progress(f"    {line}")
 
 
-@contextlib.contextmanager
-def _sandbox_lock(name: str) -> Iterator[None]:
-    """One `up` or `down` of a sandbox at a time on this machine."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / f"sandbox-{name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SandboxError(
-                f"another `vcluster sandbox up/down` of sandbox {name!r} is running",
-                where="localhost",
-                fix="wait for it to finish, or use another --name",
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _sandbox_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """One `up` or `down` of a sandbox at a time on this machine; a second one is refused."""
+
+    def refuse() -> None:
+        raise SandboxError(
+            f"another `vcluster sandbox up/down` of sandbox {name!r} is running",
+            where="localhost",
+            fix="wait for it to finish, or use another --name",
+        )
+
+    return file_lock(RUN_DIR / f"sandbox-{name}.lock", when_busy=refuse)
 
 
 def name_in(workdir: Path) -> str | None:

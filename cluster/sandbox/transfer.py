@@ -9,18 +9,17 @@ machine, about as long as streaming it), so a warm `sandbox up` only streams.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import os
 import re
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from cluster.sandbox.dockerd import LocalDocker
+from cluster.sandbox.filelock import file_lock
 from cluster.sandbox.images import CACHE_DIR
 from cluster.sandbox.model import RECIPE_FILE, TINY_MODEL_NAME
 from cluster.sandbox.nodes import NODE_MODEL_CACHE, SandboxError
@@ -45,18 +44,6 @@ def archive_path(image: str, image_id: str, folder: Path = ARCHIVE_DIR) -> Path:
     return folder / f"{slug}@{image_id.removeprefix('sha256:')[:16]}.tar"
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One saver at a time across processes (two test sessions, two shells)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def image_archive(
     local: LocalDocker, image: str, image_id: str, folder: Path = ARCHIVE_DIR
 ) -> tuple[Path, bool]:
@@ -65,7 +52,7 @@ def image_archive(
     Archives of older IDs of the same image are removed: one archive per image on disk.
     """
     path = archive_path(image, image_id, folder)
-    with _locked(folder):
+    with file_lock(folder / ".lock"):  # one saver at a time across processes
         if path.exists():
             return path, False
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
