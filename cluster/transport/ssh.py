@@ -30,6 +30,7 @@ NO_EXIT_STATUS = -1
 """`CommandResult.exit_code` of a command that ended without one (killed by a signal)."""
 _TRANSPORT_TEARDOWN_S = 0.1
 """paramiko closes a dead connection's channels just before it marks the transport inactive."""
+_AEAD_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 @dataclass(frozen=True)
@@ -428,11 +429,30 @@ def _authenticated_client(
             auth_timeout=timeouts.connect,
             channel_timeout=timeouts.connect,
             sock=sock,
+            transport_factory=_tuned_transport,
         )
     except BaseException as exc:
         client.close()
         raise _translate_connect_error(exc, target) from None
     return client
+
+
+def _tuned_transport(sock: object, **options: object) -> paramiko.Transport:
+    """A paramiko transport with TCP_NODELAY that offers AES-GCM first.
+
+    Without TCP_NODELAY (paramiko leaves Nagle on, OpenSSH turns it off) a command's small
+    packets wait for the delayed ACK: about 40 ms per command instead of a round trip.
+    AES-GCM (OpenSSH has it since 6.2) costs the controller about 30% less CPU per streamed
+    byte than paramiko's default, AES-CTR plus a separate HMAC: it shows when an image goes to
+    many nodes at once. Servers without GCM still negotiate the rest of the list.
+    """
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = paramiko.Transport(sock, **options)
+    security = transport.get_security_options()
+    offered = tuple(security.ciphers)  # GCM is there from paramiko 3.5 on
+    security.ciphers = tuple(sorted(offered, key=lambda name: name not in _AEAD_CIPHERS))
+    return transport
 
 
 def _translate_connect_error(exc: BaseException, target: SshTarget) -> BaseException:
