@@ -38,8 +38,8 @@ demo: system-deps venv
 	$(BIN)/vcluster sandbox demo
 
 lint: venv
-	$(BIN)/ruff check cluster tests bench
-	$(BIN)/ruff format --check cluster tests bench
+	$(BIN)/ruff check cluster tests bench images
+	$(BIN)/ruff format --check cluster tests bench images
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

@@ -209,7 +209,6 @@ def test_one_connection_carries_many_commands(ssh_lab, node01, target_for):
     assert other.split()[1] != source_port
 
 
-
 def test_small_packets_leave_at_once_instead_of_waiting_for_a_delayed_ack(node01):
     # With Nagle's algorithm on (paramiko's default) every command took ~40 ms, not a round trip.
     assert node01.transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
@@ -219,6 +218,7 @@ def test_openssh_and_vcluster_agree_on_aes_gcm_the_cheapest_cipher_to_stream_wit
     # Streaming an image to many nodes at once is bound by the controller's CPU per byte.
     assert node01.transport.local_cipher == "aes128-gcm@openssh.com"
     assert node01.transport.remote_cipher == "aes128-gcm@openssh.com"
+
 
 def test_a_command_that_hangs_times_out_and_the_connection_stays_usable(node01):
     started = time.monotonic()
