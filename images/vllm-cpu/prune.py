@@ -5,6 +5,7 @@ Every megabyte here is streamed to every node on every `sandbox up` after a `dow
 
 import importlib.util
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -25,3 +26,16 @@ for path in (SITE / "torch" / "bin").iterdir():
     if path.name != "torch_shm_manager" and path.is_file():
         path.unlink()
 shutil.rmtree(SITE / "ray" / "jars", ignore_errors=True)
+
+# Debug info that some wheels ship: vllm/_C alone is 204 MB with it, 40 MB without. Only the
+# debug sections go (symbols stay, so backtraces still name functions). strip comes with g++.
+for path in SITE.rglob("*.so*"):
+    if path.is_file() and path.stat().st_size > 1_000_000:
+        sections = subprocess.run(
+            ["readelf", "-S", "-W", str(path)], capture_output=True, text=True
+        ).stdout
+        if ".debug_info" in sections:
+            before = path.stat().st_size
+            subprocess.run(["strip", "--strip-debug", str(path)], check=True)
+            saved = (before - path.stat().st_size) // 1_000_000
+            print("stripped debug info from", path.relative_to(SITE), f"(-{saved} MB)")
