@@ -12,6 +12,7 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 H200 = FIXTURES / "gpu" / "h200x8"
 H100 = FIXTURES / "gpu" / "h100x1"
+H200X2 = FIXTURES / "gpu" / "h200x2"
 
 
 def read(path: Path) -> str:

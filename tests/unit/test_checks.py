@@ -45,9 +45,12 @@ from cluster.checks import (
 from cluster.facts.gpu import GpuFacts, GpuProblemKind, GpuProcess, parse_topology
 from cluster.facts.host import DiskSpace, DockerFacts, HostFacts, RouteToHead, parse_probe
 from cluster.inventory import Inventory
-from tests.support.probe_output import H200, compose_probe, h200_sections, read
+from tests.support.probe_output import H200, H200X2, compose_probe, h200_sections, read
 
 HEALTHY = parse_probe(compose_probe(h200_sections()))
+# probed on a real 2 x H200 host (NVLink between the two), idle and with a process on GPU0
+TWO_H200 = parse_probe(read(H200X2 / "probe.txt"))
+TWO_H200_BUSY = parse_probe(read(H200X2 / "probe-busy.txt"))
 MISSING = "nvidia-smi is not installed"
 
 
@@ -296,6 +299,16 @@ def two_pcie_islands(a: int, b: int) -> str:
 def test_topology_passes_on_nvlink():
     result = only(check_topology(given()))
     assert (result.status, result.detail) == (Status.PASS, "NVLink between 8 GPUs")
+
+
+def test_gpu_checks_on_two_real_two_gpu_hosts():
+    checks = given(TWO_H200_BUSY, a=TWO_H200, model={"tensor_parallel": 2, "pipeline_parallel": 2})
+    assert statuses(check_gpus(checks)) == {"a": Status.PASS, "b": Status.PASS}
+    assert only(check_topology(checks)).detail == "NVLink between 2 GPUs"
+    idle = check_gpus_idle(checks)
+    assert only(idle, "a").status is Status.PASS
+    assert only(idle).status is Status.WARN
+    assert "python3" in only(idle).detail and "GPU0, 2566 MiB" in only(idle).detail
 
 
 def test_topology_warns_when_tensor_parallel_spans_gpus_without_nvlink():

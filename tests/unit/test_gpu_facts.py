@@ -1,4 +1,4 @@
-"""GPU facts: what nvidia-smi really prints (8 x H200, 1 x H100), its variants, its failures.
+"""GPU facts: what nvidia-smi really prints (8 and 2 x H200, 1 x H100), variants, failures.
 
 Variants are the real captures edited the way a sick or different machine prints them.
 """
@@ -18,7 +18,7 @@ from cluster.facts.gpu import (
     parse_query_gpu,
     parse_topology,
 )
-from tests.support.probe_output import H100, H200, read
+from tests.support.probe_output import H100, H200, H200X2, read
 
 QUERY = read(H200 / "query-gpu-noheader-nounits.csv")
 TOPOLOGY = read(H200 / "topo-m.txt")
@@ -201,6 +201,14 @@ def test_the_real_h200_topology_is_nvlink_all_to_all():
     assert topology.gpu_indices == tuple(range(8))
     assert topology.links[(0, 7)] == "NV18"
     assert topology.links[(3, 3)] == "X"
+    assert topology.interconnect == "NVLink"
+    assert topology.pairs_without_nvlink() == []
+
+
+def test_a_real_pair_of_h200s_is_nvlinked():
+    topology = parse_topology(read(H200X2 / "topo-m.txt"))
+    assert topology.gpu_indices == (0, 1)
+    assert topology.links[(0, 1)] == topology.links[(1, 0)] == "NV18"
     assert topology.interconnect == "NVLink"
     assert topology.pairs_without_nvlink() == []
 

@@ -1,8 +1,8 @@
 """The host probe: the script itself, run here for real, and its output parsed into HostFacts.
 
 Fixtures: `fixtures/probe/` was printed by the probe on this development machine (Debian 12,
-no GPU, Docker daemon not running); `fixtures/gpu/h100x1/probe*.txt` on a real H100 host
-(no Docker, no iproute2). The 8 x H200 probe is composed from that machine's real captures.
+no GPU, Docker daemon not running); `fixtures/gpu/h100x1/probe*.txt` on a real H100 host and
+`fixtures/gpu/h200x2/probe*.txt` on a real 2 x H200 host with NVLink (no Docker, no iproute2). The 8 x H200 probe is composed from that machine's real captures.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cluster.facts.probe import PROBE_SCRIPT, probe_argv, split_sections
 from tests.support.probe_output import (
     FIXTURES,
     H100,
+    H200X2,
     TYPICAL_SECTIONS,
     compose_probe,
     h200_sections,
@@ -162,6 +163,25 @@ def test_a_real_h100_host_with_a_process_holding_gpu_memory():
     [process] = facts.gpu.processes  # caught while it was still allocating
     assert (process.process_name, process.used_memory_mib) == ("python3", 104)
     assert process.gpu_uuid == facts.gpus[0].uuid
+
+
+def test_a_real_two_gpu_host_with_nvlink():
+    facts = parse_probe(read(H200X2 / "probe.txt"))
+    assert facts.gpu.problem is None
+    assert (facts.gpu.gpu_count, facts.gpu.model_name) == (2, "NVIDIA H200")
+    assert [g.pci_bus_id for g in facts.gpus] == ["00000000:00:06.0", "00000000:00:07.0"]
+    assert facts.gpu.topology.links[(0, 1)] == "NV18"
+    assert facts.gpu.topology.interconnect == "NVLink"
+    assert facts.gpu.driver_version == "580.159.04"
+    assert facts.cpu_count == 32
+    assert facts.shm.size_bytes == 256 * GIB
+
+
+def test_a_real_two_gpu_host_names_the_gpu_a_process_holds():
+    facts = parse_probe(read(H200X2 / "probe-busy.txt"))
+    [process] = facts.gpu.processes
+    assert (process.process_name, process.used_memory_mib) == ("python3", 2566)
+    assert process.gpu_uuid == facts.gpus[0].uuid != facts.gpus[1].uuid
 
 
 def test_eight_h200s_through_the_whole_parse_path():
