@@ -388,6 +388,21 @@ def build_node(
                              build_args={"BASE_IMAGE": BASE_IMAGE})  # fmt: skip
 
 
+# images/vllm-cpu/prune.py keeps only the vLLM kernel build this CPU loads (on AVX512-BF16
+# CPUs), so the image suits only CPUs with the same of these features: another CPU is another
+# recipe, and gets its own build.
+KERNEL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16")
+
+
+def kernel_cpu_flags(cpuinfo: str) -> str:
+    """The features in /proc/cpuinfo that decide which vLLM kernel build the image keeps."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            present = set(line.partition(":")[2].split())
+            return ",".join(flag for flag in KERNEL_CPU_FLAGS if flag in present)
+    return ""
+
+
 def build_workload(
     docker: LocalDocker,
     progress: Progress = _quiet,
@@ -401,6 +416,7 @@ def build_workload(
         docker, WORKLOAD_IMAGE, context, progress,
         build_args={"BASE_IMAGE": BASE_IMAGE},
         before_build=lambda: _wheelhouse_served(lock, wheelhouse, progress),
+        extra_recipe=[("cpu", kernel_cpu_flags(Path("/proc/cpuinfo").read_text()).encode())],
     )  # fmt: skip
 
 

@@ -8,7 +8,13 @@ import pytest
 
 from cluster.inventory import load_inventory
 from cluster.sandbox.dockerd import dockerd_argv
-from cluster.sandbox.images import missing_wheels, read_lock, recipe_hash, wheel_pin
+from cluster.sandbox.images import (
+    kernel_cpu_flags,
+    missing_wheels,
+    read_lock,
+    recipe_hash,
+    wheel_pin,
+)
 from cluster.sandbox.inventory_file import inventory_text
 from cluster.sandbox.keys import HostKey, known_hosts_text
 from cluster.sandbox.nodes import SandboxError, node_spec, plan_nodes
@@ -67,6 +73,14 @@ def test_the_written_inventory_validates_and_points_into_the_workdir(tmp_path):
 def test_a_recipe_hash_ignores_order_but_not_content():
     assert recipe_hash([("a", b"1"), ("b", b"2")]) == recipe_hash([("b", b"2"), ("a", b"1")])
     assert recipe_hash([("a", b"1")]) != recipe_hash([("a", b"2")])
+
+
+def test_the_workload_recipe_names_the_cpu_features_that_pick_vllms_kernels():
+    cpuinfo = (Path(__file__).parents[1] / "fixtures/cpuinfo/epyc-avx512-bf16.txt").read_text()
+    assert kernel_cpu_flags(cpuinfo) == "avx2,avx512f,avx512_bf16"
+    without_bf16 = cpuinfo.replace(" avx512_bf16", "")
+    assert kernel_cpu_flags(without_bf16) == "avx2,avx512f"
+    assert kernel_cpu_flags("processor\t: 0\n") == ""
 
 
 def test_the_wheelhouse_lacks_exactly_the_pins_no_wheel_satisfies():
