@@ -2,7 +2,8 @@
 
 Fixtures: `fixtures/probe/` was printed by the probe on this development machine (Debian 12,
 no GPU, Docker daemon not running); `fixtures/gpu/h100x1/probe*.txt` on a real H100 host and
-`fixtures/gpu/h200x2/probe*.txt` on a real 2 x H200 host with NVLink (no Docker, no iproute2). The 8 x H200 probe is composed from that machine's real captures.
+`fixtures/gpu/h200x2/probe*.txt` on a real 2 x H200 host with NVLink (neither had Docker or
+iproute2). The 8 x H200 probe is composed from the real nvidia-smi captures of such a machine.
 """
 
 from __future__ import annotations

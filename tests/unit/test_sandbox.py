@@ -19,6 +19,7 @@ from cluster.sandbox.inventory_file import inventory_text
 from cluster.sandbox.keys import HostKey, known_hosts_text
 from cluster.sandbox.nodes import SandboxError, node_spec, plan_nodes
 from cluster.sandbox.transfer import archive_path
+from tests.support.probe_output import FIXTURES, read
 
 KEY = HostKey(Path("/w/host-keys/node-1/k"), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB node-1")
 
@@ -76,7 +77,7 @@ def test_a_recipe_hash_ignores_order_but_not_content():
 
 
 def test_the_workload_recipe_names_the_cpu_features_that_pick_vllms_kernels():
-    cpuinfo = (Path(__file__).parents[1] / "fixtures/cpuinfo/epyc-avx512-bf16.txt").read_text()
+    cpuinfo = read(FIXTURES / "cpuinfo" / "epyc-avx512-bf16.txt")
     assert kernel_cpu_flags(cpuinfo) == "avx2,avx512f,avx512_bf16"
     without_bf16 = cpuinfo.replace(" avx512_bf16", "")
     assert kernel_cpu_flags(without_bf16) == "avx2,avx512f"
