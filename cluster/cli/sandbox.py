@@ -14,6 +14,7 @@ from cluster.cli.common import reports_errors
 from cluster.cli.lifecycle import ConsoleReporter, curl_line
 from cluster.errors import VclusterError
 from cluster.inventory import Inventory, load_inventory
+from cluster.sandbox import storage
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import build_images
 from cluster.sandbox.model import ensure_tiny_model
@@ -43,15 +44,23 @@ WORKDIR = click.option(
 NODES = click.option(
     "--nodes", type=click.IntRange(1, MAX_NODES), default=DEFAULT_NODES, show_default=True
 )
+NODE_STORAGE = click.option(
+    "--node-storage",
+    type=click.Choice(storage.CHOICES),
+    default=storage.AUTO,
+    show_default=True,
+    help="Where nodes keep their Docker data: memory (tmpfs, faster) or disk (volumes); "
+    "auto picks memory when it fits in 60% of this machine's memory.",
+)
 
 
 def _progress(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _bring_up(nodes: int, workdir: Path | None, name: str) -> Sandbox:
+def _bring_up(nodes: int, workdir: Path | None, name: str, node_storage: str) -> Sandbox:
     started = time.monotonic()
-    result = sandbox_up(nodes, workdir, name, progress=_progress)
+    result = sandbox_up(nodes, workdir, name, progress=_progress, node_storage=node_storage)
     click.echo(f"sandbox {name}: {nodes} node(s) up in {time.monotonic() - started:.0f}s")
     for node in result.nodes:
         click.echo(f"  {node.name}  {node.address}  (container {node.container})")
@@ -68,10 +77,11 @@ def sandbox() -> None:
 @NODES
 @WORKDIR
 @NAME
+@NODE_STORAGE
 @reports_errors
-def up(nodes: int, workdir: Path | None, name: str) -> None:
+def up(nodes: int, workdir: Path | None, name: str, node_storage: str) -> None:
     """Start the nodes, with the workload image and the tiny model on each (idempotent)."""
-    _bring_up(nodes, workdir, name)
+    _bring_up(nodes, workdir, name, node_storage)
 
 
 @sandbox.command()
@@ -97,13 +107,14 @@ def build() -> None:
 @NODES
 @WORKDIR
 @NAME
+@NODE_STORAGE
 @click.option(
     "--keep/--no-keep", default=True, show_default=True, help="Leave the cluster serving."
 )
 @reports_errors
-def demo(nodes: int, workdir: Path | None, name: str, keep: bool) -> None:
+def demo(nodes: int, workdir: Path | None, name: str, node_storage: str, keep: bool) -> None:
     """What `make demo` runs: the sandbox, `vcluster up` on it, and one chat completion."""
-    result = _bring_up(nodes, workdir, name)
+    result = _bring_up(nodes, workdir, name, node_storage)
     inventory = load_inventory(result.inventory)
     served = run_up(inventory, ConsoleReporter(Console(stderr=True)))
     reply = chat_once(inventory, served.endpoint, served.served_model_name)

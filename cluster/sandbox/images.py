@@ -196,7 +196,8 @@ def _image_label(docker: LocalDocker, image: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _image_size(docker: LocalDocker, image: str) -> int:
+def image_size(docker: LocalDocker, image: str) -> int:
+    """The size of a local image in bytes, as `docker images` counts it."""
     return int(_docker(docker, "image", "inspect", "--format", "{{.Size}}", image))
 
 
@@ -220,7 +221,7 @@ def _record_if_cached(
         return None
     action, found_id = found
     progress(f"{image}: {action} (recipe {recipe[:12]})")
-    return BuildRecord(image, action, recipe, found_id, _image_size(docker, image),
+    return BuildRecord(image, action, recipe, found_id, image_size(docker, image),
                        time.monotonic() - started)  # fmt: skip
 
 
@@ -286,7 +287,7 @@ def build_base(
     _drop_superseded(docker, superseded, BASE_IMAGE)
     progress(f"{BASE_IMAGE}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(BASE_IMAGE, "built", recipe, image_id(docker, BASE_IMAGE) or "",
-                       _image_size(docker, BASE_IMAGE), time.monotonic() - started,
+                       image_size(docker, BASE_IMAGE), time.monotonic() - started,
                        log_path)  # fmt: skip
 
 
@@ -377,7 +378,7 @@ def _build_dockerfile(
     _drop_superseded(docker, superseded, image)
     progress(f"{image}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(image, "built", recipe, image_id(docker, image) or "",
-                       _image_size(docker, image), time.monotonic() - started, log_path)  # fmt: skip
+                       image_size(docker, image), time.monotonic() - started, log_path)  # fmt: skip
 
 
 def build_node(

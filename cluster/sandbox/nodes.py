@@ -3,8 +3,8 @@
 Each node stands in for a GPU server: its own IP address (fixed: .11, .12, ... of the
 sandbox's subnet), its own SSH host key (made on the controller and mounted read-only, so
 known_hosts comes from the keys themselves), its own Docker engine (Docker-in-Docker with the
-flags FACTS.md found to work without --privileged, its /var/lib/docker on a named volume) and a
-`/dev/shm` large enough for vLLM (the workload's `--ipc=host` is the node's IPC namespace).
+flags FACTS.md found to work without --privileged, its /var/lib/docker in a tmpfs or on a named
+volume: see storage.py) and a `/dev/shm` large enough for vLLM (the workload's `--ipc=host` is the node's IPC namespace).
 Every Docker object is labelled `io.vcluster.sandbox=<name>`, so `down` finds them all.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cluster.errors import VclusterError
 from cluster.sandbox.dockerd import LocalDocker
 from cluster.sandbox.keys import HostKey
+from cluster.sandbox.storage import MEMORY, NodeStorage
 
 SANDBOX_LABEL = "io.vcluster.sandbox"
 NODE_LABEL = "io.vcluster.sandbox.node"
@@ -152,10 +153,25 @@ def create_network(local: LocalDocker, sandbox: str) -> str:
     )
 
 
-def node_spec(node: SandboxNode, node_image_id: str, host_key: HostKey, authorized: str) -> str:
+def node_spec(
+    node: SandboxNode,
+    node_image_id: str,
+    host_key: HostKey,
+    authorized: str,
+    storage: NodeStorage,
+) -> str:
     """A hash of everything a running node was started with; equal means it can be kept."""
-    parts = [node.address, node_image_id, host_key.public_line, authorized, SHM_SIZE, *DIND_FLAGS]
+    parts = [node.address, node_image_id, host_key.public_line, authorized, SHM_SIZE, *DIND_FLAGS,
+             *docker_data_argv(node, storage)]  # fmt: skip
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def docker_data_argv(node: SandboxNode, storage: NodeStorage) -> list[str]:
+    """The `docker run` arguments that give a node its /var/lib/docker (pure)."""
+    if storage.mode == MEMORY:
+        # exec: the inner containers' programs live there; the size caps what a node can take.
+        return ["--tmpfs", f"/var/lib/docker:exec,size={storage.tmpfs_bytes}"]
+    return ["--mount", f"type=volume,source={node.volume},target=/var/lib/docker"]
 
 
 def start_node(
@@ -166,13 +182,15 @@ def start_node(
     node_image_id: str,
     host_key: HostKey,
     authorized: str,
+    storage: NodeStorage,
 ) -> bool:
     """Start one node container; keep it when it already runs with the same spec.
 
-    Returns True when a container was (re)started. Its Docker volume is kept either way, so a
-    restarted node still has the images it had.
+    Returns True when a container was (re)started. On disk, its Docker volume is kept either
+    way, so a restarted node still has the images it had; in memory, a restarted node starts
+    empty and is sent the image again.
     """
-    spec = node_spec(node, node_image_id, host_key, authorized)
+    spec = node_spec(node, node_image_id, host_key, authorized, storage)
     existing = _inspect(local, "container", node.container)
     _require_ours(existing, "container", node.container, sandbox)
     if existing is not None:
@@ -181,7 +199,9 @@ def start_node(
         _docker(local, "rm", "--force", node.container)
     volume = _inspect(local, "volume", node.volume)
     _require_ours(volume, "volume", node.volume, sandbox)
-    if volume is None:
+    if storage.mode == MEMORY and volume is not None:  # left by a run on disk: not needed now
+        _docker(local, "volume", "rm", "--force", node.volume, timeout_s=300)
+    if storage.mode != MEMORY and volume is None:
         _docker(local, "volume", "create", "--label", f"{SANDBOX_LABEL}={sandbox}", node.volume)
     _docker(
         local,
@@ -192,7 +212,7 @@ def start_node(
         "--label", f"{SPEC_LABEL}={spec}",
         *DIND_FLAGS,
         "--shm-size", SHM_SIZE,
-        "--mount", f"type=volume,source={node.volume},target=/var/lib/docker",
+        *docker_data_argv(node, storage),
         "--mount", f"type=bind,source={host_key.private},target=/etc/ssh/ssh_host_ed25519_key,readonly",
         "--mount", f"type=bind,source={host_key.public},target=/etc/ssh/ssh_host_ed25519_key.pub,readonly",
         "--env", f"VCLUSTER_AUTHORIZED_KEYS={authorized}",

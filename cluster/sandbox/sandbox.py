@@ -21,7 +21,7 @@ from pathlib import Path
 from cluster.sandbox import keys
 from cluster.sandbox.dockerd import RUN_DIR, LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
-from cluster.sandbox.images import NODE_IMAGE, WORKLOAD_IMAGE, build_images, image_id
+from cluster.sandbox.images import NODE_IMAGE, WORKLOAD_IMAGE, build_images, image_id, image_size
 from cluster.sandbox.inventory_file import inventory_text, write_inventory
 from cluster.sandbox.model import TINY_MODEL_NAME, ensure_tiny_model
 from cluster.sandbox.nodes import (
@@ -37,6 +37,7 @@ from cluster.sandbox.nodes import (
     start_node,
     wait_until_ready,
 )
+from cluster.sandbox.storage import AUTO, NodeStorage, choose_node_storage, mem_total_bytes
 from cluster.sandbox.transfer import image_to_nodes, model_to_node
 from cluster.transport.fanout import fan_out
 from cluster.transport.ssh import HostUnreachable, SshConnection, SshTarget, SshTimeouts, connect
@@ -119,8 +120,12 @@ def sandbox_up(
     workdir: Path | None = None,
     name: str = DEFAULT_NAME,
     progress: Progress = print,
+    node_storage: str = AUTO,
 ) -> Sandbox:
-    """Bring the sandbox up, or complete or resize one that exists; idempotent."""
+    """Bring the sandbox up, or complete or resize one that exists; idempotent.
+
+    `node_storage` (auto, memory or disk) says where the nodes keep their Docker data.
+    """
     if not 1 <= nodes <= MAX_NODES:
         raise SandboxError(f"--nodes must be 1 to {MAX_NODES}, got {nodes}")
     workdir = (workdir or default_workdir(name)).resolve()
@@ -139,7 +144,10 @@ def sandbox_up(
         with steps.step("tiny model") as done:
             model_dir = ensure_tiny_model(docker=local, progress=steps.detail)
             done.append(f"model {TINY_MODEL_NAME} ready in {model_dir}")
-        planned, known_hosts = _nodes_step(steps, local, name, nodes, workdir)
+        storage = choose_node_storage(
+            node_storage, nodes, image_size(local, WORKLOAD_IMAGE), _machine_memory()
+        )
+        planned, known_hosts = _nodes_step(steps, local, name, nodes, workdir, storage)
         key = keys.client_key(workdir)
         with steps.step("SSH") as done:
             connections = _connect_all(planned, key, known_hosts)
@@ -194,10 +202,15 @@ def _images_step(steps: Steps, local: LocalDocker) -> str:
     return workload_id
 
 
+def _machine_memory() -> int:
+    return mem_total_bytes(Path("/proc/meminfo").read_text())
+
+
 def _nodes_step(
-    steps: Steps, local: LocalDocker, name: str, count: int, workdir: Path
+    steps: Steps, local: LocalDocker, name: str, count: int, workdir: Path, storage: NodeStorage
 ) -> tuple[list[SandboxNode], Path]:
     with steps.step("nodes") as done:
+        steps.detail(f"{storage.describe()}: {storage.reason}")
         node_image_id = image_id(local, NODE_IMAGE)
         if node_image_id is None:
             raise SandboxError(f"{NODE_IMAGE} is missing after the build", where="localhost")
@@ -214,6 +227,7 @@ def _nodes_step(
                 node_image_id=node_image_id,
                 host_key=host_keys[node.name],
                 authorized=authorized,
+                storage=storage,
             )
             for node in planned
         ]
@@ -228,6 +242,7 @@ def _nodes_step(
             + ", ".join(f"{n.name} {n.address}" for n in planned)
             + (f" ({kept} kept running)" if kept else "")
         )
+        done.append(storage.describe())
     return planned, known_hosts
 
 

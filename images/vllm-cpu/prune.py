@@ -1,21 +1,32 @@
 """Delete what the sandbox's vLLM never loads, in the layer that installed it.
 
 Every megabyte here is streamed to every node on every `sandbox up` after a `down`.
+This script imports nothing from the venv itself: `strip` rewrites files in place, and a
+library this process had mapped would crash it.
 """
 
-import importlib.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-import torch
+VENV = Path(sys.prefix)
+SITE = VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+CPU_HAS_AVX512_BF16 = (
+    "import torch; c = torch.cpu; "
+    "raise SystemExit(0 if c._is_avx512_supported() and c._is_avx512_bf16_supported() else 1)"
+)
 
-SITE = Path(importlib.util.find_spec("torch").origin).parent.parent
+
+def is_elf(path: Path) -> bool:
+    with path.open("rb") as head:
+        return head.read(4) == b"\x7fELF"
+
 
 # vllm/platforms/cpu.py loads one of three kernel builds (about 100-200 MB each) by CPU
 # feature; with AVX512-BF16 it is `_C` and the two others are never opened. The image is built
 # on the machine whose nodes run it, so its CPU decides. Elsewhere all three stay.
-if torch.cpu._is_avx512_supported() and torch.cpu._is_avx512_bf16_supported():
+if subprocess.run([sys.executable, "-c", CPU_HAS_AVX512_BF16], check=False).returncode == 0:
     for variant in ("_C_AVX2", "_C_AVX512"):
         for path in (SITE / "vllm").glob(f"{variant}.*.so"):
             print("removed", path.name, "(this CPU loads vllm/_C)")
@@ -27,15 +38,21 @@ for path in (SITE / "torch" / "bin").iterdir():
         path.unlink()
 shutil.rmtree(SITE / "ray" / "jars", ignore_errors=True)
 
-# Debug info that some wheels ship: vllm/_C alone is 204 MB with it, 40 MB without. Only the
-# debug sections go (symbols stay, so backtraces still name functions). strip comes with g++.
-for path in SITE.rglob("*.so*"):
-    if path.is_file() and path.stat().st_size > 1_000_000:
-        sections = subprocess.run(
-            ["readelf", "-S", "-W", str(path)], capture_output=True, text=True
-        ).stdout
-        if ".debug_info" in sections:
-            before = path.stat().st_size
-            subprocess.run(["strip", "--strip-debug", str(path)], check=True)
-            saved = (before - path.stat().st_size) // 1_000_000
-            print("stripped debug info from", path.relative_to(SITE), f"(-{saved} MB)")
+# Debug info and static symbol tables that wheels ship: vllm/_C alone is 204 MB with them,
+# 40 MB without; .symtab/.strtab are another 168 MB over the venv (libtorch_cpu: 89 MB).
+# `strip --strip-unneeded` keeps the dynamic symbols that loading and linking need (and that
+# name most frames in a backtrace); only names of internal functions go. strip comes with g++.
+# Libraries that auditwheel vendored (`*.libs/`) are left alone: patchelf rewrote their program
+# headers, and strip leaves them unloadable ("ELF load command address/offset not page-aligned").
+for path in sorted(VENV.rglob("*")):
+    if path.is_symlink() or not path.is_file() or path.stat().st_size < 100_000:
+        continue
+    if path.parent.name.endswith(".libs") or not is_elf(path):
+        continue
+    sections = subprocess.run(["readelf", "-S", "-W", str(path)], capture_output=True, text=True)
+    if ".symtab" in sections.stdout or ".debug_info" in sections.stdout:
+        before = path.stat().st_size
+        subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
+        saved = (before - path.stat().st_size) // 1_000_000
+        if saved:
+            print("stripped", path.relative_to(VENV), f"(-{saved} MB)")

@@ -17,7 +17,16 @@ from cluster.sandbox.images import (
 )
 from cluster.sandbox.inventory_file import inventory_text
 from cluster.sandbox.keys import HostKey, known_hosts_text
-from cluster.sandbox.nodes import SandboxError, node_spec, plan_nodes
+from cluster.sandbox.nodes import SandboxError, docker_data_argv, node_spec, plan_nodes
+from cluster.sandbox.storage import (
+    DISK,
+    GIB,
+    MEMORY,
+    NodeStorage,
+    choose_node_storage,
+    mem_total_bytes,
+    tmpfs_size,
+)
 from cluster.sandbox.transfer import archive_path
 from tests.support.probe_output import FIXTURES, read
 
@@ -42,12 +51,65 @@ def test_known_hosts_lists_each_address_with_its_key_and_no_comment():
     assert text == "172.30.0.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB\n"
 
 
-def test_a_node_spec_changes_with_the_node_image_and_the_authorized_key():
+ON_DISK = NodeStorage(DISK, 0, "asked for")
+IN_MEMORY = NodeStorage(MEMORY, 6 * GIB, "asked for")
+IMAGE_BYTES = 2_010_000_000  # the workload image's size on this kind of machine
+
+
+def test_a_node_spec_changes_with_the_node_image_the_authorized_key_and_the_storage():
     node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
-    spec = node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user")
-    assert spec == node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user")
-    assert spec != node_spec(node, "sha256:b", KEY, "ssh-ed25519 AAA user")
-    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 BBB user")
+    spec = node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK)
+    assert spec == node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK)
+    assert spec != node_spec(node, "sha256:b", KEY, "ssh-ed25519 AAA user", ON_DISK)
+    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 BBB user", ON_DISK)
+    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", IN_MEMORY)
+
+
+def test_a_node_keeps_its_docker_data_in_an_executable_tmpfs_or_on_its_own_volume():
+    node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
+    assert docker_data_argv(node, IN_MEMORY) == [
+        "--tmpfs", f"/var/lib/docker:exec,size={6 * GIB}",
+    ]  # fmt: skip
+    assert docker_data_argv(node, ON_DISK) == [
+        "--mount", "type=volume,source=vcluster-demo-node-1-docker,target=/var/lib/docker",
+    ]  # fmt: skip
+
+
+def test_each_tmpfs_holds_three_times_the_image_in_whole_gib():
+    assert tmpfs_size(IMAGE_BYTES) == 6 * GIB
+    assert tmpfs_size(GIB) == 3 * GIB
+
+
+def test_the_machines_memory_is_read_from_a_real_proc_meminfo():
+    meminfo = read(FIXTURES / "meminfo" / "debian12-2core-24g.txt")
+    assert mem_total_bytes(meminfo) == 24684096 * 1024
+
+
+def test_auto_keeps_two_nodes_in_memory_on_the_projects_24_gib_machine():
+    memory = mem_total_bytes(read(FIXTURES / "meminfo" / "debian12-2core-24g.txt"))
+    chosen = choose_node_storage("auto", 2, IMAGE_BYTES, memory)
+    assert (chosen.mode, chosen.tmpfs_bytes) == (MEMORY, 6 * GIB)
+    assert chosen.describe() == "Docker data in memory (tmpfs of 6 GiB per node)"
+    assert (
+        chosen.reason == "2 node(s) need about 11 GiB, within 60% of this machine's memory (14 GiB)"
+    )
+
+
+def test_auto_puts_nodes_on_disk_when_they_would_take_more_than_60_percent_of_memory():
+    memory = mem_total_bytes(read(FIXTURES / "meminfo" / "debian12-2core-24g.txt"))
+    chosen = choose_node_storage("auto", 3, IMAGE_BYTES, memory)
+    assert (chosen.mode, chosen.tmpfs_bytes) == (DISK, 0)
+    assert chosen.reason == (
+        "3 node(s) would need about 17 GiB, more than 60% of this machine's memory (14 GiB); "
+        "--node-storage memory overrides"
+    )
+
+
+def test_memory_or_disk_asked_for_is_what_the_nodes_get_whatever_the_machine():
+    assert choose_node_storage("memory", 16, IMAGE_BYTES, 8 * GIB).mode == MEMORY
+    assert choose_node_storage("disk", 1, IMAGE_BYTES, 512 * GIB).mode == DISK
+    with pytest.raises(ValueError, match="auto, memory, disk"):
+        choose_node_storage("ramdisk", 1, IMAGE_BYTES, 8 * GIB)
 
 
 def test_the_written_inventory_validates_and_points_into_the_workdir(tmp_path):
