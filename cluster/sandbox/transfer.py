@@ -87,7 +87,8 @@ def _load(connection: SshConnection, archive: Path) -> None:
         raise SandboxError(
             f"`docker load` of the streamed image failed: {result.stderr.strip()[-300:]}",
             where=connection.target.label,
-            fix="check free disk space on this machine (the nodes' Docker volumes live on it)",
+            fix="free memory or disk space here (nodes keep their Docker data in a tmpfs, or in a "
+            "volume with --node-storage disk), or run `sandbox up` with the other --node-storage",
         )
 
 

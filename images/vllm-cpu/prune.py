@@ -38,8 +38,8 @@ for path in (SITE / "torch" / "bin").iterdir():
         path.unlink()
 shutil.rmtree(SITE / "ray" / "jars", ignore_errors=True)
 
-# Debug info and static symbol tables that wheels ship: vllm/_C alone is 204 MB with them,
-# 40 MB without; .symtab/.strtab are another 168 MB over the venv (libtorch_cpu: 89 MB).
+# Debug info and static symbol tables that wheels ship: vllm/_C alone is 213 MB with them,
+# 37 MB without; .symtab/.strtab are 168 MB over the venv (libtorch_cpu: 89 MB).
 # `strip --strip-unneeded` keeps the dynamic symbols that loading and linking need (and that
 # name most frames in a backtrace); only names of internal functions go. strip comes with g++.
 # Libraries that auditwheel vendored (`*.libs/`) are left alone: patchelf rewrote their program

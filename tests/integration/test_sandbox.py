@@ -1,5 +1,7 @@
 """`vcluster sandbox up / down` for real: two Docker-in-Docker nodes, checked through vcluster's
-own SSH transport with the sandbox's strict known_hosts, then removed without a trace.
+own SSH transport with the sandbox's strict known_hosts, then removed without a trace. The two
+nodes keep their Docker data in memory; a second, one-node sandbox checks the disk mode and the
+move from disk to memory.
 
 Brought up once for the module (a cold machine builds the images first: allow an hour).
 """
@@ -27,6 +29,7 @@ pytestmark = [
 ]
 
 NAME = "itest"  # its own name, network and nodes: a developer's sandbox may be up meanwhile
+DISK_NAME = "itest-disk"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
@@ -34,13 +37,21 @@ MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     workdir = tmp_path_factory.mktemp("sandbox")
     try:
-        yield sandbox_up(2, workdir, NAME, progress=print)
+        yield sandbox_up(2, workdir, NAME, progress=print, node_storage="memory")
     finally:
         sandbox_down(NAME, progress=print)
 
 
 @pytest.fixture(scope="module")
-def connections(sandbox: Sandbox) -> Iterator[dict[str, SshConnection]]:
+def sandbox_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    workdir = tmp_path_factory.mktemp("sandbox-on-disk")
+    try:
+        yield sandbox_up(1, workdir, DISK_NAME, progress=print, node_storage="disk")
+    finally:
+        sandbox_down(DISK_NAME, progress=print)
+
+
+def _connect_all(sandbox: Sandbox) -> dict[str, SshConnection]:
     inventory = load_inventory(sandbox.inventory)
     opened = {}
     for node in inventory.nodes:
@@ -51,14 +62,25 @@ def connections(sandbox: Sandbox) -> Iterator[dict[str, SshConnection]]:
             known_hosts=Path(inventory.ssh.known_hosts),
         )
         opened[node.name] = connect(target, SshTimeouts(connect=5, command=60))
+    return opened
+
+
+@pytest.fixture(scope="module")
+def connections(sandbox: Sandbox) -> Iterator[dict[str, SshConnection]]:
+    opened = _connect_all(sandbox)
     yield opened
     for connection in opened.values():
         connection.close()
 
 
-def _labelled(kind: str) -> list[str]:
+def _docker_data_fs(connection: SshConnection) -> str:
+    """The file system type under a node's /var/lib/docker: tmpfs, or ext2/ext3 for a volume."""
+    return connection.run(["stat", "-f", "-c", "%T", "/var/lib/docker"], check=True).stdout.strip()
+
+
+def _labelled(kind: str, sandbox: str = NAME) -> list[str]:
     local = ensure_local_docker()
-    label = f"label={SANDBOX_LABEL}={NAME}"
+    label = f"label={SANDBOX_LABEL}={sandbox}"
     argv = ["ps", "-aq", "--filter", label] if kind == "container" else [kind, "ls", "-q"]
     if kind != "container":
         argv += ["--filter", label]
@@ -97,6 +119,13 @@ def test_each_node_runs_its_own_docker_engine(sandbox, connections):
     assert len(engine_ids) == len(sandbox.nodes)
 
 
+def test_each_node_keeps_its_docker_data_in_memory_when_asked_to(sandbox, connections):
+    assert {name: _docker_data_fs(c) for name, c in connections.items()} == {
+        node.name: "tmpfs" for node in sandbox.nodes
+    }
+    assert _labelled("volume") == []
+
+
 def test_the_workload_image_has_the_same_id_on_every_node_as_here(sandbox, connections):
     local_id = image_id(ensure_local_docker(), WORKLOAD_IMAGE)
     argv = ["docker", "image", "inspect", "--format", "{{.Id}}", WORKLOAD_IMAGE]
@@ -113,7 +142,7 @@ def test_the_model_files_are_in_each_nodes_model_cache(sandbox, connections):
 
 def test_a_second_up_keeps_the_nodes_and_sends_nothing_again(sandbox):
     lines: list[str] = []
-    again = sandbox_up(2, sandbox.workdir, NAME, progress=lines.append)
+    again = sandbox_up(2, sandbox.workdir, NAME, progress=lines.append, node_storage="memory")
     assert again.nodes == sandbox.nodes
     text = "\n".join(lines)
     assert "2 kept running" in text
@@ -128,3 +157,24 @@ def test_down_leaves_no_container_network_or_volume_and_twice_is_fine(sandbox):
     assert _labelled("network") == []
     assert _labelled("volume") == []
     assert sandbox_down(NAME, progress=print) == []
+
+
+def test_a_node_on_disk_keeps_its_docker_data_on_its_own_volume(sandbox_on_disk):
+    (connection,) = _connect_all(sandbox_on_disk).values()
+    with connection:
+        assert _docker_data_fs(connection) != "tmpfs"
+        argv = ["docker", "image", "inspect", "--format", "{{.Id}}", WORKLOAD_IMAGE]
+        assert connection.run(argv, check=True).stdout.strip() == sandbox_on_disk.image_id
+    assert len(_labelled("volume", DISK_NAME)) == 1
+
+
+def test_moving_a_sandbox_from_disk_to_memory_leaves_no_volume_behind(sandbox_on_disk):
+    lines: list[str] = []
+    moved = sandbox_up(1, sandbox_on_disk.workdir, DISK_NAME, lines.append, node_storage="memory")
+    assert "Docker data in memory" in "\n".join(lines)
+    assert _labelled("volume", DISK_NAME) == []
+    (connection,) = _connect_all(moved).values()
+    with connection:
+        assert _docker_data_fs(connection) == "tmpfs"
+    sandbox_down(DISK_NAME, progress=print)
+    assert [_labelled(kind, DISK_NAME) for kind in ("container", "volume", "network")] == [[]] * 3
