@@ -4,7 +4,8 @@ Each node stands in for a GPU server: its own IP address (fixed: .11, .12, ... o
 sandbox's subnet), its own SSH host key (made on the controller and mounted read-only, so
 known_hosts comes from the keys themselves), its own Docker engine (Docker-in-Docker with the
 flags FACTS.md found to work without --privileged, its /var/lib/docker in a tmpfs or on a named
-volume: see storage.py) and a `/dev/shm` large enough for vLLM (the workload's `--ipc=host` is the node's IPC namespace).
+volume: see storage.py) and a `/dev/shm` large enough for vLLM (the workload's `--ipc=host` is
+the node's IPC namespace).
 Every Docker object is labelled `io.vcluster.sandbox=<name>`, so `down` finds them all.
 """
 
