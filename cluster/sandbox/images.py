@@ -339,11 +339,14 @@ def dockerfile_recipe(
 def docker_build_argv(
     docker: LocalDocker, image: str, context: Path, recipe: str, build_args: dict[str, str]
 ) -> list[str]:
-    """The legacy-builder `docker build` argv (host network: apt over http works there)."""
+    """The legacy-builder `docker build` argv (host network: apt over http works there).
+
+    `--force-rm`: a failed step's container is removed too (the legacy builder keeps it).
+    """
     args = [
         x for key, value in sorted(build_args.items()) for x in ("--build-arg", f"{key}={value}")
     ]
-    return docker.argv("build", "--network", "host", "--tag", image,
+    return docker.argv("build", "--network", "host", "--force-rm", "--tag", image,
                        "--label", f"{RECIPE_LABEL}={recipe}", *args, str(context))  # fmt: skip
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from cluster.inventory import load_inventory
-from cluster.sandbox.dockerd import dockerd_argv
+from cluster.sandbox.dockerd import LocalDocker, dockerd_argv
 from cluster.sandbox.images import (
+    docker_build_argv,
     kernel_cpu_flags,
     missing_wheels,
     read_lock,
@@ -165,3 +166,14 @@ def test_one_archive_per_image_id_with_a_file_name_safe_name():
 def test_vclusters_own_dockerd_keeps_its_data_under_the_fixed_root():
     argv = dockerd_argv("dockerd")
     assert argv[argv.index("--data-root") + 1] == "/var/lib/vcluster/docker"
+
+
+def test_a_failed_image_build_leaves_no_stopped_container_behind():
+    local = LocalDocker("unix:///run/vcluster/docker.sock", Path("/var/lib/vcluster/docker"), True)
+    argv = docker_build_argv(local, "vcluster/node:bookworm", Path("/src/images/node"), "abc",
+                             {"BASE_IMAGE": "vcluster/base:bookworm"})  # fmt: skip
+    assert argv[argv.index("build") :] == [
+        "build", "--network", "host", "--force-rm", "--tag", "vcluster/node:bookworm",
+        "--label", "io.vcluster.recipe=abc", "--build-arg", "BASE_IMAGE=vcluster/base:bookworm",
+        "/src/images/node",
+    ]  # fmt: skip
