@@ -49,8 +49,8 @@ NODE_STORAGE = click.option(
     type=click.Choice(storage.CHOICES),
     default=storage.AUTO,
     show_default=True,
-    help="Where nodes keep their Docker data: memory (tmpfs, faster) or disk (volumes); "
-    "auto picks memory when it fits in 60% of this machine's memory.",
+    help="Where nodes keep their Docker data: memory (tmpfs, faster) or disk (volumes); auto "
+    f"picks memory when it fits in {storage.MEMORY_SHARE:.0%} of this machine's memory.",
 )
 
 

@@ -26,6 +26,7 @@ from cluster.sandbox.storage import MEMORY, NodeStorage
 SANDBOX_LABEL = "io.vcluster.sandbox"
 NODE_LABEL = "io.vcluster.sandbox.node"
 SPEC_LABEL = "io.vcluster.sandbox.spec"
+STORAGE_LABEL = "io.vcluster.sandbox.storage"
 NODE_IMAGE = "vcluster/node:bookworm"
 SHM_SIZE = "4g"
 NODE_MODEL_CACHE = "/data/hf"
@@ -114,6 +115,16 @@ def _require_ours(inspected: dict | None, kind: str, name: str, sandbox: str) ->
         )
 
 
+def running_storage(local: LocalDocker, sandbox: str) -> str | None:
+    """Where the sandbox's running nodes keep their Docker data (memory or disk), if any run."""
+    label = f"label={SANDBOX_LABEL}={sandbox}"
+    output = _docker(
+        local, "ps", "--filter", label, "--format", f'{{{{.Label "{STORAGE_LABEL}"}}}}'
+    )
+    modes = set(output.split())
+    return modes.pop() if len(modes) == 1 else None
+
+
 def labelled(local: LocalDocker, kind: str, sandbox: str) -> list[str]:
     """IDs of the containers, volumes or networks labelled for `sandbox`."""
     label = f"label={SANDBOX_LABEL}={sandbox}"
@@ -160,10 +171,16 @@ def node_spec(
     host_key: HostKey,
     authorized: str,
     storage: NodeStorage,
+    workload_image_id: str,
 ) -> str:
-    """A hash of everything a running node was started with; equal means it can be kept."""
+    """A hash of everything a running node was started with; equal means it can be kept.
+
+    In memory, a new workload image means a fresh node: its tmpfs holds one image, not two.
+    """
     parts = [node.address, node_image_id, host_key.public_line, authorized, SHM_SIZE, *DIND_FLAGS,
              *docker_data_argv(node, storage)]  # fmt: skip
+    if storage.mode == MEMORY:
+        parts.append(workload_image_id)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
@@ -184,6 +201,7 @@ def start_node(
     host_key: HostKey,
     authorized: str,
     storage: NodeStorage,
+    workload_image_id: str,
 ) -> bool:
     """Start one node container; keep it when it already runs with the same spec.
 
@@ -191,7 +209,7 @@ def start_node(
     way, so a restarted node still has the images it had; in memory, a restarted node starts
     empty and is sent the image again.
     """
-    spec = node_spec(node, node_image_id, host_key, authorized, storage)
+    spec = node_spec(node, node_image_id, host_key, authorized, storage, workload_image_id)
     existing = _inspect(local, "container", node.container)
     _require_ours(existing, "container", node.container, sandbox)
     if existing is not None:
@@ -199,11 +217,13 @@ def start_node(
             return False
         _docker(local, "rm", "--force", node.container)
     volume = _inspect(local, "volume", node.volume)
-    _require_ours(volume, "volume", node.volume, sandbox)
-    if storage.mode == MEMORY and volume is not None:  # left by a run on disk: not needed now
-        _docker(local, "volume", "rm", "--force", node.volume, timeout_s=300)
-    if storage.mode != MEMORY and volume is None:
-        _docker(local, "volume", "create", "--label", f"{SANDBOX_LABEL}={sandbox}", node.volume)
+    if storage.mode == MEMORY:
+        if volume is not None and _labels(volume).get(SANDBOX_LABEL) == sandbox:
+            _docker(local, "volume", "rm", "--force", node.volume, timeout_s=300)  # from disk mode
+    else:
+        _require_ours(volume, "volume", node.volume, sandbox)
+        if volume is None:
+            _docker(local, "volume", "create", "--label", f"{SANDBOX_LABEL}={sandbox}", node.volume)
     _docker(
         local,
         "run", "--detach", "--name", node.container, "--hostname", node.name,
@@ -211,6 +231,7 @@ def start_node(
         "--label", f"{SANDBOX_LABEL}={sandbox}",
         "--label", f"{NODE_LABEL}={node.name}",
         "--label", f"{SPEC_LABEL}={spec}",
+        "--label", f"{STORAGE_LABEL}={storage.mode}",
         *DIND_FLAGS,
         "--shm-size", SHM_SIZE,
         *docker_data_argv(node, storage),

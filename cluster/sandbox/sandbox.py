@@ -34,6 +34,7 @@ from cluster.sandbox.nodes import (
     leftovers,
     plan_nodes,
     remove_all,
+    running_storage,
     start_node,
     wait_until_ready,
 )
@@ -145,9 +146,13 @@ def sandbox_up(
             model_dir = ensure_tiny_model(docker=local, progress=steps.detail)
             done.append(f"model {TINY_MODEL_NAME} ready in {model_dir}")
         storage = choose_node_storage(
-            node_storage, nodes, image_size(local, WORKLOAD_IMAGE), _machine_memory()
+            node_storage,
+            nodes,
+            image_size(local, WORKLOAD_IMAGE),
+            _machine_memory(),
+            running_mode=running_storage(local, name),
         )
-        planned, known_hosts = _nodes_step(steps, local, name, nodes, workdir, storage)
+        planned, known_hosts = _nodes_step(steps, local, name, nodes, workdir, storage, workload_id)
         key = keys.client_key(workdir)
         with steps.step("SSH") as done:
             connections = _connect_all(planned, key, known_hosts)
@@ -203,11 +208,21 @@ def _images_step(steps: Steps, local: LocalDocker) -> str:
 
 
 def _machine_memory() -> int:
-    return mem_total_bytes(Path("/proc/meminfo").read_text())
+    try:
+        return mem_total_bytes(Path("/proc/meminfo").read_text())
+    except (OSError, ValueError) as exc:
+        raise SandboxError(f"cannot read this machine's memory size: {exc}", where="localhost",
+                           fix="choose with --node-storage memory or disk") from exc  # fmt: skip
 
 
 def _nodes_step(
-    steps: Steps, local: LocalDocker, name: str, count: int, workdir: Path, storage: NodeStorage
+    steps: Steps,
+    local: LocalDocker,
+    name: str,
+    count: int,
+    workdir: Path,
+    storage: NodeStorage,
+    workload_id: str,
 ) -> tuple[list[SandboxNode], Path]:
     with steps.step("nodes") as done:
         steps.detail(f"{storage.describe()}: {storage.reason}")
@@ -228,6 +243,7 @@ def _nodes_step(
                 host_key=host_keys[node.name],
                 authorized=authorized,
                 storage=storage,
+                workload_image_id=workload_id,
             )
             for node in planned
         ]

@@ -5,6 +5,7 @@ This script imports nothing from the venv itself: `strip` rewrites files in plac
 library this process had mapped would crash it.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,18 @@ CPU_HAS_AVX512_BF16 = (
 def is_elf(path: Path) -> bool:
     with path.open("rb") as head:
         return head.read(4) == b"\x7fELF"
+
+
+def loadable(path: Path) -> bool:
+    """Whether every LOAD segment's file offset and address agree modulo its alignment, as the
+    dynamic loader requires ("ELF load command address/offset not page-aligned" otherwise)."""
+    headers = subprocess.run(["readelf", "-lW", str(path)], capture_output=True, text=True)
+    for fields in (line.split() for line in headers.stdout.splitlines()):
+        if fields and fields[0] == "LOAD":
+            offset, address, align = int(fields[1], 16), int(fields[2], 16), int(fields[-1], 16)
+            if align > 1 and offset % align != address % align:
+                return False
+    return True
 
 
 # vllm/platforms/cpu.py loads one of three kernel builds (about 100-200 MB each) by CPU
@@ -44,6 +57,7 @@ shutil.rmtree(SITE / "ray" / "jars", ignore_errors=True)
 # name most frames in a backtrace); only names of internal functions go. strip comes with g++.
 # Libraries that auditwheel vendored (`*.libs/`) are left alone: patchelf rewrote their program
 # headers, and strip leaves them unloadable ("ELF load command address/offset not page-aligned").
+# Any other file that strip would leave so is put back as it was.
 for path in sorted(VENV.rglob("*")):
     if path.is_symlink() or not path.is_file() or path.stat().st_size < 100_000:
         continue
@@ -52,7 +66,14 @@ for path in sorted(VENV.rglob("*")):
     sections = subprocess.run(["readelf", "-S", "-W", str(path)], capture_output=True, text=True)
     if ".symtab" in sections.stdout or ".debug_info" in sections.stdout:
         before = path.stat().st_size
+        original = path.with_name(path.name + ".unstripped")
+        shutil.copy2(path, original)
         subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
+        if not loadable(path):
+            os.replace(original, path)
+            print("kept", path.relative_to(VENV), "as it was (strip breaks its program headers)")
+            continue
+        original.unlink()
         saved = (before - path.stat().st_size) // 1_000_000
         if saved:
             print("stripped", path.relative_to(VENV), f"(-{saved} MB)")

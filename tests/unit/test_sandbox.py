@@ -59,11 +59,21 @@ IMAGE_BYTES = 2_010_000_000  # the workload image's size on this kind of machine
 
 def test_a_node_spec_changes_with_the_node_image_the_authorized_key_and_the_storage():
     node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
-    spec = node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK)
-    assert spec == node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK)
-    assert spec != node_spec(node, "sha256:b", KEY, "ssh-ed25519 AAA user", ON_DISK)
-    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 BBB user", ON_DISK)
-    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", IN_MEMORY)
+    spec = node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK, "sha256:w1")
+    assert spec == node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK, "sha256:w1")
+    assert spec != node_spec(node, "sha256:b", KEY, "ssh-ed25519 AAA user", ON_DISK, "sha256:w1")
+    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 BBB user", ON_DISK, "sha256:w1")
+    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", IN_MEMORY, "sha256:w1")
+
+
+def test_a_new_workload_image_restarts_nodes_in_memory_but_not_on_disk():
+    node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
+
+    def spec(storage: NodeStorage, workload: str) -> str:
+        return node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", storage, workload)
+
+    assert spec(IN_MEMORY, "sha256:w1") != spec(IN_MEMORY, "sha256:w2")
+    assert spec(ON_DISK, "sha256:w1") == spec(ON_DISK, "sha256:w2")
 
 
 def test_a_node_keeps_its_docker_data_in_an_executable_tmpfs_or_on_its_own_volume():
@@ -106,9 +116,24 @@ def test_auto_puts_nodes_on_disk_when_they_would_take_more_than_60_percent_of_me
     )
 
 
+def test_auto_leaves_a_sandbox_on_disk_there_whatever_its_size():
+    chosen = choose_node_storage("auto", 1, IMAGE_BYTES, 512 * GIB, running_mode=DISK)
+    assert chosen.mode == DISK
+    assert "the running nodes keep theirs on disk" in chosen.reason
+
+
+def test_auto_moves_a_sandbox_in_memory_to_disk_only_when_it_outgrows_memory():
+    memory = mem_total_bytes(read(FIXTURES / "meminfo" / "debian12-2core-24g.txt"))
+    assert choose_node_storage("auto", 1, IMAGE_BYTES, memory, running_mode=MEMORY).mode == MEMORY
+    assert choose_node_storage("auto", 4, IMAGE_BYTES, memory, running_mode=MEMORY).mode == DISK
+
+
 def test_memory_or_disk_asked_for_is_what_the_nodes_get_whatever_the_machine():
-    assert choose_node_storage("memory", 16, IMAGE_BYTES, 8 * GIB).mode == MEMORY
+    squeezed = choose_node_storage("memory", 16, IMAGE_BYTES, 8 * GIB)
+    assert squeezed.mode == MEMORY
+    assert squeezed.reason.startswith("--node-storage memory; 16 node(s) may need 92 GiB, over 60%")
     assert choose_node_storage("disk", 1, IMAGE_BYTES, 512 * GIB).mode == DISK
+    assert choose_node_storage("memory", 1, IMAGE_BYTES, 512 * GIB, DISK).mode == MEMORY
     with pytest.raises(ValueError, match="auto, memory, disk"):
         choose_node_storage("ramdisk", 1, IMAGE_BYTES, 8 * GIB)
 
@@ -168,7 +193,7 @@ def test_vclusters_own_dockerd_keeps_its_data_under_the_fixed_root():
     assert argv[argv.index("--data-root") + 1] == "/var/lib/vcluster/docker"
 
 
-def test_a_failed_image_build_leaves_no_stopped_container_behind():
+def test_image_builds_ask_docker_to_remove_the_containers_of_failed_steps_too():
     local = LocalDocker("unix:///run/vcluster/docker.sock", Path("/var/lib/vcluster/docker"), True)
     argv = docker_build_argv(local, "vcluster/node:bookworm", Path("/src/images/node"), "abc",
                              {"BASE_IMAGE": "vcluster/base:bookworm"})  # fmt: skip
