@@ -8,6 +8,7 @@ Brought up once for the module (a cold machine builds the images first: allow an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -123,7 +124,14 @@ def test_each_node_keeps_its_docker_data_in_memory_when_asked_to(sandbox, connec
     assert {name: _docker_data_fs(c) for name, c in connections.items()} == {
         node.name: "tmpfs" for node in sandbox.nodes
     }
-    assert _labelled("volume") == []
+    local = ensure_local_docker()
+    for node in sandbox.nodes:
+        inspected = subprocess.run(
+            local.argv("container", "inspect", "--format", "{{json .Mounts}}", node.container),
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        mounts = json.loads(inspected.stdout)
+        assert "/var/lib/docker" not in {m["Destination"] for m in mounts}  # no (anonymous) volume
 
 
 def test_the_workload_image_has_the_same_id_on_every_node_as_here(sandbox, connections):
@@ -168,13 +176,24 @@ def test_a_node_on_disk_keeps_its_docker_data_on_its_own_volume(sandbox_on_disk)
     assert len(_labelled("volume", DISK_NAME)) == 1
 
 
-def test_moving_a_sandbox_from_disk_to_memory_leaves_no_volume_behind(sandbox_on_disk):
-    lines: list[str] = []
-    moved = sandbox_up(1, sandbox_on_disk.workdir, DISK_NAME, lines.append, node_storage="memory")
-    assert "Docker data in memory" in "\n".join(lines)
+def test_moving_a_sandbox_between_disk_and_memory_keeps_only_the_volumes_it_uses(
+    sandbox_on_disk,
+):
+    def up(storage: str) -> str:
+        lines: list[str] = []
+        sandbox_up(1, sandbox_on_disk.workdir, DISK_NAME, lines.append, node_storage=storage)
+        (connection,) = _connect_all(sandbox_on_disk).values()
+        with connection:
+            return _docker_data_fs(connection)
+
+    assert up("memory") == "tmpfs"
     assert _labelled("volume", DISK_NAME) == []
-    (connection,) = _connect_all(moved).values()
-    with connection:
-        assert _docker_data_fs(connection) == "tmpfs"
+    assert up("disk") != "tmpfs"
+    assert len(_labelled("volume", DISK_NAME)) == 1
+
+
+def test_down_of_a_sandbox_on_disk_removes_its_volume_too(sandbox_on_disk):
+    sandbox_up(1, sandbox_on_disk.workdir, DISK_NAME, progress=print, node_storage="disk")
+    assert len(_labelled("volume", DISK_NAME)) == 1
     sandbox_down(DISK_NAME, progress=print)
     assert [_labelled(kind, DISK_NAME) for kind in ("container", "volume", "network")] == [[]] * 3
