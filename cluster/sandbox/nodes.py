@@ -165,22 +165,25 @@ def create_network(local: LocalDocker, sandbox: str) -> str:
     )
 
 
-def node_spec(
-    node: SandboxNode,
-    node_image_id: str,
-    host_key: HostKey,
-    authorized: str,
-    storage: NodeStorage,
-    workload_image_id: str,
-) -> str:
+@dataclass(frozen=True)
+class NodeSettings:
+    """What every node of a sandbox is started with, its own address and host key aside."""
+
+    node_image_id: str
+    authorized: str  # root's authorized_keys line
+    storage: NodeStorage
+    workload_image_id: str
+
+
+def node_spec(node: SandboxNode, host_key: HostKey, settings: NodeSettings) -> str:
     """A hash of everything a running node was started with; equal means it can be kept.
 
     In memory, a new workload image means a fresh node: its tmpfs holds one image, not two.
     """
-    parts = [node.address, node_image_id, host_key.public_line, authorized, SHM_SIZE, *DIND_FLAGS,
-             *docker_data_argv(node, storage)]  # fmt: skip
-    if storage.mode == MEMORY:
-        parts.append(workload_image_id)
+    parts = [node.address, settings.node_image_id, host_key.public_line, settings.authorized,
+             SHM_SIZE, *DIND_FLAGS, *docker_data_argv(node, settings.storage)]  # fmt: skip
+    if settings.storage.mode == MEMORY:
+        parts.append(settings.workload_image_id)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
@@ -196,12 +199,8 @@ def start_node(
     local: LocalDocker,
     sandbox: str,
     node: SandboxNode,
-    *,
-    node_image_id: str,
     host_key: HostKey,
-    authorized: str,
-    storage: NodeStorage,
-    workload_image_id: str,
+    settings: NodeSettings,
 ) -> bool:
     """Start one node container; keep it when it already runs with the same spec.
 
@@ -209,7 +208,8 @@ def start_node(
     way, so a restarted node still has the images it had; in memory, a restarted node starts
     empty and is sent the image again.
     """
-    spec = node_spec(node, node_image_id, host_key, authorized, storage, workload_image_id)
+    spec = node_spec(node, host_key, settings)
+    storage = settings.storage
     existing = _inspect(local, "container", node.container)
     _require_ours(existing, "container", node.container, sandbox)
     if existing is not None:
@@ -237,7 +237,7 @@ def start_node(
         *docker_data_argv(node, storage),
         "--mount", f"type=bind,source={host_key.private},target=/etc/ssh/ssh_host_ed25519_key,readonly",
         "--mount", f"type=bind,source={host_key.public},target=/etc/ssh/ssh_host_ed25519_key.pub,readonly",
-        "--env", f"VCLUSTER_AUTHORIZED_KEYS={authorized}",
+        "--env", f"VCLUSTER_AUTHORIZED_KEYS={settings.authorized}",
         NODE_IMAGE,
     )  # fmt: skip
     return True

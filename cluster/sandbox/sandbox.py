@@ -27,6 +27,7 @@ from cluster.sandbox.model import TINY_MODEL_NAME, ensure_tiny_model
 from cluster.sandbox.nodes import (
     NODE_LABEL,
     NODE_MODEL_CACHE,
+    NodeSettings,
     SandboxError,
     SandboxNode,
     create_network,
@@ -234,19 +235,8 @@ def _nodes_step(
         _remove_extra_nodes(local, name, {n.name for n in planned})
         authorized = keys.authorized_key(keys.client_key(workdir))
         host_keys = {n.name: keys.host_key(workdir, n.name) for n in planned}
-        started = [
-            start_node(
-                local,
-                name,
-                node,
-                node_image_id=node_image_id,
-                host_key=host_keys[node.name],
-                authorized=authorized,
-                storage=storage,
-                workload_image_id=workload_id,
-            )
-            for node in planned
-        ]
+        settings = NodeSettings(node_image_id, authorized, storage, workload_id)
+        started = [start_node(local, name, n, host_keys[n.name], settings) for n in planned]
         for node in planned:
             wait_until_ready(local, node)
         known_hosts = keys.write_known_hosts(

@@ -34,22 +34,25 @@ DISK_NAME = "itest-disk"
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
+def _up_until_the_end(
+    factory: pytest.TempPathFactory, name: str, nodes: int, storage: str
+) -> Iterator[Sandbox]:
+    """A sandbox of its own for the module, removed whatever the tests did."""
+    workdir = factory.mktemp(name)
+    try:
+        yield sandbox_up(nodes, workdir, name, progress=print, node_storage=storage)
+    finally:
+        sandbox_down(name, progress=print)
+
+
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    workdir = tmp_path_factory.mktemp("sandbox")
-    try:
-        yield sandbox_up(2, workdir, NAME, progress=print, node_storage="memory")
-    finally:
-        sandbox_down(NAME, progress=print)
+    yield from _up_until_the_end(tmp_path_factory, NAME, 2, "memory")
 
 
 @pytest.fixture(scope="module")
 def sandbox_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    workdir = tmp_path_factory.mktemp("sandbox-on-disk")
-    try:
-        yield sandbox_up(1, workdir, DISK_NAME, progress=print, node_storage="disk")
-    finally:
-        sandbox_down(DISK_NAME, progress=print)
+    yield from _up_until_the_end(tmp_path_factory, DISK_NAME, 1, "disk")
 
 
 def _connect_all(sandbox: Sandbox) -> dict[str, SshConnection]:

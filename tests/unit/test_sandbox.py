@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ from cluster.sandbox.images import (
 )
 from cluster.sandbox.inventory_file import inventory_text
 from cluster.sandbox.keys import HostKey, known_hosts_text
-from cluster.sandbox.nodes import SandboxError, docker_data_argv, node_spec, plan_nodes
+from cluster.sandbox.nodes import (
+    NodeSettings,
+    SandboxError,
+    docker_data_argv,
+    node_spec,
+    plan_nodes,
+)
 from cluster.sandbox.storage import (
     DISK,
     GIB,
@@ -57,23 +64,22 @@ IN_MEMORY = NodeStorage(MEMORY, 6 * GIB, "asked for")
 IMAGE_BYTES = 2_010_000_000  # the workload image's size on this kind of machine
 
 
-def test_a_node_spec_changes_with_the_node_image_the_authorized_key_and_the_storage():
+def _spec(storage: NodeStorage = ON_DISK, **changes: str) -> str:
     node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
-    spec = node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK, "sha256:w1")
-    assert spec == node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", ON_DISK, "sha256:w1")
-    assert spec != node_spec(node, "sha256:b", KEY, "ssh-ed25519 AAA user", ON_DISK, "sha256:w1")
-    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 BBB user", ON_DISK, "sha256:w1")
-    assert spec != node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", IN_MEMORY, "sha256:w1")
+    settings = NodeSettings("sha256:a", "ssh-ed25519 AAA user", storage, "sha256:w1")
+    return node_spec(node, KEY, replace(settings, **changes))
+
+
+def test_a_node_spec_changes_with_the_node_image_the_authorized_key_and_the_storage():
+    assert _spec() == _spec()
+    assert _spec() != _spec(node_image_id="sha256:b")
+    assert _spec() != _spec(authorized="ssh-ed25519 BBB user")
+    assert _spec() != _spec(IN_MEMORY)
 
 
 def test_a_new_workload_image_restarts_nodes_in_memory_but_not_on_disk():
-    node = plan_nodes("demo", 1, "172.30.0.0/24")[0]
-
-    def spec(storage: NodeStorage, workload: str) -> str:
-        return node_spec(node, "sha256:a", KEY, "ssh-ed25519 AAA user", storage, workload)
-
-    assert spec(IN_MEMORY, "sha256:w1") != spec(IN_MEMORY, "sha256:w2")
-    assert spec(ON_DISK, "sha256:w1") == spec(ON_DISK, "sha256:w2")
+    assert _spec(IN_MEMORY) != _spec(IN_MEMORY, workload_image_id="sha256:w2")
+    assert _spec(ON_DISK) == _spec(ON_DISK, workload_image_id="sha256:w2")
 
 
 def test_a_node_keeps_its_docker_data_in_an_executable_tmpfs_or_on_its_own_volume():
