@@ -196,8 +196,7 @@ def _image_label(docker: LocalDocker, image: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def image_size(docker: LocalDocker, image: str) -> int:
-    """The size of a local image in bytes, as `docker images` counts it."""
+def _image_size(docker: LocalDocker, image: str) -> int:
     return int(_docker(docker, "image", "inspect", "--format", "{{.Size}}", image))
 
 
@@ -221,7 +220,7 @@ def _record_if_cached(
         return None
     action, found_id = found
     progress(f"{image}: {action} (recipe {recipe[:12]})")
-    return BuildRecord(image, action, recipe, found_id, image_size(docker, image),
+    return BuildRecord(image, action, recipe, found_id, _image_size(docker, image),
                        time.monotonic() - started)  # fmt: skip
 
 
@@ -287,7 +286,7 @@ def build_base(
     _drop_superseded(docker, superseded, BASE_IMAGE)
     progress(f"{BASE_IMAGE}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(BASE_IMAGE, "built", recipe, image_id(docker, BASE_IMAGE) or "",
-                       image_size(docker, BASE_IMAGE), time.monotonic() - started,
+                       _image_size(docker, BASE_IMAGE), time.monotonic() - started,
                        log_path)  # fmt: skip
 
 
@@ -381,7 +380,7 @@ def _build_dockerfile(
     _drop_superseded(docker, superseded, image)
     progress(f"{image}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(image, "built", recipe, image_id(docker, image) or "",
-                       image_size(docker, image), time.monotonic() - started, log_path)  # fmt: skip
+                       _image_size(docker, image), time.monotonic() - started, log_path)  # fmt: skip
 
 
 def build_node(

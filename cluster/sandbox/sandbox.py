@@ -21,7 +21,13 @@ from pathlib import Path
 from cluster.sandbox import keys
 from cluster.sandbox.dockerd import RUN_DIR, LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
-from cluster.sandbox.images import NODE_IMAGE, WORKLOAD_IMAGE, build_images, image_id, image_size
+from cluster.sandbox.images import (
+    NODE_IMAGE,
+    WORKLOAD_IMAGE,
+    BuildRecord,
+    build_images,
+    image_id,
+)
 from cluster.sandbox.inventory_file import inventory_text, write_inventory
 from cluster.sandbox.model import TINY_MODEL_NAME, ensure_tiny_model
 from cluster.sandbox.nodes import (
@@ -142,14 +148,15 @@ def sandbox_up(
         workdir.mkdir(parents=True, exist_ok=True)
         _write_state(workdir, name)
         local = _docker_step(steps)
-        workload_id = _images_step(steps, local)
+        workload = _images_step(steps, local)
+        workload_id = workload.image_id
         with steps.step("tiny model") as done:
             model_dir = ensure_tiny_model(docker=local, progress=steps.detail)
             done.append(f"model {TINY_MODEL_NAME} ready in {model_dir}")
         storage = choose_node_storage(
             node_storage,
             nodes,
-            image_size(local, WORKLOAD_IMAGE),
+            workload.size_bytes,
             _machine_memory(),
             running_mode=running_storage(local, name),
         )
@@ -197,15 +204,16 @@ def _docker_step(steps: Steps) -> LocalDocker:
     return local
 
 
-def _images_step(steps: Steps, local: LocalDocker) -> str:
+def _images_step(steps: Steps, local: LocalDocker) -> BuildRecord:
+    """Build what is missing; the workload image's record (its ID and size)."""
     with steps.step("images") as done:
         records = build_images(progress=steps.detail, docker=local)
         built = [r.image for r in records if r.action == "built"]
         done.append(f"images: built {', '.join(built)}" if built else "images: all cached")
-    workload_id = image_id(local, WORKLOAD_IMAGE)
-    if workload_id is None:
+    workload = next((r for r in records if r.image == WORKLOAD_IMAGE and r.image_id), None)
+    if workload is None:
         raise SandboxError(f"{WORKLOAD_IMAGE} is missing after the build", where="localhost")
-    return workload_id
+    return workload
 
 
 def _machine_memory() -> int:
