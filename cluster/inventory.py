@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from cluster.errors import InventoryError, Problem
-from cluster.secrets import SecretRef
+from cluster.secrets import SecretRef, state_dir
 from cluster.yaml_positions import (
     KeyPath,
     PositionedDocument,
@@ -46,6 +46,9 @@ _RESERVED_ENV = {
     "GLOO_SOCKET_IFNAME",
     "VLLM_API_KEY",
     "HF_TOKEN",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
 }
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -151,13 +154,31 @@ class Network(_Strict):
         return value
 
 
+class RaySettings(_Strict):
+    """How Ray's own endpoints are exposed; its RPC ports always require the cluster's token."""
+
+    dashboard_host: str = "127.0.0.1"
+    """The address Ray's dashboard (HTTP, with the token) listens on; 0.0.0.0 for every one."""
+
+    @field_validator("dashboard_host")
+    @classmethod
+    def _dashboard_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address (127.0.0.1, 0.0.0.0, ...)") from None
+        return value
+
+
 class Secrets(_Strict):
     """Secrets by reference only; the values are read on the controller when needed."""
 
     hf_token: SecretRef | None = None
     api_key: SecretRef | None = None
+    ray_token: SecretRef | None = None
+    """Ray's cluster token; vcluster makes one per cluster when this is left out."""
 
-    @field_validator("hf_token", "api_key", mode="before")
+    @field_validator("hf_token", "api_key", "ray_token", mode="before")
     @classmethod
     def _parse(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -206,6 +227,7 @@ class Inventory(_Strict):
     ports: Ports = Ports()
     env: dict[str, str] = {}
     secrets: Secrets = Secrets()
+    ray: RaySettings = RaySettings()
     model: Model
     source: str | None = Field(default=None, exclude=True)
 
@@ -257,12 +279,28 @@ class Inventory(_Strict):
     def workers(self) -> list[Node]:
         return [n for n in self.nodes if n is not self.head]
 
+    @property
+    def ray_token(self) -> SecretRef:
+        """Ray's token: `secrets.ray_token`, or the file vcluster keeps for this cluster."""
+        if self.secrets.ray_token is not None:
+            return self.secrets.ray_token
+        return SecretRef("file", str(generated_ray_token_path(self.cluster)))
+
+    @property
+    def ray_token_is_generated(self) -> bool:
+        return self.secrets.ray_token is None
+
     def container_model_path(self) -> str:
         """The model as `vllm serve` inside the container sees it (host paths are mapped)."""
         if not self.model.name.startswith("/"):
             return self.model.name
         relative = PurePosixPath(self.model.name).relative_to(self.model_cache)
         return str(PurePosixPath(CONTAINER_CACHE_PATH) / relative)
+
+
+def generated_ray_token_path(cluster: str) -> Path:
+    """Where vcluster keeps the Ray token it made for `cluster` (owner-only, on the controller)."""
+    return state_dir() / "clusters" / cluster / "ray-token"
 
 
 def load_inventory(path: Path | str) -> Inventory:

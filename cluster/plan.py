@@ -220,6 +220,8 @@ def _environment(inventory: Inventory, facts: NodeFacts) -> dict[str, str]:
     environment["VLLM_HOST_IP"] = facts.address
     # what vLLM's run_cluster.sh sets for multi-NIC hosts, so Ray and vLLM agree on the address
     environment["RAY_NODE_IP_ADDRESS"] = facts.address
+    # every Ray process, and every Ray client vcluster runs in the container, needs the token
+    environment["RAY_AUTH_MODE"] = "token"
     interface = inventory.network.interface or facts.interface
     if interface:
         environment["GLOO_SOCKET_IFNAME"] = interface
@@ -229,7 +231,7 @@ def _environment(inventory: Inventory, facts: NodeFacts) -> dict[str, str]:
 
 
 def _secret_environment(inventory: Inventory, role: Role) -> dict[str, SecretRef]:
-    secrets: dict[str, SecretRef] = {}
+    secrets: dict[str, SecretRef] = {"RAY_AUTH_TOKEN": inventory.ray_token}
     if inventory.secrets.hf_token is not None:
         secrets["HF_TOKEN"] = inventory.secrets.hf_token
     if inventory.secrets.api_key is not None and role == "head":
@@ -242,7 +244,8 @@ def _ray_command(
 ) -> tuple[str, ...]:
     port = inventory.ports.ray
     if role == "head":
-        command = ["ray", "start", "--head", f"--port={port}"]
+        command = ["ray", "start", "--head", f"--port={port}",
+                   f"--dashboard-host={inventory.ray.dashboard_host}"]  # fmt: skip
     else:
         command = ["ray", "start", f"--address={head.address}:{port}"]
     command += [f"--node-ip-address={facts.address}", "--disable-usage-stats", "--block"]

@@ -7,6 +7,7 @@ where a secret comes from without leaking it.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,18 @@ from pathlib import Path
 from cluster.errors import VclusterError
 
 MASK = "********"
+TOKEN_BYTES = 32
+"""Random bytes in a token vcluster generates (256 bits, URL-safe base64 in the file)."""
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where vcluster keeps its state on the controller: `$VCLUSTER_STATE_DIR`, or
+    `$XDG_STATE_HOME/vcluster`, or `~/.local/state/vcluster`."""
+    environ = os.environ if environ is None else environ
+    if environ.get("VCLUSTER_STATE_DIR"):
+        return Path(environ["VCLUSTER_STATE_DIR"]).expanduser()
+    xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "vcluster"
 
 
 @dataclass(frozen=True)
@@ -68,3 +81,25 @@ def redact(text: str, secrets: list[str]) -> str:
         if value:
             text = text.replace(value, MASK)
     return text
+
+
+def ensure_token_file(path: Path) -> bool:
+    """Create `path` holding a new random token, readable by its owner only, unless it exists.
+
+    Returns True when it was created now. The folder is made owner-only too; an existing file
+    that others may read is refused (its token may have leaked).
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            raise VclusterError(
+                f"{path} may be read by other users than its owner",
+                fix=f"chmod 600 {path} (or delete it: a new token is made, then run "
+                "`vcluster up --recreate`)",
+            ) from None
+        return False
+    with os.fdopen(descriptor, "w", encoding="utf-8") as token_file:
+        token_file.write(secrets.token_urlsafe(TOKEN_BYTES) + "\n")
+    return True

@@ -328,11 +328,9 @@ def _import_root(docker: LocalDocker, root: Path, recipe: str, log_path: Path) -
 # --- Dockerfile images (node, workload) -------------------------------------------------------
 
 
-def dockerfile_recipe(
-    context: Path, parent_id: str, extra: Sequence[tuple[str, bytes]] = ()
-) -> str:
-    """The recipe hash of a Dockerfile image: its context files, its parent's ID, extras."""
-    return recipe_hash([*context_parts(context), ("parent", parent_id.encode()), *extra])
+def dockerfile_recipe(context: Path, parent_id: str) -> str:
+    """The recipe hash of a Dockerfile image: its context files and its parent's ID."""
+    return recipe_hash([*context_parts(context), ("parent", parent_id.encode())])
 
 
 def docker_build_argv(
@@ -356,7 +354,6 @@ def _build_dockerfile(
     progress: Progress,
     *,
     build_args: dict[str, str] | None = None,
-    extra_recipe: Sequence[tuple[str, bytes]] = (),
     before_build: Callable[[], contextlib.AbstractContextManager[dict[str, str]]] | None = None,
 ) -> BuildRecord:
     started = time.monotonic()
@@ -364,7 +361,7 @@ def _build_dockerfile(
     if parent_id is None:
         raise VclusterError(f"{BASE_IMAGE} is missing", where="localhost",
                             fix="build the base image first (build_images does it in order)")  # fmt: skip
-    recipe = dockerfile_recipe(context, parent_id, extra_recipe)
+    recipe = dockerfile_recipe(context, parent_id)
     cached = _record_if_cached(docker, image, recipe, started, progress)
     if cached is not None:
         return cached
@@ -391,35 +388,23 @@ def build_node(
                              build_args={"BASE_IMAGE": BASE_IMAGE})  # fmt: skip
 
 
-# images/vllm-cpu/prune.py keeps only the vLLM kernel build this CPU loads (on AVX512-BF16
-# CPUs), so the image suits only CPUs with the same of these features: another CPU is another
-# recipe, and gets its own build.
-KERNEL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16")
-
-
-def kernel_cpu_flags(cpuinfo: str) -> str:
-    """The features in /proc/cpuinfo that decide which vLLM kernel build the image keeps."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            present = set(line.partition(":")[2].split())
-            return ",".join(flag for flag in KERNEL_CPU_FLAGS if flag in present)
-    return ""
-
-
 def build_workload(
     docker: LocalDocker,
     progress: Progress = _quiet,
     images_dir: Path = IMAGES_DIR,
     wheelhouse: Path = WHEELHOUSE,
 ) -> BuildRecord:
-    """Build the CPU vLLM workload image from the host's wheelhouse, unless already built."""
+    """Build the CPU vLLM workload image from the host's wheelhouse, unless already built.
+
+    The image is the same whatever the builder's CPU: it keeps every kernel build of vLLM, which
+    picks one when it starts, so its recipe does not depend on the CPU either.
+    """
     context = images_dir / "vllm-cpu"
     lock = context / "requirements.lock"
     return _build_dockerfile(
         docker, WORKLOAD_IMAGE, context, progress,
         build_args={"BASE_IMAGE": BASE_IMAGE},
         before_build=lambda: _wheelhouse_served(lock, wheelhouse, progress),
-        extra_recipe=[("cpu", kernel_cpu_flags(Path("/proc/cpuinfo").read_text()).encode())],
     )  # fmt: skip
 
 

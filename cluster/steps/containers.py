@@ -20,12 +20,12 @@ class SpecChanged(VclusterError):
 
 def start_head(context: UpContext) -> str:
     head = context.require_plan().head
-    return _ensure_container(context, head, force=False)
+    return _ensure_container(context, head, force=context.recreate_all)
 
 
 def start_workers(context: UpContext) -> str:
     plan = context.require_plan()
-    force = plan.head.name in context.recreated
+    force = plan.head.name in context.recreated or context.recreate_all
     outcome = context.session.on_each(
         lambda name: _ensure_container(context, plan.node(name), force=force),
         [w.name for w in plan.workers],
@@ -70,7 +70,7 @@ def _reason(state: ContainerState | None, force: bool) -> str:
     if state is None:
         return "created"
     if force and state.running:
-        return "recreated (the Ray head was recreated)"
+        return "recreated (the Ray head or its token was replaced)"
     if not state.running:
         return f"recreated (it was {state.status}, exit code {state.exit_code})"
     return "recreated (spec changed)"

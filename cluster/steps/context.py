@@ -34,6 +34,8 @@ class UpContext:
     image_ids: dict[str, str] = field(default_factory=dict)
     recreated: list[str] = field(default_factory=list)
     """Nodes whose container was (re)created in this run: vLLM must restart on them."""
+    recreate_all: bool = False
+    """Replace every container even if it matches its spec (e.g. a new Ray token)."""
     serving_unchanged: bool = False
     changes: list[str] = field(default_factory=list)
 

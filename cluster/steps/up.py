@@ -19,6 +19,7 @@ from cluster.steps.facts import gather_facts
 from cluster.steps.image import ensure_image
 from cluster.steps.preflight import run_preflight
 from cluster.steps.ray_cluster import check_ray_topology, wait_for_ray_head, wait_for_ray_nodes
+from cluster.steps.ray_token import ensure_ray_token
 from cluster.steps.serve import launch_vllm, wait_for_vllm
 
 
@@ -39,6 +40,7 @@ STEPS: list[Step[UpContext]] = [
     Step("Preflight checks", run_preflight),
     Step("Planning", _plan),
     Step("Image on every node", ensure_image),
+    Step("Ray token", ensure_ray_token),
     Step("Head container and Ray head", start_head),
     Step("Waiting for the Ray head", wait_for_ray_head),
     Step("Worker containers", start_workers),

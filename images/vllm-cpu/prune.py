@@ -3,6 +3,9 @@
 Every megabyte here is streamed to every node on every `sandbox up` after a `down`.
 This script imports nothing from the venv itself: `strip` rewrites files in place, and a
 library this process had mapped would crash it.
+
+vLLM's kernel builds (`vllm/_C*.so`, one per x86-64 CPU family) all stay: vLLM picks one at
+run time from the CPU it runs on, and the image must run on any CPU, not only the builder's.
 """
 
 import os
@@ -13,10 +16,6 @@ from pathlib import Path
 
 VENV = Path(sys.prefix)
 SITE = VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-CPU_HAS_AVX512_BF16 = (
-    "import torch; c = torch.cpu; "
-    "raise SystemExit(0 if c._is_avx512_supported() and c._is_avx512_bf16_supported() else 1)"
-)
 
 
 def is_elf(path: Path) -> bool:
@@ -36,44 +35,61 @@ def loadable(path: Path) -> bool:
     return True
 
 
-# vllm/platforms/cpu.py loads one of three kernel builds (about 100-200 MB each) by CPU
-# feature; with AVX512-BF16 it is `_C` and the two others are never opened. The image is built
-# on the machine whose nodes run it, so its CPU decides. Elsewhere all three stay.
-if subprocess.run([sys.executable, "-c", CPU_HAS_AVX512_BF16], check=False).returncode == 0:
-    for variant in ("_C_AVX2", "_C_AVX512"):
-        for path in (SITE / "vllm").glob(f"{variant}.*.so"):
-            print("removed", path.name, "(this CPU loads vllm/_C)")
-            path.unlink()
+def deletions(site: Path) -> list[Path]:
+    """What is removed outright: torch's C++ test binaries and protoc, Ray's Java jars."""
+    doomed = [
+        path
+        for path in sorted((site / "torch" / "bin").glob("*"))
+        if path.name != "torch_shm_manager" and path.is_file()
+    ]
+    jars = site / "ray" / "jars"
+    return [*doomed, jars] if jars.exists() else doomed
 
-# torch's C++ test binaries and protoc; Ray's Java worker jars.
-for path in (SITE / "torch" / "bin").iterdir():
-    if path.name != "torch_shm_manager" and path.is_file():
-        path.unlink()
-shutil.rmtree(SITE / "ray" / "jars", ignore_errors=True)
 
-# Debug info and static symbol tables that wheels ship: vllm/_C alone is 213 MB with them,
-# 37 MB without; .symtab/.strtab are 168 MB over the venv (libtorch_cpu: 89 MB).
-# `strip --strip-unneeded` keeps the dynamic symbols that loading and linking need (and that
-# name most frames in a backtrace); only names of internal functions go. strip comes with g++.
-# Libraries that auditwheel vendored (`*.libs/`) are left alone: patchelf rewrote their program
-# headers, and strip leaves them unloadable ("ELF load command address/offset not page-aligned").
-# Any other file that strip would leave so is put back as it was.
-for path in sorted(VENV.rglob("*")):
-    if path.is_symlink() or not path.is_file() or path.stat().st_size < 100_000:
-        continue
-    if path.parent.name.endswith(".libs") or not is_elf(path):
-        continue
-    sections = subprocess.run(["readelf", "-S", "-W", str(path)], capture_output=True, text=True)
-    if ".symtab" in sections.stdout or ".debug_info" in sections.stdout:
-        before = path.stat().st_size
-        original = path.with_name(path.name + ".unstripped")
-        shutil.copy2(path, original)
-        subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
-        if not loadable(path):
-            os.replace(original, path)
-            print("kept", path.relative_to(VENV), "as it was (strip breaks its program headers)")
+def strip_venv(venv: Path) -> None:
+    """Strip debug info and static symbol tables that wheels ship from the venv's ELF files.
+
+    vllm/_C alone is 213 MB with them, 37 MB without; .symtab/.strtab are 168 MB over the venv
+    (libtorch_cpu: 89 MB).
+    """
+    # `strip --strip-unneeded` keeps the dynamic symbols that loading and linking need (and that
+    # name most frames in a backtrace); only names of internal functions go. strip comes with g++.
+    # Libraries that auditwheel vendored (`*.libs/`) are left alone: patchelf rewrote their program
+    # headers, and strip leaves them unloadable ("ELF load command address/offset not page-aligned").
+    # Any other file that strip would leave so is put back as it was.
+    for path in sorted(venv.rglob("*")):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size < 100_000:
             continue
-        original.unlink()
-        saved = (before - path.stat().st_size) // 1_000_000
-        if saved:
-            print("stripped", path.relative_to(VENV), f"(-{saved} MB)")
+        if path.parent.name.endswith(".libs") or not is_elf(path):
+            continue
+        sections = subprocess.run(
+            ["readelf", "-S", "-W", str(path)], capture_output=True, text=True
+        )
+        if ".symtab" in sections.stdout or ".debug_info" in sections.stdout:
+            before = path.stat().st_size
+            original = path.with_name(path.name + ".unstripped")
+            shutil.copy2(path, original)
+            subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
+            if not loadable(path):
+                os.replace(original, path)
+                print(
+                    "kept", path.relative_to(venv), "as it was (strip breaks its program headers)"
+                )
+                continue
+            original.unlink()
+            saved = (before - path.stat().st_size) // 1_000_000
+            if saved:
+                print("stripped", path.relative_to(venv), f"(-{saved} MB)")
+
+
+def main() -> None:
+    for path in deletions(SITE):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    strip_venv(VENV)
+
+
+if __name__ == "__main__":
+    main()

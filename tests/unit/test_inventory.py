@@ -222,3 +222,13 @@ def test_a_missing_file_is_one_clear_problem(tmp_path: Path) -> None:
 
 def test_a_yaml_list_instead_of_a_mapping_is_refused(tmp_path: Path) -> None:
     assert "the inventory must be a YAML mapping" in only_problem(tmp_path, "- a\n- b\n")
+
+
+def test_ray_token_settings_cannot_be_passed_as_plain_environment(tmp_path: Path) -> None:
+    found = only_problem(tmp_path, MINIMAL + "env: {RAY_AUTH_MODE: disabled}\n")
+    assert "env: RAY_AUTH_MODE is set by vcluster" in found
+
+
+def test_the_ray_dashboard_address_must_be_an_ip_address(tmp_path: Path) -> None:
+    found = only_problem(tmp_path, MINIMAL + "ray: {dashboard_host: everywhere}\n")
+    assert ":9: ray.dashboard_host: 'everywhere' is not an IP address" in found

@@ -67,7 +67,8 @@ def test_ray_head_and_workers_start_with_their_own_node_ip() -> None:
     inventory = example("gpu-2x8.yaml")
     plan = build_plan(inventory, gpu_facts(inventory))
     assert plan.head.container.command == (
-        "ray", "start", "--head", "--port=6379", "--node-ip-address=10.0.0.11", "--disable-usage-stats", "--block",
+        "ray", "start", "--head", "--port=6379", "--dashboard-host=127.0.0.1",
+        "--node-ip-address=10.0.0.11", "--disable-usage-stats", "--block",
     )  # fmt: skip
     assert plan.workers[0].container.command == (
         "ray", "start", "--address=10.0.0.11:6379", "--node-ip-address=10.0.0.12", "--disable-usage-stats", "--block",
@@ -125,15 +126,53 @@ def test_the_spec_hash_changes_with_the_spec_and_only_with_it() -> None:
     assert build_plan(other_image, gpu_facts(other_image)).head.container.spec_hash != first
 
 
-def test_secrets_stay_references_and_only_the_head_gets_the_api_key() -> None:
+def test_secrets_stay_references_and_only_the_head_gets_the_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VCLUSTER_STATE_DIR", "/home/ops/.state/vcluster")
     inventory = example("gpu-2x8.yaml")
     plan = build_plan(inventory, gpu_facts(inventory))
     assert {k: str(v) for k, v in plan.head.container.secret_environment.items()} == {
         "HF_TOKEN": "env:HF_TOKEN",
         "VLLM_API_KEY": "file:/etc/vcluster/api-key",
+        "RAY_AUTH_TOKEN": "file:/home/ops/.state/vcluster/clusters/llama70b/ray-token",
     }
-    assert set(plan.workers[0].container.secret_environment) == {"HF_TOKEN"}
+    assert set(plan.workers[0].container.secret_environment) == {"HF_TOKEN", "RAY_AUTH_TOKEN"}
     assert "--api-key" not in plan.head.serve.argv
+
+
+def test_every_ray_process_requires_the_same_cluster_token() -> None:
+    inventory = example("gpu-4x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert {n.container.environment["RAY_AUTH_MODE"] for n in plan.nodes} == {"token"}
+    assert len({n.container.secret_environment["RAY_AUTH_TOKEN"] for n in plan.nodes}) == 1
+    assert not any("token" in word.lower() for n in plan.nodes for word in n.container.command)
+
+
+def test_a_ray_token_given_by_reference_replaces_the_generated_one(
+    tmp_path: Path,
+) -> None:
+    text = (REPO / "inventory" / "gpu-2x8.yaml").read_text()
+    text = text.replace("secrets:", "secrets:\n  ray_token: env:OUR_RAY_TOKEN", 1)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(text)
+    inventory = load_inventory(path)
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert str(plan.head.container.secret_environment["RAY_AUTH_TOKEN"]) == "env:OUR_RAY_TOKEN"
+
+
+def test_the_dashboard_stays_on_localhost_unless_the_inventory_opens_it(tmp_path: Path) -> None:
+    inventory = example("gpu-2x8.yaml")
+    assert (
+        "--dashboard-host=127.0.0.1"
+        in build_plan(inventory, gpu_facts(inventory)).head.container.command
+    )
+    opened = inventory.model_copy(
+        update={"ray": inventory.ray.model_copy(update={"dashboard_host": "0.0.0.0"})}
+    )
+    plan = build_plan(opened, gpu_facts(opened))
+    assert "--dashboard-host=0.0.0.0" in plan.head.container.command
+    assert not any(w.startswith("--dashboard-host") for w in plan.workers[0].container.command)
 
 
 def test_no_secret_value_reaches_the_rendered_plan(monkeypatch: pytest.MonkeyPatch) -> None:

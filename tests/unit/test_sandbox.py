@@ -11,7 +11,6 @@ from cluster.inventory import load_inventory
 from cluster.sandbox.dockerd import LocalDocker, dockerd_argv
 from cluster.sandbox.images import (
     docker_build_argv,
-    kernel_cpu_flags,
     missing_wheels,
     read_lock,
     recipe_hash,
@@ -168,14 +167,6 @@ def test_the_written_inventory_validates_and_points_into_the_workdir(tmp_path):
 def test_a_recipe_hash_ignores_order_but_not_content():
     assert recipe_hash([("a", b"1"), ("b", b"2")]) == recipe_hash([("b", b"2"), ("a", b"1")])
     assert recipe_hash([("a", b"1")]) != recipe_hash([("a", b"2")])
-
-
-def test_the_workload_recipe_names_the_cpu_features_that_pick_vllms_kernels():
-    cpuinfo = read(FIXTURES / "cpuinfo" / "epyc-avx512-bf16.txt")
-    assert kernel_cpu_flags(cpuinfo) == "avx2,avx512f,avx512_bf16"
-    without_bf16 = cpuinfo.replace(" avx512_bf16", "")
-    assert kernel_cpu_flags(without_bf16) == "avx2,avx512f"
-    assert kernel_cpu_flags("processor\t: 0\n") == ""
 
 
 def test_the_wheelhouse_lacks_exactly_the_pins_no_wheel_satisfies():
