@@ -9,7 +9,14 @@ import docker.errors
 from docker.types import DeviceRequest, Mount
 
 from cluster.errors import VclusterError
-from cluster.plan import LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE, LABEL_SPEC_HASH, ContainerSpec
+from cluster.plan import (
+    LABEL_CLUSTER,
+    LABEL_NODE,
+    LABEL_ROLE,
+    LABEL_SPEC_HASH,
+    ContainerSpec,
+    supervisor_argv,
+)
 from cluster.secrets import redact
 
 STOP_TIMEOUT_S = 10
@@ -61,18 +68,20 @@ def create_container(
 ) -> ContainerState:
     """Start the node's container from `spec`; `secrets` are the resolved secret environment.
 
-    The image's entrypoint is replaced by the spec's command (like vLLM's run_cluster.sh), so the
-    same spec runs on `vllm/vllm-openai`, whose entrypoint is `vllm serve`.
+    The image's entrypoint is replaced by vcluster's supervisor, which runs the spec's Ray
+    command and vLLM (like vLLM's run_cluster.sh replaces it with `ray start`), so the same spec
+    runs on `vllm/vllm-openai`, whose entrypoint is `vllm serve`.
     """
     environment = {**spec.environment, **secrets}
     device_requests = (
         [DeviceRequest(count=-1, capabilities=[["gpu"]])] if spec.gpus == "all" else None
     )
+    argv = supervisor_argv(spec)
     try:
         client.containers.run(
             spec.image,
-            entrypoint=list(spec.command[:1]),
-            command=list(spec.command[1:]),
+            entrypoint=argv[:1],
+            command=argv[1:],
             name=spec.name,
             detach=True,
             environment=environment,
@@ -84,7 +93,7 @@ def create_container(
             ipc_mode=spec.ipc_mode,
             shm_size=None if spec.ipc_mode == "host" else SHM_SIZE_WITHOUT_HOST_IPC,
             device_requests=device_requests,
-            restart_policy={"Name": "no"},
+            restart_policy={"Name": spec.restart_policy},
         )
     except docker.errors.ImageNotFound:
         raise ContainerError(

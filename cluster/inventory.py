@@ -141,6 +141,7 @@ class Ports(_Strict):
     ray: Port = 6379
     vllm: Port = 8000
     master: Port = 29501  # torch.distributed rendezvous of vLLM's own multi-node mode
+    ray_metrics: Port = 8080  # Ray's Prometheus metrics on every node (random otherwise)
 
 
 class Network(_Strict):

@@ -31,13 +31,28 @@ def cluster_metrics(
     )
     ray_alive = _gauge("vcluster_node_ray_alive", "1 when Ray reports the node alive", node_labels)
     healthy = _gauge("vcluster_node_healthy", "1 when the node is healthy", node_labels)
+    restarts = _gauge(
+        "vcluster_node_vllm_restarts",
+        "Times the node's supervisor restarted vLLM since its container was made",
+        node_labels,
+    )
+    last_exit = _gauge(
+        "vcluster_node_vllm_last_exit_info",
+        "Why vLLM last stopped on its own on the node (the cause label); always 1",
+        [*node_labels, "cause"],
+    )
     for node in status.nodes:
         labels = [cluster, node.name]
         up.add_metric(labels, float(node.reachable))
         running.add_metric(labels, float(node.container == "running"))
         ray_alive.add_metric(labels, float(node.ray_alive))
         healthy.add_metric(labels, float(node.healthy))
-    families: list[Metric] = [up, running, ray_alive, healthy, *_gpu_metrics(status)]
+        if node.vllm_restarts is not None:
+            restarts.add_metric(labels, float(node.vllm_restarts))
+        if node.vllm_last_exit:
+            last_exit.add_metric([*labels, node.vllm_last_exit], 1.0)
+    families: list[Metric] = [up, running, ray_alive, healthy, restarts, last_exit]
+    families += _gpu_metrics(status)
 
     ray = _gauge("vcluster_ray_nodes_alive", "Nodes alive in Ray", ["cluster"])
     ray.add_metric([cluster], float(status.ray_nodes_alive))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shlex
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from cluster import __version__
@@ -23,7 +24,11 @@ LABEL_NODE = f"{LABEL_PREFIX}.node"
 LABEL_ROLE = f"{LABEL_PREFIX}.role"
 LABEL_SPEC_HASH = f"{LABEL_PREFIX}.spec-hash"
 LABEL_VERSION = f"{LABEL_PREFIX}.version"
-VLLM_LOG_PATH = "/tmp/vcluster-vllm.log"
+VLLM_LOG_PATH = "/var/log/vcluster-vllm.log"
+SUPERVISOR_STATE_DIR = "/var/lib/vcluster"
+"""In the container's own file system: it outlives a restart of the container, not a `down`."""
+RESTART_POLICY = "unless-stopped"
+"""Docker starts the container again after a crash or a reboot, not after `docker stop`."""
 
 Role = Literal["head", "worker"]
 
@@ -50,8 +55,20 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class SupervisorSpec:
+    """What the container's first process (cluster/supervisor.py) watches besides vLLM itself."""
+
+    peers: tuple[str, ...]
+    """Addresses of the other ranks of vLLM's own multi-node mode: a connection of ours that
+    one of them closes means its vLLM went away, and ours restarts to meet it again."""
+    wait_for: tuple[str, int] | None
+    """An address and port that must answer before vLLM (re)starts here: the head's Ray."""
+    state_dir: str = SUPERVISOR_STATE_DIR
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
-    """One node's long-running container: Ray runs as its main process."""
+    """One node's long-running container: the supervisor runs Ray (`command`) and vLLM."""
 
     name: str
     image: str
@@ -61,8 +78,10 @@ class ContainerSpec:
     labels: dict[str, str]
     mounts: tuple[Mount, ...]
     gpus: Literal["all"] | None
+    supervisor: SupervisorSpec
     network_mode: str = "host"
     ipc_mode: str = "host"
+    restart_policy: str = RESTART_POLICY
 
     @property
     def spec_hash(self) -> str:
@@ -130,6 +149,22 @@ class ClusterPlan:
         return render(data)  # type: ignore[return-value]
 
 
+def supervisor_source() -> str:
+    """The supervisor's code, which each container runs as `python3 -c SOURCE CONFIG`."""
+    return (Path(__file__).with_name("supervisor.py")).read_text()
+
+
+def supervisor_argv(spec: ContainerSpec) -> list[str]:
+    """The container's full command line: the supervisor, given Ray's argv and what to watch."""
+    config = {
+        "ray": list(spec.command),
+        "state_dir": spec.supervisor.state_dir,
+        "peers": list(spec.supervisor.peers),
+        "wait_for": list(spec.supervisor.wait_for) if spec.supervisor.wait_for else None,
+    }
+    return ["python3", "-c", supervisor_source(), json.dumps(config)]
+
+
 def container_name(cluster: str) -> str:
     """The one container vcluster runs per host and cluster (run_cluster.sh uses it too)."""
     return f"vcluster-{cluster}"
@@ -148,7 +183,7 @@ def build_plan(inventory: Inventory, facts: dict[str, NodeFacts]) -> ClusterPlan
     for rank, node in enumerate(_head_first(inventory)):
         role: Role = "head" if node is head else "worker"
         node_facts = facts[node.node_name]
-        container = _container_spec(inventory, node, role, node_facts, head_facts)
+        container = _container_spec(inventory, node, role, node_facts, facts)
         serve = _serve_spec(inventory, role, rank, head_facts, tensor_parallel, pipeline_parallel)
         nodes.append(NodePlan(node.node_name, role, node.address, node_facts, container, serve))
     return ClusterPlan(
@@ -248,17 +283,36 @@ def _ray_command(
                    f"--dashboard-host={inventory.ray.dashboard_host}"]  # fmt: skip
     else:
         command = ["ray", "start", f"--address={head.address}:{port}"]
-    command += [f"--node-ip-address={facts.address}", "--disable-usage-stats", "--block"]
+    command += [
+        f"--node-ip-address={facts.address}",
+        f"--metrics-export-port={inventory.ports.ray_metrics}",
+        "--disable-usage-stats",
+        "--block",
+    ]
     return tuple(command)
 
 
+def _supervisor_spec(
+    inventory: Inventory, role: Role, facts: NodeFacts, all_facts: dict[str, NodeFacts]
+) -> SupervisorSpec:
+    head = all_facts[inventory.head.node_name]
+    if inventory.executor != "mp":
+        # vLLM's Ray executor sees its own workers die; Ray's connections are not ranks.
+        return SupervisorSpec(peers=(), wait_for=None)
+    others = tuple(f.address for f in all_facts.values() if f.address != facts.address)
+    wait_for = None if role == "head" else (head.address, inventory.ports.ray)
+    return SupervisorSpec(peers=others, wait_for=wait_for)
+
+
 def _container_spec(
-    inventory: Inventory, node: Node, role: Role, facts: NodeFacts, head: NodeFacts
+    inventory: Inventory, node: Node, role: Role, facts: NodeFacts, all_facts: dict[str, NodeFacts]
 ) -> ContainerSpec:
+    head = all_facts[inventory.head.node_name]
     spec = {
         "name": container_name(inventory.cluster),
         "image": inventory.image,
         "command": _ray_command(inventory, role, facts, head),
+        "supervisor": _supervisor_spec(inventory, role, facts, all_facts),
         "environment": _environment(inventory, facts),
         "secret_environment": _secret_environment(inventory, role),
         "mounts": (Mount(inventory.model_cache, CONTAINER_CACHE_PATH),),
@@ -266,8 +320,12 @@ def _container_spec(
     }
     digest_input = json.dumps(
         {
-            k: (v if k != "secret_environment" else {n: str(r) for n, r in v.items()})
-            for k, v in spec.items()
+            **{
+                k: (v if k != "secret_environment" else {n: str(r) for n, r in v.items()})
+                for k, v in spec.items()
+            },
+            "supervisor_code": hashlib.sha256(supervisor_source().encode()).hexdigest(),
+            "restart_policy": RESTART_POLICY,
         },
         default=lambda o: asdict(o),
         sort_keys=True,
@@ -338,6 +396,10 @@ def render_text(plan: ClusterPlan) -> str:
         for name, ref in c.secret_environment.items():
             lines.append(f"  env {name}={MASK} (from {ref})")
         lines.append(f"  ray: {shlex.join(c.command)}")
+        lines.append(
+            f"  supervisor: restart policy {c.restart_policy}, vLLM restarted when it dies"
+            + (f"; ranks on {', '.join(c.supervisor.peers)}" if c.supervisor.peers else "")
+        )
         if node.serve is not None:
             lines.append(f"  vllm: {shlex.join(node.serve.argv)}")
     return "\n".join(lines)

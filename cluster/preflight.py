@@ -20,9 +20,12 @@ from cluster.checks import (
     check_workers_reach_head,
     run_checks,
 )
+from cluster.containers import inspect_container
 from cluster.facts.host import HostFacts
 from cluster.images import image_id
 from cluster.inventory import Inventory
+from cluster.listeners import Listener, check_listeners, classify, listeners_argv, parse_listeners
+from cluster.plan import container_name
 from cluster.session import Session
 
 REACH_TIMEOUT_S = 5.0
@@ -111,3 +114,31 @@ def _reach_head(
             for name, error in reached.items()
         ]
     return check_workers_reach_head(inventory, reached)
+
+
+def port_results(inventory: Inventory, session: Session) -> list[CheckResult]:
+    """The `ports` check on every node whose container runs: what listens, what protects it."""
+    name = container_name(inventory.cluster)
+
+    def listening(node: str) -> list[Listener] | None:
+        client = session.docker(node)
+        state = inspect_container(client, name)
+        if state is None or not state.running:
+            return None
+        result = client.containers.get(name).exec_run(listeners_argv())
+        found = parse_listeners(result.output.decode(errors="replace"))
+        return [classify(address, port, process, inventory) for address, port, process in found]
+
+    outcome = session.on_each(listening, list(session.connections))
+    running = {node: found for node, found in outcome.succeeded.items() if found is not None}
+    results = check_listeners(inventory, running)
+    results += [
+        CheckResult("ports", Status.SKIP, "the cluster's container does not run here", node)
+        for node, found in outcome.succeeded.items()
+        if found is None
+    ]
+    results += [
+        CheckResult("ports", Status.WARN, f"could not list the ports: {error.one_line()}", node)
+        for node, error in outcome.failed.items()
+    ]
+    return results

@@ -16,10 +16,17 @@ from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
 from cluster.facts.probe import probe_argv
 from cluster.inventory import Inventory
-from cluster.plan import container_name
+from cluster.plan import SUPERVISOR_STATE_DIR, container_name
 from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
 from cluster.session import Session
-from cluster.vllm import http_get, parse_serving_metrics, running_spec_argv, served_models
+from cluster.vllm import (
+    SupervisedVllm,
+    http_get,
+    parse_serving_metrics,
+    parse_supervisor_state,
+    served_models,
+    supervisor_state_argv,
+)
 
 STATUS_SCHEMA_VERSION = 1
 
@@ -36,6 +43,9 @@ class NodeStatus:
     image_id: str | None = None
     ray_alive: bool = False
     vllm_process: bool | None = None  # None where no vLLM process belongs
+    vllm_state: str | None = None  # the supervisor's: running, backoff, stopped, waiting for X
+    vllm_restarts: int | None = None  # restarts by the supervisor since the container was made
+    vllm_last_exit: str | None = None  # why vLLM last stopped on its own
     gpus: tuple[GpuInfo, ...] = ()
     gpu_problem: str | None = None
 
@@ -116,7 +126,7 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 NodeStatus(node_name, node.address, role, True, error=outcome.error.one_line())
             )
             continue
-        state, vllm_alive, facts = outcome.value  # type: ignore[misc]
+        state, supervised, facts = outcome.value  # type: ignore[misc]
         nodes.append(
             NodeStatus(
                 node_name,
@@ -127,7 +137,12 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 started_at=state.started_at if state else None,
                 image_id=state.image_id if state else None,
                 ray_alive=node.address in ray_alive,
-                vllm_process=vllm_alive,
+                vllm_process=None
+                if node_name not in serving
+                else bool(supervised and supervised.running),
+                vllm_state=supervised.state if supervised else None,
+                vllm_restarts=supervised.restarts if supervised else None,
+                vllm_last_exit=supervised.last_exit_cause if supervised else None,
                 gpus=facts.gpu.gpus,
                 gpu_problem=(
                     facts.gpu.problem.detail
@@ -154,16 +169,16 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
 
 def _node_state(
     session: Session, node: str, name: str, serves: bool, probe: list[str]
-) -> tuple[ContainerState | None, bool | None, HostFacts]:
+) -> tuple[ContainerState | None, SupervisedVllm | None, HostFacts]:
     facts = parse_probe(session.ssh(node).run(probe).stdout)
     client = session.docker(node)
     state = inspect_container(client, name)
-    if not serves:
+    if not serves or state is None or not state.running:
         return state, None, facts
-    if state is None or not state.running:
-        return state, False, facts
-    result = client.containers.get(name).exec_run(running_spec_argv())
-    return state, result.exit_code == 0, facts
+    result = client.containers.get(name).exec_run(supervisor_state_argv(SUPERVISOR_STATE_DIR))
+    if result.exit_code != 0:
+        return state, None, facts
+    return state, parse_supervisor_state(result.output.decode(errors="replace")), facts
 
 
 def _ray_view(
@@ -227,10 +242,18 @@ def _mark(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "NO")
 
 
+def _vllm_cell(node: NodeStatus) -> str:
+    if node.vllm_process is None or node.vllm_process or node.vllm_state is None:
+        return _mark(node.vllm_process)
+    return f"NO ({node.vllm_state})"
+
+
 def render_table(status: ClusterStatus) -> list[Table | str]:
     """The human view of `status`: a node table, then the cluster and vLLM lines."""
     table = Table(title=f"cluster {status.cluster}")
-    for column in ("node", "address", "role", "ssh", "container", "up", "image", "ray", "vllm"):
+    columns = ("node", "address", "role", "ssh", "container", "up", "image", "ray", "vllm",
+               "restarts")  # fmt: skip
+    for column in columns:
         table.add_column(column)
     for node in status.nodes:
         table.add_row(
@@ -242,7 +265,8 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
             uptime(node.started_at),
             (node.image_id or "-").removeprefix("sha256:")[:12],
             _mark(node.ray_alive) if node.reachable else "-",
-            _mark(node.vllm_process),
+            _vllm_cell(node),
+            "-" if node.vllm_restarts is None else str(node.vllm_restarts),
         )
     resources = ", ".join(f"{v:g} {k}" for k, v in status.ray_resources.items() if v)
     ray_line = f"ray: {status.ray_nodes_alive}/{status.ray_nodes_expected} nodes alive" + (
@@ -266,6 +290,11 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
         )
     gpu_table = _gpu_table(status)
     problems = [f"{n.name}: {n.error}" for n in status.nodes if n.error]
+    problems += [
+        f"{n.name}: vLLM restarted {n.vllm_restarts} time(s), last because {n.vllm_last_exit}"
+        for n in status.nodes
+        if n.vllm_restarts and n.vllm_last_exit
+    ]
     problems += [f"{n.name}: GPUs: {n.gpu_problem}" for n in status.nodes if n.gpu_problem]
     verdict = "healthy" if status.healthy else "DEGRADED"
     parts: list[Table | str] = [table]

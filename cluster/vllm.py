@@ -1,6 +1,7 @@
-"""vLLM in a node's container: how it is launched, how it is checked, what its failures mean.
+"""vLLM in a node's container: how it is asked for, how it is checked, what its failures mean.
 
-Launch and liveness are argv for `docker exec`; the HTTP endpoint is read over a channel of the
+vLLM is run by the container's supervisor (cluster/supervisor.py) while the supervisor's
+`serve.json` asks for it; requests and reports are argv for `docker exec`. The HTTP endpoint is read over a channel of the
 head's SSH connection (so a head behind a bastion is reachable) and parsed by pure functions.
 """
 
@@ -15,30 +16,69 @@ import paramiko
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.plan import ServeSpec
+from cluster.supervisor import SERVE_FILE, STATE_FILE
 from cluster.transport.ssh import SshConnection
 
-PID_PATH = "/tmp/vcluster-vllm.pid"
-SPEC_PATH = "/tmp/vcluster-vllm.spec"
 HTTP_TIMEOUT_S = 10.0
 
-# Constant scripts; every value reaches them as a positional argument ("$0", "$1", "$@").
-_LAUNCH = 'echo $$ >"$0"; printf %s "$1" >"$2"; log=$3; shift 3; exec "$@" >"$log" 2>&1'
-_ALIVE = 'kill -0 "$(cat "$0" 2>/dev/null)" 2>/dev/null && cat "$1"'
-_STOP = 'pid=$(cat "$0" 2>/dev/null) && kill "$pid" 2>/dev/null; rm -f "$0" "$1"; true'
+# Constant scripts; every value reaches them as a positional argument ("$0", "$1").
+_WRITE = 'mkdir -p "${0%/*}" && printf %s "$1" >"$0.partial" && mv "$0.partial" "$0"'
 
 
-def launch_argv(serve: ServeSpec, spec_id: str) -> list[str]:
-    """`vllm serve`, detached by the caller, its output in the log and its pid recorded."""
-    return ["sh", "-c", _LAUNCH, PID_PATH, spec_id, SPEC_PATH, serve.log_path, *serve.argv]
+def desired_path(state_dir: str) -> str:
+    return f"{state_dir}/{SERVE_FILE}"
 
 
-def running_spec_argv() -> list[str]:
-    """Prints the spec id of the running vLLM and exits 0, or exits 1 when none runs."""
-    return ["sh", "-c", _ALIVE, PID_PATH, SPEC_PATH]
+def serve_request(serve: ServeSpec, spec_id: str) -> str:
+    """What the supervisor is asked to run (JSON); it holds no secret (those are in the env)."""
+    return json.dumps({"spec_id": spec_id, "argv": list(serve.argv), "log": serve.log_path})
 
 
-def stop_argv() -> list[str]:
-    return ["sh", "-c", _STOP, PID_PATH, SPEC_PATH]
+def request_serve_argv(state_dir: str, serve: ServeSpec, spec_id: str) -> list[str]:
+    """Asks the node's supervisor to run `serve` (and to restart it whenever it dies)."""
+    return ["sh", "-c", _WRITE, desired_path(state_dir), serve_request(serve, spec_id)]
+
+
+def request_stop_argv(state_dir: str) -> list[str]:
+    """Asks the node's supervisor to stop vLLM, every process of it, and not restart it."""
+    return ["rm", "-f", desired_path(state_dir)]
+
+
+def supervisor_state_argv(state_dir: str) -> list[str]:
+    return ["cat", f"{state_dir}/{STATE_FILE}"]
+
+
+@dataclass(frozen=True)
+class SupervisedVllm:
+    """What a node's supervisor reports of vLLM (`vllm.json` in its state folder)."""
+
+    state: str  # running | backoff | stopped | waiting for ADDRESS
+    spec_id: str | None
+    restarts: int
+    last_exit_cause: str | None
+    last_exit_at: float | None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+def parse_supervisor_state(text: str) -> SupervisedVllm | None:
+    """The supervisor's report, or None when there is none yet (or it is not JSON)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "state" not in data:
+        return None
+    last = data.get("last_exit") or {}
+    return SupervisedVllm(
+        state=str(data["state"]),
+        spec_id=data.get("spec_id"),
+        restarts=int(data.get("restarts") or 0),
+        last_exit_cause=last.get("cause"),
+        last_exit_at=last.get("at"),
+    )
 
 
 def log_tail_argv(serve: ServeSpec, lines: int) -> list[str]:

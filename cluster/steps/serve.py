@@ -1,8 +1,9 @@
-"""Steps: launch `vllm serve` (the head, or every node with `executor: mp`), wait until it serves.
+"""Steps: ask for `vllm serve` (the head, or every node with `executor: mp`), wait until it serves.
 
-vLLM runs detached inside the node's container with its output in a log. A vLLM already
-running the same spec in unchanged containers is kept; otherwise it is restarted everywhere at
-once (the ranks of one model must start together).
+Each container's supervisor runs vLLM while its `serve.json` asks for it, and restarts it when
+it dies. A vLLM already running the same spec in unchanged containers is kept; otherwise the new
+spec is written on every node at once (the ranks of one model start together). A vLLM that
+dies while `up` waits for it is stopped everywhere, and `up` says why.
 """
 
 from __future__ import annotations
@@ -12,22 +13,25 @@ import json
 import time
 
 from cluster.errors import VclusterError
-from cluster.plan import NodePlan
+from cluster.plan import SUPERVISOR_STATE_DIR, NodePlan
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
 from cluster.vllm import (
+    SupervisedVllm,
     error_lines,
     http_get,
-    launch_argv,
     likely_cause,
     log_tail_argv,
-    running_spec_argv,
+    parse_supervisor_state,
+    request_serve_argv,
+    request_stop_argv,
     served_models,
-    stop_argv,
+    supervisor_state_argv,
 )
 
 POLL_INTERVAL_S = 2.0
-LAUNCH_TIMEOUT_S = 10.0
+LAUNCH_TIMEOUT_S = 30.0
+"""How long a supervisor may take to start vLLM once asked (it checks every second)."""
 LOG_LINES = 15
 
 
@@ -51,43 +55,72 @@ def _exec(context: UpContext, node: NodePlan, argv: list[str], detach: bool = Fa
     return container.exec_run(argv, detach=detach)
 
 
+def supervised(context: UpContext, node: NodePlan) -> SupervisedVllm | None:
+    """The node's supervisor's report on vLLM, or None before its first report."""
+    result = _exec(context, node, supervisor_state_argv(node.container.supervisor.state_dir))
+    if result.exit_code != 0:
+        return None
+    return parse_supervisor_state(result.output.decode(errors="replace"))
+
+
 def launch_vllm(context: UpContext) -> str:
     nodes = serving_nodes(context)
-    running = context.session.on_each(
-        lambda name: _exec(context, _node(context, name), running_spec_argv()),
-        [n.name for n in nodes],
-    ).values()
+    names = [n.name for n in nodes]
+    reports = context.session.on_each(lambda name: supervised(context, _node(context, name)), names)
+    reports.raise_if_failed("asking the supervisors about vLLM")
+    before = reports.succeeded
     unchanged = all(
-        r.exit_code == 0 and r.output.decode().strip() == spec_id(n)
-        for r, n in zip(running, nodes, strict=True)
+        (report := before[n.name]) is not None and report.running and report.spec_id == spec_id(n)
+        for n in nodes
     ) and not any(n.name in context.recreated for n in nodes)
     if unchanged:
         context.serving_unchanged = True
-        return "already running with this spec on " + ", ".join(n.name for n in nodes)
-    names = [n.name for n in nodes]
+        return "already running with this spec on " + ", ".join(names)
+    context.restarts_at_launch = {
+        name: (report.restarts if report is not None else 0) for name, report in before.items()
+    }
     context.session.on_each(
-        lambda name: _exec(context, _node(context, name), stop_argv()), names
-    ).raise_if_failed("stopping the old vLLM")
-    context.session.on_each(
-        lambda name: _launch(context, _node(context, name)), names
-    ).raise_if_failed("launching vLLM")
+        lambda name: _request(context, _node(context, name)), names
+    ).raise_if_failed("asking the supervisors for vLLM")
     context.changes.append("vLLM (re)started")
     plan = context.require_plan()
     return (
         f"vllm serve on {', '.join(names)}: TP {plan.tensor_parallel} x PP "
-        f"{plan.pipeline_parallel}, executor {plan.executor}"
+        f"{plan.pipeline_parallel}, executor {plan.executor}; restarted by its supervisor if it dies"
     )
 
 
-def _launch(context: UpContext, node: NodePlan) -> None:
-    """Start vLLM detached and wait until its pid file names a live process."""
+def _request(context: UpContext, node: NodePlan) -> None:
+    """Write the node's serve request and wait until its supervisor runs that spec."""
     assert node.serve is not None
-    _exec(context, node, launch_argv(node.serve, spec_id(node)), detach=True)
+    argv = request_serve_argv(node.container.supervisor.state_dir, node.serve, spec_id(node))
+    result = _exec(context, node, argv)
+    if result.exit_code != 0:
+        raise VllmFailed(
+            f"could not ask the supervisor for vLLM: {result.output.decode(errors='replace')}",
+            where=node.name,
+            fix="run `vcluster up --recreate` (the container may predate the supervisor)",
+        )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not _alive(context, node):
+        _raise_if_died(context, node)
         if time.monotonic() > deadline:
-            raise _died(context, node)
-        time.sleep(0.2)
+            report = supervised(context, node)
+            raise VllmFailed(
+                f"the supervisor did not start vLLM within {LAUNCH_TIMEOUT_S:g}s "
+                f"(it reports: {report.state if report else 'nothing'})",
+                where=node.name,
+                fix="read `vcluster logs --component container` on this node",
+            )
+        time.sleep(0.5)
+
+
+def stop_vllm_everywhere(context: UpContext) -> None:
+    """Ask every serving node's supervisor to stop vLLM (and not to restart it)."""
+    context.session.on_each(
+        lambda name: _exec(context, _node(context, name), request_stop_argv(SUPERVISOR_STATE_DIR)),
+        [n.name for n in serving_nodes(context)],
+    )
 
 
 def _node(context: UpContext, name: str) -> NodePlan:
@@ -102,9 +135,8 @@ def wait_for_vllm(context: UpContext) -> str:
     port = context.inventory.ports.vllm
 
     def missing() -> str | None:
-        dead = [n for n in serving_nodes(context) if not _alive(context, n)]
-        if dead:
-            raise _died(context, dead[0])
+        for node in serving_nodes(context):
+            _raise_if_died(context, node)
         try:
             health = http_get(context.session.ssh(head.name), head.facts.address, port, "/health")
             if health.status != 200:
@@ -137,7 +169,17 @@ def wait_for_vllm(context: UpContext) -> str:
 
 
 def _alive(context: UpContext, node: NodePlan) -> bool:
-    return _exec(context, node, running_spec_argv()).exit_code == 0
+    report = supervised(context, node)
+    return report is not None and report.running and report.spec_id == spec_id(node)
+
+
+def _raise_if_died(context: UpContext, node: NodePlan) -> None:
+    """Stop vLLM everywhere and raise why, if it died on `node` since `up` asked for it."""
+    report = supervised(context, node)
+    before = context.restarts_at_launch.get(node.name, 0)
+    if report is not None and report.restarts > before:
+        stop_vllm_everywhere(context)
+        raise _died(context, node, report.last_exit_cause)
 
 
 def _log_tail(context: UpContext, node: NodePlan) -> str:
@@ -146,14 +188,15 @@ def _log_tail(context: UpContext, node: NodePlan) -> str:
     return " | ".join(output.decode(errors="replace").strip().splitlines()) or "(empty)"
 
 
-def _died(context: UpContext, node: NodePlan) -> VllmFailed:
+def _died(context: UpContext, node: NodePlan, how: str | None) -> VllmFailed:
     assert node.serve is not None
     full = _exec(context, node, log_tail_argv(node.serve, 200)).output.decode(errors="replace")
     cause = likely_cause(full)
     errors = " | ".join(error_lines(full)) or " | ".join(full.strip().splitlines()[-3:])
     summary = f"likely cause: {cause.summary}; " if cause else ""
     return VllmFailed(
-        f"vLLM exited during start-up ({summary}errors: {errors or '(empty log)'})",
+        f"vLLM exited during start-up ({how or 'ended'}; {summary}errors: "
+        f"{errors or '(empty log)'}); stopped on every node",
         where=node.name,
         fix=cause.fix if cause else "read the log with `vcluster logs --component vllm`",
     )

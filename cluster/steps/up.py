@@ -9,7 +9,7 @@ from cluster.containers import inspect_container
 from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
 from cluster.plan import ClusterPlan, build_plan, container_name
-from cluster.preflight import preflight_results
+from cluster.preflight import port_results, preflight_results
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.connect import connect_to_hosts
@@ -70,9 +70,10 @@ def gather_checks(inventory: Inventory, reporter: Reporter) -> list[CheckResult]
         if head in session.connections:
             state = inspect_container(session.docker(head), container_name(inventory.cluster))
             running = state is not None and state.running
-        return preflight_results(
+        results = preflight_results(
             inventory, session, context.host_facts, cluster_running_on_head=running
         )
+        return results + port_results(inventory, session)
 
 
 def _connect_reachable(context: UpContext) -> str:

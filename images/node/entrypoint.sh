@@ -1,7 +1,7 @@
 #!/bin/bash
-# Sandbox node entrypoint (under tini): start dockerd and sshd, stay in the foreground while both
-# run; when either exits, stop the other and exit with its status (the container then stops,
-# which is what a dead daemon on a real server looks like to vcluster).
+# Sandbox node entrypoint (under tini): start dockerd and sshd and stay in the foreground. dockerd
+# is started again whenever it exits, as systemd's docker.service (Restart=always) does on a
+# server; when sshd exits, or the node is stopped, everything stops.
 set -euo pipefail
 
 DOCKERD_START_TIMEOUT_S="${DOCKERD_START_TIMEOUT_S:-60}"
@@ -16,7 +16,17 @@ if [ -n "${VCLUSTER_AUTHORIZED_KEYS:-}" ]; then
   chmod 600 /root/.ssh/authorized_keys
 fi
 
-dockerd --host unix:///var/run/docker.sock >/var/log/dockerd.log 2>&1 &
+keep_dockerd() {
+  trap 'kill -TERM "$daemon" 2>/dev/null; wait "$daemon"; exit 0' TERM
+  while true; do
+    dockerd --host unix:///var/run/docker.sock >>/var/log/dockerd.log 2>&1 &
+    daemon=$!
+    wait "$daemon" || true
+    echo "vcluster-node: dockerd exited; starting it again" >&2
+    sleep 1
+  done
+}
+keep_dockerd &
 dockerd_pid=$!
 /usr/sbin/sshd -D -e 2>>/var/log/sshd.log &
 sshd_pid=$!

@@ -17,7 +17,7 @@ def test_exec_without_a_command_opens_an_interactive_shell():
 
 def test_vllm_logs_tail_the_serve_log_in_the_container():
     assert logs_argv("c", "vllm", tail=50, follow=True) == [
-        "docker", "exec", "c", "tail", "-n", "50", "-f", "/tmp/vcluster-vllm.log",
+        "docker", "exec", "c", "tail", "-n", "50", "-f", "/var/log/vcluster-vllm.log",
     ]  # fmt: skip
 
 

@@ -68,10 +68,12 @@ def test_ray_head_and_workers_start_with_their_own_node_ip() -> None:
     plan = build_plan(inventory, gpu_facts(inventory))
     assert plan.head.container.command == (
         "ray", "start", "--head", "--port=6379", "--dashboard-host=127.0.0.1",
-        "--node-ip-address=10.0.0.11", "--disable-usage-stats", "--block",
+        "--node-ip-address=10.0.0.11", "--metrics-export-port=8080", "--disable-usage-stats",
+        "--block",
     )  # fmt: skip
     assert plan.workers[0].container.command == (
-        "ray", "start", "--address=10.0.0.11:6379", "--node-ip-address=10.0.0.12", "--disable-usage-stats", "--block",
+        "ray", "start", "--address=10.0.0.11:6379", "--node-ip-address=10.0.0.12",
+        "--metrics-export-port=8080", "--disable-usage-stats", "--block",
     )  # fmt: skip
 
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cluster.plan import ServeSpec
-from cluster.vllm import error_lines, launch_argv, likely_cause, served_models
+from cluster.vllm import (
+    error_lines,
+    likely_cause,
+    parse_supervisor_state,
+    request_serve_argv,
+    served_models,
+)
 
 # Lines vLLM really printed (FACTS.md, checked on this machine).
 SHM_FAILURE = (
@@ -46,13 +53,30 @@ def test_served_models_lists_the_ids():
     assert served_models(body) == ["tiny-llama"]
 
 
-def test_launch_passes_every_value_as_an_argument():
+def test_the_serve_request_passes_every_value_as_an_argument():
     serve = ServeSpec(argv=("vllm", "serve", "/m; reboot", "--port", "8000"))
-    argv = launch_argv(serve, "abc123")
+    argv = request_serve_argv("/var/lib/vcluster", serve, "abc123")
     script = argv[2]
     assert argv[:2] == ["sh", "-c"]
     assert "reboot" not in script and "abc123" not in script
-    assert argv[-5:] == ["vllm", "serve", "/m; reboot", "--port", "8000"]
+    assert argv[3] == "/var/lib/vcluster/serve.json"
+    assert json.loads(argv[4]) == {
+        "spec_id": "abc123",
+        "argv": ["vllm", "serve", "/m; reboot", "--port", "8000"],
+        "log": serve.log_path,
+    }
+
+
+def test_the_supervisors_report_says_state_restarts_and_the_last_cause():
+    report = parse_supervisor_state(
+        '{"state": "backoff", "spec_id": "abc", "pid": null, "running_s": null, "restarts": 2,'
+        ' "last_exit": {"cause": "VLLM::EngineCore (pid 88) ended", "at": 1.5, "ran_s": 40.1}}'
+    )
+    assert report is not None and not report.running
+    assert (report.state, report.restarts) == ("backoff", 2)
+    assert report.last_exit_cause == "VLLM::EngineCore (pid 88) ended"
+    assert parse_supervisor_state("") is None
+    assert parse_supervisor_state("cat: /var/lib/vcluster/vllm.json: No such file") is None
 
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm"
