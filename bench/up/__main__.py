@@ -37,6 +37,8 @@ SOLO_CONTAINER = "vcluster-bench-solo"
 class StepTimes:
     """A reporter that records each step's duration."""
 
+    live = False
+
     def __init__(self) -> None:
         self.durations: dict[str, float] = {}
 

@@ -38,6 +38,7 @@ class ConsoleReporter:
     def __init__(self, console: Console) -> None:
         self._console = console
         self._status = None
+        self.live = console.is_terminal and not console.is_dumb_terminal
 
     def start(self, title: str) -> None:
         self._status = self._console.status(title)

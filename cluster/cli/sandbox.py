@@ -12,6 +12,7 @@ from rich.console import Console
 
 from cluster.cli.common import reports_errors
 from cluster.cli.lifecycle import ConsoleReporter, curl_line
+from cluster.cli.live import progress_output
 from cluster.errors import VclusterError
 from cluster.inventory import Inventory, load_inventory
 from cluster.sandbox import storage
@@ -54,13 +55,9 @@ NODE_STORAGE = click.option(
 )
 
 
-def _progress(line: str) -> None:
-    click.echo(line, err=True)
-
-
 def _bring_up(nodes: int, workdir: Path | None, name: str, node_storage: str) -> Sandbox:
     started = time.monotonic()
-    result = sandbox_up(nodes, workdir, name, progress=_progress, node_storage=node_storage)
+    result = sandbox_up(nodes, workdir, name, progress=progress_output(), node_storage=node_storage)
     click.echo(f"sandbox {name}: {nodes} node(s) up in {time.monotonic() - started:.0f}s")
     for node in result.nodes:
         click.echo(f"  {node.name}  {node.address}  (container {node.container})")
@@ -98,9 +95,10 @@ def down(workdir: Path | None, name: str) -> None:
 def build() -> None:
     """Build (or find cached) the sandbox's images and tiny model; no node is started."""
     local = ensure_local_docker()
-    for record in build_images(progress=_progress, docker=local):
+    progress = progress_output()
+    for record in build_images(progress=progress, docker=local):
         click.echo(f"{record.image}: {record.action} ({record.image_id[:19]})")
-    click.echo(f"model: {ensure_tiny_model(docker=local, progress=_progress)}")
+    click.echo(f"model: {ensure_tiny_model(docker=local, progress=progress)}")
 
 
 @sandbox.command()

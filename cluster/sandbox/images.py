@@ -21,7 +21,10 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import importlib.metadata
+import os
 import re
+import selectors
 import shutil
 import subprocess
 import sys
@@ -33,6 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.errors import VclusterError
+from cluster.progress import board_for
+from cluster.sandbox.build_progress import (
+    CommandOutput,
+    DockerBuildProgress,
+    OutputWatch,
+    WheelhouseProgress,
+    is_raw_progress,
+    pip_has_raw_progress,
+)
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
 
@@ -54,6 +66,8 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBOOTSTRAP_TIMEOUT_S = 900.0
 BUILD_TIMEOUT_S = 1800.0
 WHEEL_DOWNLOAD_TIMEOUT_S = 1800.0
+OUTPUT_TICK_S = 1.0
+"""How often a long command's status line is refreshed while it prints nothing."""
 
 CONTEXT_EXCLUDED_SUFFIXES = (".md",)
 """Files that do not go into a recipe hash (docs: editing them must not rebuild an image)."""
@@ -230,21 +244,68 @@ def _drop_superseded(docker: LocalDocker, old_id: str | None, image: str) -> Non
         subprocess.run(docker.argv("rmi", old_id), capture_output=True, timeout=300, check=False)
 
 
-def _run_logged(argv: list[str], log_path: Path, timeout_s: float, what: str) -> None:
-    """Run argv with its output appended to a log file; a failure carries the log's tail."""
+def _run_logged(
+    argv: list[str],
+    log_path: Path,
+    timeout_s: float,
+    what: str,
+    progress: Progress = _quiet,
+    watch: OutputWatch | None = None,
+) -> None:
+    """Run argv with its output appended to a log file; a failure carries the log's tail.
+
+    As the output comes, `watch` reads it for a status line on `progress` (by default: time
+    taken and last line), refreshed every OUTPUT_TICK_S even when the command says nothing.
+    pip's `Progress N of M` lines are left out of the log.
+    """
+    watch = watch or CommandOutput(what, time.monotonic())
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab", buffering=0) as log, board_for(progress) as board:
         log.write(f"\n$ {' '.join(argv)}\n".encode())
-        log.flush()
-        try:
-            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s, check=False)  # fmt: skip
-        except subprocess.TimeoutExpired as exc:
-            raise VclusterError(f"{what} took more than {timeout_s:.0f} s", where="localhost",
-                                fix=f"read {log_path}") from exc  # fmt: skip
-    if done.returncode != 0:
-        raise VclusterError(f"{what} failed (status {done.returncode}): {_tail(log_path)}",
-                            where="localhost", fix=f"read {log_path}")  # fmt: skip
+
+        def show() -> None:
+            board.update(what, watch.describe(time.monotonic()), watch.fraction())
+
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+            try:
+                for line in _output_lines(process, time.monotonic() + timeout_s, show):
+                    text = line.decode(errors="replace")
+                    if not is_raw_progress(text):
+                        log.write(line + b"\n")
+                    watch.feed(text, time.monotonic())
+            except subprocess.TimeoutExpired as exc:
+                process.kill()
+                raise VclusterError(f"{what} took more than {timeout_s:.0f} s", where="localhost",
+                                    fix=f"read {log_path}") from exc  # fmt: skip
+        if process.returncode != 0:
+            raise VclusterError(f"{what} failed (status {process.returncode}): {_tail(log_path)}",
+                                where="localhost", fix=f"read {log_path}")  # fmt: skip
+
+
+def _output_lines(
+    process: subprocess.Popen[bytes], deadline: float, tick: Callable[[], None]
+) -> Iterator[bytes]:
+    """The lines of `process`'s output as they come, then its exit; `tick` after each read
+    and at least every OUTPUT_TICK_S; TimeoutExpired past `deadline` (monotonic)."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    pending = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(process.args, 0)
+            if selector.select(min(OUTPUT_TICK_S, remaining)):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                yield from lines
+            tick()
+    if pending:
+        yield pending
+    process.wait(max(0.0, deadline - time.monotonic()))
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -279,7 +340,7 @@ def build_base(
         root = Path(tmp) / "root"
         progress(f"{BASE_IMAGE}: debootstrap {DEBIAN_SUITE} (about a minute)")
         _run_logged(debootstrap_argv(root, packages), log_path, DEBOOTSTRAP_TIMEOUT_S,
-                    "debootstrap")  # fmt: skip
+                    "debootstrap", progress)  # fmt: skip
         _finish_root(root, images_dir / "base" / "sources.list")
         progress(f"{BASE_IMAGE}: docker import")
         _import_root(docker, root, recipe, log_path)
@@ -373,7 +434,8 @@ def _build_dockerfile(
         argv = docker_build_argv(
             docker, image, context, recipe, {**(build_args or {}), **more_args}
         )
-        _run_logged(argv, log_path, BUILD_TIMEOUT_S, f"docker build of {image}")
+        watch = DockerBuildProgress(image, time.monotonic())
+        _run_logged(argv, log_path, BUILD_TIMEOUT_S, f"docker build of {image}", progress, watch)
     _drop_superseded(docker, superseded, image)
     progress(f"{image}: built in {time.monotonic() - started:.0f} s")
     return BuildRecord(image, "built", recipe, image_id(docker, image) or "",
@@ -440,19 +502,33 @@ def ensure_wheelhouse(
     pip inside a build does neither.
     """
     wheelhouse.mkdir(parents=True, exist_ok=True)
-    missing = missing_wheels(read_lock(lock.read_text()), (p.name for p in wheelhouse.iterdir()))
+    pins = read_lock(lock.read_text())
+    missing = missing_wheels(pins, (p.name for p in wheelhouse.iterdir()))
     if not missing:
         return
     progress(f"wheelhouse: downloading {len(missing)} wheels into {wheelhouse}")
     platforms = [x for tag in IMAGE_PLATFORM_TAGS for x in ("--platform", tag)]
+    # Off a terminal, pip's default bar prints only its final state; `raw` prints the bytes.
+    raw = ["--progress-bar", "raw"] if pip_has_raw_progress(_pip_version()) else []
     argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--python-version", IMAGE_PYTHON, *platforms,
+            "--python-version", IMAGE_PYTHON, *platforms, *raw,
             "--dest", str(wheelhouse), "--requirement", str(lock)]  # fmt: skip
-    _run_logged(argv, LOG_DIR / "wheelhouse.log", WHEEL_DOWNLOAD_TIMEOUT_S, "pip download")
+    watch = WheelhouseProgress(len(pins), time.monotonic())
+    _run_logged(argv, LOG_DIR / "wheelhouse.log", WHEEL_DOWNLOAD_TIMEOUT_S, "pip download",
+                progress, watch)  # fmt: skip
+    progress(watch.summary(time.monotonic()))
     still = missing_wheels(read_lock(lock.read_text()), (p.name for p in wheelhouse.iterdir()))
     if still:
         raise VclusterError(f"wheels still missing after download: {sorted(still)}",
                             where="localhost", fix=f"read {LOG_DIR / 'wheelhouse.log'}")  # fmt: skip
+
+
+def _pip_version() -> str:
+    """The version of the pip that `sys.executable -m pip` runs, or "" when there is none."""
+    try:
+        return importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 @contextlib.contextmanager

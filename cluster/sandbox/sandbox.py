@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.progress import prefixed
 from cluster.sandbox import keys
 from cluster.sandbox.dockerd import RUN_DIR, LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
@@ -80,6 +81,8 @@ class Steps:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
+        self.detail = prefixed(progress, "    ")
+        """A step's own lines, indented under it (live lines stay live)."""
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[list[str]]:
@@ -92,9 +95,6 @@ class Steps:
             self.progress(f"✗ {what} ({time.monotonic() - started:.1f}s)")
             raise
         self.progress(f"✓ {'; '.join(done) or what} ({time.monotonic() - started:.1f}s)")
-
-    def detail(self, line: str) -> None:
-        self.progress(f"    {line}")
 
 
 def _sandbox_lock(name: str) -> contextlib.AbstractContextManager[None]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster.progress import ProgressBoard, board_for, format_bytes, metered
 from cluster.sandbox.dockerd import LocalDocker
 from cluster.sandbox.filelock import file_lock
 from cluster.sandbox.images import CACHE_DIR
@@ -30,6 +31,8 @@ ARCHIVE_DIR = CACHE_DIR / "images"
 SAVE_TIMEOUT_S = 900.0
 LOAD_TIMEOUT_S = 1800.0
 """Bounds one node's `docker load` of a streamed image (2 minutes is usual here)."""
+LOADING = "docker load is unpacking it"
+"""What a node does once every byte is there (Docker 20.10 then registers each layer)."""
 
 Progress = Callable[[str], None]
 
@@ -80,8 +83,12 @@ def remote_image_id(connection: SshConnection, image: str) -> str | None:
     return result.stdout.strip() if result.ok else None
 
 
-def _load(connection: SshConnection, archive: Path) -> None:
-    with archive.open("rb") as stream:
+def _load(connection: SshConnection, archive: Path, board: ProgressBoard | None = None) -> None:
+    size = archive.stat().st_size
+    with (
+        archive.open("rb") as file,
+        metered(board, _name(connection), file, size, after_sent=LOADING) as stream,
+    ):
         result = connection.run(["docker", "load"], stdin=stream, timeout=LOAD_TIMEOUT_S)
     if not result.ok or "Loaded image" not in result.stdout:
         raise SandboxError(
@@ -101,7 +108,8 @@ def image_to_nodes(
 ) -> int:
     """Stream `image` to every node that lacks `wanted_id`, in parallel; check every ID after.
 
-    Returns how many nodes received it.
+    Returns how many nodes received it. Each node's bytes, rate and time left show on
+    `progress`: a line per node redrawn in place on a terminal, plain lines otherwise.
     """
     present = fan_out(connections, lambda c: remote_image_id(c, image), name=_name)
     present.raise_if_failed("asking the nodes for their image")
@@ -111,12 +119,12 @@ def image_to_nodes(
         archive, saved = image_archive(local, image, wanted_id)
         if saved:
             progress(f"saved {image} to {archive} ({time.monotonic() - started:.1f}s)")
-        size_gb = archive.stat().st_size / 1e9
+        size = format_bytes(archive.stat().st_size)
         names = ", ".join(_name(c) for c in lacking)
-        progress(f"streaming {image} ({size_gb:.1f} GB) over SSH to {names}")
-        fan_out(lacking, lambda c: _load(c, archive), name=_name).raise_if_failed(
-            f"streaming {image}"
-        )
+        progress(f"streaming {image} ({size}) over SSH to {names}")
+        with board_for(progress) as board:
+            sent = fan_out(lacking, lambda c: _load(c, archive, board), name=_name)
+        sent.raise_if_failed(f"streaming {image}")
     after = fan_out(connections, lambda c: remote_image_id(c, image), name=_name)
     after.raise_if_failed("checking the image on the nodes")
     odd = {host: found for host, found in after.succeeded.items() if found != wanted_id}

@@ -12,11 +12,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from cluster.progress import ProgressBoard
+
 C = TypeVar("C")
 
 
 class Reporter(Protocol):
-    """Where progress goes: the CLI draws it live, tests record it."""
+    """Where progress goes: the CLI draws it live, tests record it.
+
+    `live`: `progress` redraws its text in place (a terminal); otherwise progress that matters
+    in a log (bytes streamed per node) goes to `note`, at a bounded pace.
+    """
+
+    live: bool
 
     def start(self, title: str) -> None: ...
 
@@ -29,6 +37,8 @@ class Reporter(Protocol):
 
 class SilentReporter:
     """A reporter that keeps what it was told, for tests and library use."""
+
+    live = False
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -44,6 +54,20 @@ class SilentReporter:
 
     def note(self, text: str) -> None:
         self.lines.append(text)
+
+
+def progress_board(reporter: Reporter, heading: str) -> ProgressBoard:
+    """A board for per-node progress under `heading`: the step's live status on a terminal
+    (the heading, then a line per node), plain notes otherwise."""
+    if not reporter.live:
+        reporter.note(heading)
+        return ProgressBoard(reporter.note)
+
+    def show(lines: Sequence[str]) -> None:
+        reporter.progress("\n".join([heading, *lines]))
+
+    show([])
+    return ProgressBoard(reporter.note, show)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,13 @@ from cluster.images import (
     copy_between_nodes,
     copy_from_controller,
     image_id,
+    image_size,
     local_image_id,
+    local_image_size,
     try_pull,
 )
+from cluster.progress import format_bytes
+from cluster.steps.base import progress_board
 from cluster.steps.context import UpContext
 
 
@@ -51,17 +55,23 @@ def _copy_to(context: UpContext, missing: list[str], by_node: dict[str, str | No
     image = context.inventory.image
     session = context.session
     sources = [node for node, found in by_node.items() if found is not None]
+    targets = ", ".join(missing)
     if sources:
         source = session.ssh(sources[0])
-        context.reporter.progress(f"copying {image} from {sources[0]} to {', '.join(missing)}")
-        outcome = session.on_each(
-            lambda node: copy_between_nodes(source, session.ssh(node), image), missing
-        )
+        size = image_size(session.docker(sources[0]), image)
+        heading = f"copying {image}{_about(size)} from {sources[0]} to {targets}"
+        with progress_board(context.reporter, heading) as board:
+            outcome = session.on_each(
+                lambda node: copy_between_nodes(source, session.ssh(node), image, board, size),
+                missing,
+            )
     elif local_image_id(image) is not None:
-        context.reporter.progress(f"copying {image} from this machine to {', '.join(missing)}")
-        outcome = session.on_each(
-            lambda node: copy_from_controller(session.ssh(node), image), missing
-        )
+        size = local_image_size(image)
+        heading = f"copying {image}{_about(size)} from this machine to {targets}"
+        with progress_board(context.reporter, heading) as board:
+            outcome = session.on_each(
+                lambda node: copy_from_controller(session.ssh(node), image, board, size), missing
+            )
     else:
         raise ImageError(
             f"image {image} is on no node, no registry serves it, and this machine lacks it",
@@ -70,6 +80,10 @@ def _copy_to(context: UpContext, missing: list[str], by_node: dict[str, str | No
         )
     context.changes.append(f"image copied to {', '.join(missing)}")
     outcome.raise_if_failed(f"copying {image}")
+
+
+def _about(size: int | None) -> str:
+    return f" (about {format_bytes(size)})" if size else ""
 
 
 def _require_one_id(image: str, by_node: dict[str, str | None]) -> None:
