@@ -40,6 +40,7 @@ demo: system-deps venv
 lint: venv
 	$(BIN)/ruff check cluster tests bench images
 	$(BIN)/ruff format --check cluster tests bench images
+	$(BIN)/mypy cluster
 
 unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -64,4 +65,4 @@ bench: system-deps venv
 	$(BIN)/python bench/sandbox
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

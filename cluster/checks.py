@@ -315,8 +315,10 @@ def check_gpus(given: CheckInput) -> list[CheckResult]:
         elif gpu.problem is None:
             detail = "nvidia-smi listed no GPUs"
             results.append(_fail("gpus", name, detail, "run `nvidia-smi` on the host"))
+    if not shapes:
+        return results
     declared = {n.node_name: n.gpus for n in given.inventory.nodes if n.gpus is not None}
-    common = _majority(shapes) if shapes else None
+    common = _majority(shapes)
     for name, (count, model) in shapes.items():
         if (count, model) != common:
             detail = f"{count} x {model}, but other nodes have {common[0]} x {common[1]}"

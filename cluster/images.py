@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections.abc import Callable
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import docker
 import docker.errors
 
 from cluster.errors import VclusterError
-from cluster.progress import ProgressBoard, metered
+from cluster.progress import ByteSource, ProgressBoard, metered
 from cluster.transport.ssh import SshConnection
 
 TRANSFER_TIMEOUT_S = 1800.0
@@ -121,7 +121,7 @@ def copy_from_controller(
 
 def _load(
     target: SshConnection,
-    stream: BinaryIO,
+    stream: ByteSource,
     image: str,
     origin: str,
     board: ProgressBoard | None,

@@ -389,8 +389,8 @@ def _parallelism_problems(
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     tp = model.get("tensor_parallel", "auto")
     pp = model.get("pipeline_parallel", "auto")
-    declared = [n.get("gpus") for _, n in entries]
-    all_declared = bool(declared) and all(isinstance(g, int) for g in declared)
+    declared = [g for _, n in entries if isinstance(g := n.get("gpus"), int)]
+    all_declared = bool(entries) and len(declared) == len(entries)
     if data.get("accelerator", "nvidia") == "cpu":
         if isinstance(pp, int) and pp > len(entries):
             message = f"pipeline_parallel {pp} is more than the {len(entries)} nodes"

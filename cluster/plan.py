@@ -11,7 +11,7 @@ import json
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from cluster import __version__
 from cluster.errors import VclusterError
@@ -304,11 +304,24 @@ def _supervisor_spec(
     return SupervisorSpec(peers=others, wait_for=wait_for)
 
 
+class _ContainerFields(TypedDict):
+    """The fields of a `ContainerSpec` that its spec hash covers: all but the labels."""
+
+    name: str
+    image: str
+    command: tuple[str, ...]
+    supervisor: SupervisorSpec
+    environment: dict[str, str]
+    secret_environment: dict[str, SecretRef]
+    mounts: tuple[Mount, ...]
+    gpus: Literal["all"] | None
+
+
 def _container_spec(
     inventory: Inventory, node: Node, role: Role, facts: NodeFacts, all_facts: dict[str, NodeFacts]
 ) -> ContainerSpec:
     head = all_facts[inventory.head.node_name]
-    spec = {
+    spec: _ContainerFields = {
         "name": container_name(inventory.cluster),
         "image": inventory.image,
         "command": _ray_command(inventory, role, facts, head),
@@ -320,10 +333,8 @@ def _container_spec(
     }
     digest_input = json.dumps(
         {
-            **{
-                k: (v if k != "secret_environment" else {n: str(r) for n, r in v.items()})
-                for k, v in spec.items()
-            },
+            **spec,
+            "secret_environment": {n: str(r) for n, r in spec["secret_environment"].items()},
             "supervisor_code": hashlib.sha256(supervisor_source().encode()).hexdigest(),
             "restart_policy": RESTART_POLICY,
         },
@@ -337,7 +348,7 @@ def _container_spec(
         LABEL_SPEC_HASH: hashlib.sha256(digest_input.encode()).hexdigest()[:16],
         LABEL_VERSION: __version__,
     }
-    return ContainerSpec(labels=labels, **spec)  # type: ignore[arg-type]
+    return ContainerSpec(labels=labels, **spec)
 
 
 def _serve_spec(

@@ -327,10 +327,16 @@ def prefixed(output: Progress, prefix: str) -> Progress:
 # --- streams --------------------------------------------------------------------------------------
 
 
+class ByteSource(Protocol):
+    """A binary stream to read from: a file, a pipe, a paramiko channel's file."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
 class _CountingRaw(io.RawIOBase):
     """Reads from `stream`, telling `on_read` how many bytes each read brought."""
 
-    def __init__(self, stream: BinaryIO, on_read: Callable[[int], None]) -> None:
+    def __init__(self, stream: ByteSource, on_read: Callable[[int], None]) -> None:
         self._stream = stream
         self._on_read = on_read
 
@@ -387,7 +393,7 @@ class Transfer:
             text = f"{self._key}: {self._sent(now)}{then}"
             self._board.update(self._key, text, 1.0, milestone=bool(self._after_sent))
 
-    def reader(self, stream: BinaryIO) -> BinaryIO:
+    def reader(self, stream: ByteSource) -> BinaryIO:
         """`stream`, counted as it is read."""
         # A buffer of 1 byte: no read-ahead, so the bytes counted are the bytes handed on.
         return io.BufferedReader(_CountingRaw(stream, self.add), buffer_size=1)
@@ -414,13 +420,13 @@ class Transfer:
 def metered(
     board: ProgressBoard | None,
     key: str,
-    stream: BinaryIO,
+    stream: ByteSource,
     total: int | None,
     *,
     estimated: bool = False,
     after_sent: str = "",
     clock: Callable[[], float] = time.monotonic,
-) -> Iterator[BinaryIO]:
+) -> Iterator[ByteSource]:
     """`stream`, its bytes shown on `board` under `key` while the block runs (as is without a
     board); the outcome is printed when the block ends."""
     if board is None:

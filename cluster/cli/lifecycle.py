@@ -12,6 +12,7 @@ import click
 from prometheus_client import CollectorRegistry, start_http_server
 from rich.console import Console, Group
 from rich.live import Live
+from rich.status import Status
 from rich.text import Text
 
 from cluster.checks import exit_code as checks_exit_code
@@ -37,7 +38,7 @@ class ConsoleReporter:
 
     def __init__(self, console: Console) -> None:
         self._console = console
-        self._status = None
+        self._status: Status | None = None
         self.live = console.is_terminal and not console.is_dumb_terminal
 
     def start(self, title: str) -> None:

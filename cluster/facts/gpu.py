@@ -407,11 +407,13 @@ def parse_gpu_facts(
         except ValueError as error:
             problem = problem or gpu_problem(GpuProblemKind.UNREADABLE, str(error))
 
-    running = processes is not None and processes.exit_code == 0
+    compute_apps: tuple[GpuProcess, ...] = ()
+    if processes is not None and processes.exit_code == 0:
+        compute_apps = tuple(parse_compute_apps(processes.stdout))
     driver = parse_driver_version(driver_version_file or "")
     return GpuFacts(
         gpus=tuple(gpus),
-        processes=tuple(parse_compute_apps(processes.stdout)) if running else (),
+        processes=compute_apps,
         topology=links,
         driver_version=driver or next((g.driver_version for g in gpus if g.driver_version), None),
         problem=problem,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cluster.facts.gpu import (
     CommandOutput,
@@ -28,6 +30,8 @@ __all__ = [
     "parse_probe",
     "probe_argv",
 ]
+
+_Number = TypeVar("_Number", int, float)
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ def _interface_holding(addresses: str, address: str) -> str | None:
     return None
 
 
-def _number(text: str, kind: type) -> float | int | None:
+def _number(text: str, kind: Callable[[str], _Number]) -> _Number | None:
     try:
         return kind(text) if text else None
     except ValueError:

@@ -69,6 +69,10 @@ def launch_vllm(context: UpContext) -> str:
     reports = context.session.on_each(lambda name: supervised(context, _node(context, name)), names)
     reports.raise_if_failed("asking the supervisors about vLLM")
     before = reports.succeeded
+    # A restart counted after this point is a death during this `up`; earlier ones are history.
+    context.restarts_at_launch = {
+        name: (report.restarts if report is not None else 0) for name, report in before.items()
+    }
     unchanged = all(
         (report := before[n.name]) is not None and report.running and report.spec_id == spec_id(n)
         for n in nodes
@@ -76,9 +80,6 @@ def launch_vllm(context: UpContext) -> str:
     if unchanged:
         context.serving_unchanged = True
         return "already running with this spec on " + ", ".join(names)
-    context.restarts_at_launch = {
-        name: (report.restarts if report is not None else 0) for name, report in before.items()
-    }
     context.session.on_each(
         lambda name: _request(context, _node(context, name)), names
     ).raise_if_failed("asking the supervisors for vLLM")

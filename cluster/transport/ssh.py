@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import paramiko
 
 from cluster.errors import VclusterError
+from cluster.progress import ByteSource
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class SshConnection:
         argv: Sequence[str],
         *,
         timeout: float | None = None,
-        stdin: bytes | BinaryIO | None = None,
+        stdin: bytes | ByteSource | None = None,
         check: bool = False,
         fix: str | None = None,
     ) -> CommandResult:
@@ -303,7 +304,7 @@ class _StdinWriter:
 
 
 def _start_stdin_writer(
-    channel: paramiko.Channel, stdin: bytes | BinaryIO | None
+    channel: paramiko.Channel, stdin: bytes | ByteSource | None
 ) -> _StdinWriter | None:
     if stdin is None:
         channel.shutdown_write()
@@ -330,7 +331,7 @@ class _InputUnreadable(Exception):
     pass
 
 
-def _input_chunks(stdin: bytes | BinaryIO) -> Iterator[bytes]:
+def _input_chunks(stdin: bytes | ByteSource) -> Iterator[bytes]:
     if isinstance(stdin, bytes):
         yield stdin
         return
@@ -437,7 +438,10 @@ def _authenticated_client(
     return client
 
 
-def _tuned_transport(sock: object, **options: object) -> paramiko.Transport:
+def _tuned_transport(
+    sock: str | tuple[str, int] | socket.socket | paramiko.Channel | paramiko.ProxyCommand,
+    **options: Any,  # what `SSHClient.connect` passes on, which differs across paramiko versions
+) -> paramiko.Transport:
     """A paramiko transport with TCP_NODELAY that offers AES-GCM first.
 
     Without TCP_NODELAY (paramiko leaves Nagle on, OpenSSH turns it off) a command's small
