@@ -41,8 +41,12 @@ HEALTHY_RUN_S = 300.0
 PEER_WAIT_LOG_S = 30.0
 TITLE_PREFIX = "VLLM::"
 """vLLM names its long-lived processes (`VLLM::EngineCore`, `VLLM::Worker_PP0`, ...)."""
+TCP_ESTABLISHED = "01"
 TCP_CLOSE_WAIT = "08"
 TCP_LISTEN = "0A"
+PEER_CONNECTION_SETTLED_S = 20.0
+"""A connection to a peer rank that lived this long belongs to the running model (ZMQ, gloo,
+the rendezvous store); start-up makes short-lived ones that must not count when they close."""
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -136,15 +140,36 @@ def socket_inodes(pids: list[int]) -> set[int]:
     return inodes
 
 
-def peers_that_closed(pids: list[int], peers: list[str]) -> list[str]:
-    """Peer addresses that closed a TCP connection these processes still hold (CLOSE_WAIT)."""
-    inodes = socket_inodes(pids)
-    closed = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for _, _, remote, _, state, inode in parse_tcp_table(_read(table)):
-            if state == TCP_CLOSE_WAIT and inode in inodes and remote in peers:
-                closed.append(remote)
-    return sorted(set(closed))
+PeerConnection = tuple[int, str, int]
+"""(local port, peer address, peer port) of a TCP connection to another rank's node."""
+
+
+def peer_connections(
+    rows: list[tuple[str, int, str, int, str, int]], inodes: set[int], peers: list[str]
+) -> tuple[set[PeerConnection], set[str]]:
+    """The open connections of these sockets to peer addresses, and the peers that closed one
+    (CLOSE_WAIT: the other side is gone, ours still holds the socket)."""
+    open_now: set[PeerConnection] = set()
+    closed: set[str] = set()
+    for _, local_port, remote, remote_port, state, inode in rows:
+        if inode not in inodes or remote not in peers:
+            continue
+        if state == TCP_CLOSE_WAIT:
+            closed.add(remote)
+        elif state == TCP_ESTABLISHED:
+            open_now.add((local_port, remote, remote_port))
+    return open_now, closed
+
+
+def gone_peers(
+    first_seen: dict[PeerConnection, float], open_now: set[PeerConnection], now: float
+) -> set[str]:
+    """Peers of settled connections that are no longer open (whoever closed them)."""
+    return {
+        connection[1]
+        for connection, since in first_seen.items()
+        if connection not in open_now and now - since >= PEER_CONNECTION_SETTLED_S
+    }
 
 
 def reachable(address: str, port: int, timeout_s: float = 2.0) -> bool:
@@ -165,6 +190,8 @@ class VllmRun:
     started_at: float
     titled: dict[int, str] = field(default_factory=dict)
     """The VLLM:: processes seen in this run: each must live as long as the run."""
+    peer_connections: dict[PeerConnection, float] = field(default_factory=dict)
+    """Each connection to a peer rank seen in this run, and when it was first seen."""
 
 
 class Supervisor:
@@ -252,9 +279,17 @@ class Supervisor:
             if pid not in members:
                 how = exit_cause(self.exits[pid]) if pid in self.exits else "ended"
                 return f"{title} (pid {pid}) {how}"
-        closed = peers_that_closed(list(members), self.peers)
-        if closed:
-            return f"a peer rank went away ({', '.join(closed)} closed its connection)"
+        if not self.peers:
+            return None
+        rows = parse_tcp_table(_read("/proc/net/tcp")) + parse_tcp_table(_read("/proc/net/tcp6"))
+        open_now, closed = peer_connections(rows, socket_inodes(list(members)), self.peers)
+        now = time.monotonic()
+        gone = closed | gone_peers(run.peer_connections, open_now, now)
+        if gone:
+            return f"a peer rank went away ({', '.join(sorted(gone))} closed its connection)"
+        for connection in open_now:
+            run.peer_connections.setdefault(connection, now)
+        run.peer_connections = {c: t for c, t in run.peer_connections.items() if c in open_now}
         return None
 
     # vLLM's life

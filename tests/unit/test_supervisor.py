@@ -11,11 +11,14 @@ from pathlib import Path
 from cluster.plan import build_plan, supervisor_argv
 from cluster.supervisor import (
     BACKOFF_S,
+    PEER_CONNECTION_SETTLED_S,
     TCP_CLOSE_WAIT,
     backoff_s,
     exit_cause,
+    gone_peers,
     parse_stat,
     parse_tcp_table,
+    peer_connections,
 )
 from tests.unit.test_plan import example, gpu_facts
 
@@ -31,6 +34,22 @@ def test_a_connection_the_peer_closed_shows_as_close_wait_with_its_socket_inode(
     rows = parse_tcp_table((FIXTURES / "net-tcp-close-wait.txt").read_text())
     closed = [row for row in rows if row[4] == TCP_CLOSE_WAIT]
     assert closed == [("127.0.0.1", 34736, "127.0.0.1", 40711, TCP_CLOSE_WAIT, 37535)]
+
+
+def test_a_peer_that_closed_a_connection_we_hold_is_named():
+    rows = parse_tcp_table((FIXTURES / "net-tcp-close-wait.txt").read_text())
+    assert peer_connections(rows, {37535}, ["127.0.0.1"]) == (set(), {"127.0.0.1"})
+    assert peer_connections(rows, {37535}, ["10.0.0.2"]) == (set(), set())
+    assert peer_connections(rows, {1}, ["127.0.0.1"]) == (set(), set())  # not our socket
+
+
+def test_a_settled_peer_connection_that_vanished_means_the_peer_went_away():
+    settled, young = (40001, "10.0.0.2", 29501), (40002, "10.0.0.3", 5555)
+    first_seen = {settled: 0.0, young: PEER_CONNECTION_SETTLED_S - 1}
+    now = PEER_CONNECTION_SETTLED_S + 0.5
+    assert gone_peers(first_seen, {settled, young}, now) == set()
+    assert gone_peers(first_seen, {young}, now) == {"10.0.0.2"}
+    assert gone_peers(first_seen, {settled}, now) == set()  # start-up's short connections
 
 
 def test_back_off_doubles_up_to_a_minute_and_stays_there():

@@ -1,0 +1,68 @@
+"""The `ports` check: what a node's container listens on and what protects each port, read from
+real captures of the sandbox (tests/fixtures/listeners)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cluster.checks import Status
+from cluster.inventory import Inventory
+from cluster.listeners import Listener, check_listeners, classify, parse_listeners
+from tests.unit.test_plan import example
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "listeners"
+
+
+def listeners(name: str, inventory: Inventory) -> list[Listener]:
+    found = parse_listeners((FIXTURES / name).read_text())
+    return [classify(address, port, process, inventory) for address, port, process in found]
+
+
+def by_port(found: list[Listener]) -> dict[int, set[tuple[str, str]]]:
+    ports: dict[int, set[tuple[str, str]]] = {}
+    for entry in found:
+        ports.setdefault(entry.port, set()).add((entry.component, entry.protection))
+    return ports
+
+
+def test_the_heads_ray_ports_require_the_token_and_the_dashboard_is_local():
+    ports = by_port(listeners("sandbox-head.txt", example("cpu-2.yaml")))
+    assert ports[6379] == {("Ray GCS", "Ray token")}
+    assert ("Ray client server", "Ray token") in ports[10001]
+    assert ports[8265] == {("Ray dashboard", "localhost only")}
+    assert ports[8000] == {("vLLM API", "API key")}
+    assert ports[8080] == {("Ray metrics (Prometheus)", "none (read-only)")}
+    assert ports[29501] == {("vLLM rendezvous (torch.distributed store)", "none")}
+    assert ports[22] == {("sshd", "not vcluster's")}
+
+
+def test_the_check_warns_about_every_port_open_without_authentication():
+    inventory = example("cpu-2.yaml")
+    found = {
+        "node-1": listeners("sandbox-head.txt", inventory),
+        "node-2": listeners("sandbox-worker.txt", inventory),
+    }
+    results = {r.node: r for r in check_listeners(inventory, found)}
+    head = results["node-1"]
+    assert head.status is Status.WARN and head.remedy and "firewall" in head.remedy
+    unprotected = head.detail.split("; all: ")[0]
+    assert "29501 vLLM rendezvous" in unprotected and "8080 Ray metrics" in unprotected
+    assert "6379" not in unprotected and "8000" not in unprotected and "22 " not in unprotected
+    assert "8265" not in head.detail  # localhost only: not open to the network at all
+    assert results["node-2"].status is Status.WARN
+
+
+def test_without_an_api_key_the_endpoint_is_open_to_anyone():
+    inventory = example("cpu-2.yaml")
+    keyless = inventory.model_copy(
+        update={"secrets": inventory.secrets.model_copy(update={"api_key": None})}
+    )
+    ports = by_port(listeners("sandbox-head.txt", keyless))
+    assert ports[8000] == {("vLLM API", "none")}
+
+
+def test_a_cluster_with_only_authenticated_ports_passes():
+    inventory = example("cpu-2.yaml")
+    safe = [e for e in listeners("sandbox-head.txt", inventory) if not e.open_to_anyone]
+    (result,) = check_listeners(inventory, {"node-1": safe})
+    assert result.status is Status.PASS and "6379 Ray GCS (Ray token)" in result.detail
