@@ -10,6 +10,11 @@
 # labels; --gpus all is left out when the host has no nvidia-smi (CPU images). Set
 # VCLUSTER_CLUSTER to the inventory's cluster name and VCLUSTER_NODE to the node's name to match
 # an inventory.
+#
+# Ray's token authentication: export RAY_AUTH_TOKEN (the same value on every node, e.g. the file
+# `vcluster up` made: ~/.local/state/vcluster/clusters/CLUSTER/ray-token) and Ray requires it
+# (RAY_AUTH_MODE=token); the value reaches the container from the environment, never from argv.
+# Without it, Ray accepts anyone who can reach the head (a warning says so).
 set -euo pipefail
 
 usage() {
@@ -67,6 +72,13 @@ else
   ray_start=(ray start --block "--address=$head_address:$ray_port")
 fi
 
+auth_args=()
+if [ -n "${RAY_AUTH_TOKEN:-}" ]; then
+  auth_args=(-e RAY_AUTH_MODE=token -e RAY_AUTH_TOKEN)
+else
+  echo "warning: RAY_AUTH_TOKEN is not set: Ray will run tasks for anyone who can reach $head_address:$ray_port (see docs/security.md)" >&2
+fi
+
 gpu_args=()
 if command -v nvidia-smi >/dev/null 2>&1; then
   gpu_args=(--gpus all)
@@ -88,6 +100,7 @@ docker run \
   --label "vcluster.role=$role" \
   --label "vcluster.started-by=run_cluster.sh" \
   "${gpu_args[@]}" \
+  "${auth_args[@]}" \
   -v "$hf_home:/root/.cache/huggingface" \
   "${ray_ip_args[@]}" \
   "${additional_args[@]}" \

@@ -164,11 +164,16 @@ def peer_connections(
 def gone_peers(
     first_seen: dict[PeerConnection, float], open_now: set[PeerConnection], now: float
 ) -> set[str]:
-    """Peers of settled connections that are no longer open (whoever closed them)."""
+    """Peers we had a settled connection with and now have no open connection to at all.
+
+    One connection closing proves nothing (start-up closes its rendezvous connections once the
+    ranks have met); every connection to a node gone means its vLLM is gone.
+    """
+    still_connected = {connection[1] for connection in open_now}
     return {
         connection[1]
         for connection, since in first_seen.items()
-        if connection not in open_now and now - since >= PEER_CONNECTION_SETTLED_S
+        if now - since >= PEER_CONNECTION_SETTLED_S and connection[1] not in still_connected
     }
 
 
@@ -186,6 +191,8 @@ def reachable(address: str, port: int, timeout_s: float = 2.0) -> bool:
 @dataclass
 class VllmRun:
     spec_id: str
+    launch: str | None
+    """Which request of `vcluster up` started it: a new one restarts vLLM with the same spec."""
     process: subprocess.Popen[bytes]
     started_at: float
     titled: dict[int, str] = field(default_factory=dict)
@@ -243,8 +250,11 @@ class Supervisor:
         desired = self._desired()
         run = self.vllm
         if run is not None:
-            if desired is None or desired["spec_id"] != run.spec_id:
-                self._stop_vllm("stopped by vcluster (new or no spec)", count=False)
+            if desired is None or (desired["spec_id"], desired.get("launch")) != (
+                run.spec_id,
+                run.launch,
+            ):
+                self._stop_vllm("stopped by vcluster (a new request, or none)", count=False)
                 self.failures_in_a_row = 0
                 self.next_start = 0.0
                 return
@@ -302,7 +312,7 @@ class Supervisor:
             process = subprocess.Popen(
                 desired["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.vllm = VllmRun(desired["spec_id"], process, time.monotonic())
+        self.vllm = VllmRun(desired["spec_id"], desired.get("launch"), process, time.monotonic())
         self.state = "running"
         self._log(f"vLLM started (pid {process.pid}, spec {desired['spec_id']})")
 
@@ -367,6 +377,7 @@ class Supervisor:
         state = {
             "state": self.state,
             "spec_id": run.spec_id if run else None,
+            "launch": run.launch if run else None,
             "pid": run.process.pid if run else None,
             "running_s": round(time.monotonic() - run.started_at, 1) if run else None,
             "restarts": self.restarts,

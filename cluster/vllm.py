@@ -29,14 +29,24 @@ def desired_path(state_dir: str) -> str:
     return f"{state_dir}/{SERVE_FILE}"
 
 
-def serve_request(serve: ServeSpec, spec_id: str) -> str:
-    """What the supervisor is asked to run (JSON); it holds no secret (those are in the env)."""
-    return json.dumps({"spec_id": spec_id, "argv": list(serve.argv), "log": serve.log_path})
+def serve_request(serve: ServeSpec, spec_id: str, launch: str) -> str:
+    """What the supervisor is asked to run (JSON); it holds no secret (those are in the env).
+
+    `launch` names this request: a new one restarts vLLM even with the same spec, so that the
+    ranks of a model start together.
+    """
+    request = {
+        "spec_id": spec_id,
+        "launch": launch,
+        "argv": list(serve.argv),
+        "log": serve.log_path,
+    }
+    return json.dumps(request)
 
 
-def request_serve_argv(state_dir: str, serve: ServeSpec, spec_id: str) -> list[str]:
+def request_serve_argv(state_dir: str, serve: ServeSpec, spec_id: str, launch: str) -> list[str]:
     """Asks the node's supervisor to run `serve` (and to restart it whenever it dies)."""
-    return ["sh", "-c", _WRITE, desired_path(state_dir), serve_request(serve, spec_id)]
+    return ["sh", "-c", _WRITE, desired_path(state_dir), serve_request(serve, spec_id, launch)]
 
 
 def request_stop_argv(state_dir: str) -> list[str]:
@@ -54,6 +64,7 @@ class SupervisedVllm:
 
     state: str  # running | backoff | stopped | waiting for ADDRESS
     spec_id: str | None
+    launch: str | None
     restarts: int
     last_exit_cause: str | None
     last_exit_at: float | None
@@ -75,6 +86,7 @@ def parse_supervisor_state(text: str) -> SupervisedVllm | None:
     return SupervisedVllm(
         state=str(data["state"]),
         spec_id=data.get("spec_id"),
+        launch=data.get("launch"),
         restarts=int(data.get("restarts") or 0),
         last_exit_cause=last.get("cause"),
         last_exit_at=last.get("at"),

@@ -48,7 +48,8 @@ def vllm_alone(inventory: Inventory) -> float:
         for node in serving:
             assert node.serve is not None
             state_dir = node.container.supervisor.state_dir
-            nodes.in_container(node.name, request_serve_argv(state_dir, node.serve, spec_id(node)))
+            argv = request_serve_argv(state_dir, node.serve, spec_id(node), "bench-heal")
+            nodes.in_container(node.name, argv)
     seconds = seconds_to_first_chat(inventory, started, TIMEOUT_S)
     if seconds is None:
         raise SystemExit(f"vLLM did not answer within {TIMEOUT_S:.0f} s")

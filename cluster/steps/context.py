@@ -37,6 +37,8 @@ class UpContext:
     recreate_all: bool = False
     """Replace every container even if it matches its spec (e.g. a new Ray token)."""
     serving_unchanged: bool = False
+    launch_id: str | None = None
+    """Names this run's request for vLLM, when it made one."""
     restarts_at_launch: dict[str, int] = field(default_factory=dict)
     """Each supervisor's restart count when `up` asked for vLLM: a higher one is a death."""
     changes: list[str] = field(default_factory=list)

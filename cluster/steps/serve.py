@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 
 from cluster.errors import VclusterError
 from cluster.plan import SUPERVISOR_STATE_DIR, NodePlan
@@ -80,6 +81,7 @@ def launch_vllm(context: UpContext) -> str:
     if unchanged:
         context.serving_unchanged = True
         return "already running with this spec on " + ", ".join(names)
+    context.launch_id = uuid.uuid4().hex[:12]  # every rank restarts, together
     context.session.on_each(
         lambda name: _request(context, _node(context, name)), names
     ).raise_if_failed("asking the supervisors for vLLM")
@@ -94,7 +96,9 @@ def launch_vllm(context: UpContext) -> str:
 def _request(context: UpContext, node: NodePlan) -> None:
     """Write the node's serve request and wait until its supervisor runs that spec."""
     assert node.serve is not None
-    argv = request_serve_argv(node.container.supervisor.state_dir, node.serve, spec_id(node))
+    assert context.launch_id is not None
+    state_dir = node.container.supervisor.state_dir
+    argv = request_serve_argv(state_dir, node.serve, spec_id(node), context.launch_id)
     result = _exec(context, node, argv)
     if result.exit_code != 0:
         raise VllmFailed(
@@ -170,8 +174,11 @@ def wait_for_vllm(context: UpContext) -> str:
 
 
 def _alive(context: UpContext, node: NodePlan) -> bool:
+    """vLLM runs the planned spec there (and, once `up` asked for it, from that request)."""
     report = supervised(context, node)
-    return report is not None and report.running and report.spec_id == spec_id(node)
+    if report is None or not report.running or report.spec_id != spec_id(node):
+        return False
+    return context.launch_id is None or report.launch == context.launch_id
 
 
 def _raise_if_died(context: UpContext, node: NodePlan) -> None:

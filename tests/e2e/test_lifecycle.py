@@ -180,11 +180,16 @@ def test_up_on_a_healthy_cluster_changes_nothing(inventory):
     assert "already up, nothing changed" in result.stdout
 
 
-def test_a_killed_worker_container_is_reported_with_exit_code_3(inventory, loaded):
+def test_a_stopped_worker_container_is_reported_with_exit_code_3(inventory, loaded):
+    """`docker stop` is deliberate: the restart policy leaves the container stopped."""
     worker = loaded.workers[0].node_name
     with Session(loaded) as session:
         session.open([loaded.workers[0]])
-        session.ssh(worker).run(["docker", "kill", f"vcluster-{loaded.cluster}"], check=True)
+        session.ssh(worker).run(["docker", "stop", f"vcluster-{loaded.cluster}"], check=True)
+        exit_code = session.ssh(worker).run(
+            ["docker", "inspect", "-f", "{{.State.ExitCode}}", f"vcluster-{loaded.cluster}"]
+        )
+    assert exit_code.stdout.strip() == "0"  # the supervisor stopped vLLM and Ray, then itself
     code, document = status_document(inventory)
     assert code == 3
     assert document["healthy"] is False

@@ -43,13 +43,15 @@ def test_a_peer_that_closed_a_connection_we_hold_is_named():
     assert peer_connections(rows, {1}, ["127.0.0.1"]) == (set(), set())  # not our socket
 
 
-def test_a_settled_peer_connection_that_vanished_means_the_peer_went_away():
-    settled, young = (40001, "10.0.0.2", 29501), (40002, "10.0.0.3", 5555)
-    first_seen = {settled: 0.0, young: PEER_CONNECTION_SETTLED_S - 1}
+def test_a_peer_is_gone_when_every_connection_to_it_is_gone():
+    store = (40001, "10.0.0.2", 29501)
+    ring, young = (40002, "10.0.0.2", 41000), (40003, "10.0.0.3", 5555)
+    first_seen = {store: 0.0, ring: 0.0, young: PEER_CONNECTION_SETTLED_S - 1}
     now = PEER_CONNECTION_SETTLED_S + 0.5
-    assert gone_peers(first_seen, {settled, young}, now) == set()
+    assert gone_peers(first_seen, {store, ring, young}, now) == set()
+    assert gone_peers(first_seen, {ring, young}, now) == set()  # start-up closed the store's
     assert gone_peers(first_seen, {young}, now) == {"10.0.0.2"}
-    assert gone_peers(first_seen, {settled}, now) == set()  # start-up's short connections
+    assert gone_peers(first_seen, {store, ring}, now) == set()  # too young to count
 
 
 def test_back_off_doubles_up_to_a_minute_and_stays_there():

@@ -55,13 +55,14 @@ def test_served_models_lists_the_ids():
 
 def test_the_serve_request_passes_every_value_as_an_argument():
     serve = ServeSpec(argv=("vllm", "serve", "/m; reboot", "--port", "8000"))
-    argv = request_serve_argv("/var/lib/vcluster", serve, "abc123")
+    argv = request_serve_argv("/var/lib/vcluster", serve, "abc123", "launch7")
     script = argv[2]
     assert argv[:2] == ["sh", "-c"]
     assert "reboot" not in script and "abc123" not in script
     assert argv[3] == "/var/lib/vcluster/serve.json"
     assert json.loads(argv[4]) == {
         "spec_id": "abc123",
+        "launch": "launch7",
         "argv": ["vllm", "serve", "/m; reboot", "--port", "8000"],
         "log": serve.log_path,
     }
