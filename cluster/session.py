@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import docker
+import docker.errors
+import requests.exceptions
 
 from cluster.errors import VclusterError
 from cluster.inventory import Inventory, JumpHost, Node
@@ -100,9 +102,27 @@ class Session:
             return self._docker[node]
 
     def on_each(self, action: Callable[[str], T], nodes: Iterable[str] | None = None) -> FanOut[T]:
-        """Run `action(node name)` on every connected node (or `nodes`) in parallel."""
+        """Run `action(node name)` on every connected node (or `nodes`) in parallel.
+
+        A node whose Docker daemon does not answer (stopped, restarting) is that node's
+        failure, said in one line, not a bug with a traceback.
+        """
         names = list(nodes) if nodes is not None else list(self.connections)
-        return fan_out(names, action, name=lambda n: n)
+
+        def on_node(node: str) -> T:
+            try:
+                return action(node)
+            except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+                if isinstance(exc, docker.errors.APIError) and not exc.is_server_error():
+                    raise
+                raise VclusterError(
+                    f"Docker did not answer ({type(exc).__name__}: {str(exc)[:200]})",
+                    where=node,
+                    fix="check `docker info` on the host (the daemon may be restarting), "
+                    "then run the command again",
+                ) from None
+
+        return fan_out(names, on_node, name=lambda n: n)
 
     def close(self) -> None:
         for client in self._docker.values():

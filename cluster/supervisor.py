@@ -34,7 +34,8 @@ from typing import Any
 SERVE_FILE = "serve.json"
 STATE_FILE = "vllm.json"
 POLL_S = 1.0
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 8.0
+"""SIGTERM, then SIGKILL after this: within Docker's 10 s for `docker stop`."""
 BACKOFF_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 HEALTHY_RUN_S = 300.0
 """A run this long resets the back-off: the next failure is a new incident, not a crash loop."""
@@ -206,9 +207,8 @@ class Supervisor:
         self.ray_argv: list[str] = config["ray"]
         self.state_dir = Path(config["state_dir"])
         self.peers: list[str] = config["peers"]
-        self.wait_for: tuple[str, int] | None = (
-            tuple(config["wait_for"]) if config.get("wait_for") else None  # type: ignore[assignment]
-        )
+        wait_for = config.get("wait_for")
+        self.wait_for = (str(wait_for[0]), int(wait_for[1])) if wait_for else None
         self.ray: subprocess.Popen[bytes] | None = None
         self.vllm: VllmRun | None = None
         self.exits: dict[int, int] = {}
@@ -313,6 +313,8 @@ class Supervisor:
                 desired["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.vllm = VllmRun(desired["spec_id"], desired.get("launch"), process, time.monotonic())
+        ray_pid = self.ray.pid if self.ray else None
+        self.exits = {pid: s for pid, s in self.exits.items() if pid == ray_pid}  # old news
         self.state = "running"
         self._log(f"vLLM started (pid {process.pid}, spec {desired['spec_id']})")
 

@@ -70,11 +70,23 @@ def crash_worker_container(nodes: Nodes) -> None:
     nodes.on_node(worker, ["kill", "-9", pid.strip()])
 
 
+DAEMON_RESTART_TIMEOUT_S = 120.0
+
+
 def restart_worker_docker(nodes: Nodes) -> None:
-    """The worker node's Docker daemon stops (SIGTERM, as `systemctl restart docker` does); the
-    node starts it again, as systemd's Restart=always does on a server."""
+    """The worker node's Docker daemon stops (SIGTERM, as `systemctl restart docker` does; it
+    stops its containers first) and the node starts it again, as systemd's Restart=always does
+    on a server. Returns once a new daemon runs: the fault has then fully happened."""
     worker = nodes.inventory.workers[0].node_name
+    before = nodes.on_node(worker, ["pgrep", "-x", "dockerd"]).split()
     nodes.on_node(worker, ["pkill", "-TERM", "-x", "dockerd"])
+    deadline = time.monotonic() + DAEMON_RESTART_TIMEOUT_S
+    while time.monotonic() < deadline:
+        now = nodes.session.ssh(worker).run(["pgrep", "-x", "dockerd"]).stdout.split()
+        if now and now != before:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{worker}'s Docker daemon did not start again")
 
 
 FAULTS: dict[str, Callable[[Nodes], None]] = {
