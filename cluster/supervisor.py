@@ -227,7 +227,14 @@ class Supervisor:
         self._load_counters()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        self.ray = subprocess.Popen(self.ray_argv, start_new_session=True)
+        try:
+            self.ray = subprocess.Popen(self.ray_argv, start_new_session=True)
+        except FileNotFoundError:
+            self._log(
+                f"`{self.ray_argv[0]}` is not in this image: vLLM's images have no Ray from "
+                "vLLM 0.19.1 on; use an image with Ray"
+            )
+            return 127
         while not self.stopping:
             self._reap()
             if self.ray.pid in self.exits:
