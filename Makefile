@@ -15,7 +15,7 @@ SYSTEM_COMMANDS := /usr/sbin/sshd ssh ssh-keygen ip dockerd debootstrap pgrep cu
 help:
 	@echo "make demo   - bring up the local sandbox cluster (no GPU needed) and serve a model"
 	@echo "make test   - install what is needed and run lint, unit, integration and e2e tests"
-	@echo "make bench  - run the benchmarks in bench/ and print their ratios (about 30 minutes)"
+	@echo "make bench  - run the benchmarks in bench/ and print their ratios (about 45 minutes)"
 
 system-deps:
 	@missing=0; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
@@ -63,6 +63,7 @@ bench: system-deps venv
 	$(BIN)/python bench/fanout
 	$(BIN)/python bench/up
 	$(BIN)/python bench/sandbox
+	$(BIN)/python bench/heal
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
