@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -96,3 +97,15 @@ def test_vllms_own_metrics_page_is_read_with_the_prometheus_parser():
     page = (FIXTURES / "vllm" / "metrics-sandbox.txt").read_text()
     load = parse_serving_metrics(page)
     assert (load.requests_running, load.requests_waiting, load.kv_cache_usage) == (0, 0, 0)
+
+
+def test_each_nodes_vllm_restarts_and_last_cause_are_exported():
+    status = snapshot()
+    head = replace(
+        status.nodes[0], vllm_restarts=2, vllm_last_exit="VLLM::EngineCore (pid 88) ended"
+    )
+    metrics = scrape(replace(status, nodes=(head, status.nodes[1])))
+    restarts = {s.labels["node"]: s.value for s in metrics["vcluster_node_vllm_restarts"]}
+    assert restarts == {"gpu-a": 2.0}  # the worker runs no vLLM process of its own (Ray)
+    (cause,) = metrics["vcluster_node_vllm_last_exit_info"]
+    assert cause.labels["cause"] == "VLLM::EngineCore (pid 88) ended" and cause.value == 1.0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
+
+from rich.console import Console
 
 from cluster.status import ClusterStatus, NodeStatus, VllmStatus, render_table, uptime
 
@@ -76,3 +79,21 @@ def test_uptime_reads_dockers_timestamps():
     assert uptime("2026-11-25T11:58:55.5Z", now) == "1m04s"
     assert uptime("0001-01-01T00:00:00Z", now) == "-"
     assert uptime(None, now) == "-"
+
+
+def test_restarts_show_per_node_with_the_last_cause_and_a_waiting_vllm_says_why():
+    healed = replace(HEAD, vllm_restarts=1, vllm_state="running",
+                     vllm_last_exit="vllm serve killed by SIGKILL")  # fmt: skip
+    waiting = replace(WORKER, vllm_process=False, vllm_restarts=3, vllm_state="backoff",
+                      vllm_last_exit="a peer rank went away (172.30.0.11 closed its connection)")  # fmt: skip
+    parts = render_table(cluster(healed, waiting))
+    console = Console(width=200, record=True)
+    for part in parts:
+        console.print(part)
+    text = console.export_text()
+    assert "node-1: vLLM restarted 1 time(s), last because vllm serve killed by SIGKILL" in text
+    assert "NO (backoff)" in text
+    document = cluster(healed, waiting).to_dict()
+    assert document["nodes"][1]["vllm_restarts"] == 3
+    assert document["nodes"][1]["vllm_state"] == "backoff"
+    assert not cluster(healed, waiting).healthy
