@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.inventory import Inventory, load_inventory
+from tests.support.cli import UP_TIMEOUT_S, vcluster
+
 REPO = Path(__file__).resolve().parents[2]
 SANDBOX_UP_TIMEOUT_S = 3600  # a cold machine builds the images first
 SANDBOX = "e2e"  # its own name, network and nodes: a developer's sandbox may be up meanwhile
@@ -43,3 +46,11 @@ def sandbox_inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     yield inventory
     down = _sandbox("down", "--name", SANDBOX, timeout=600)
     assert down.returncode == 0, f"sandbox down failed:\n{down.stdout}\n{down.stderr}"
+
+
+@pytest.fixture(scope="module")
+def cluster(sandbox_inventory: Path) -> Inventory:
+    """The sandbox's cluster, brought up (or found up) by `vcluster up` for the module."""
+    up = vcluster("up", str(sandbox_inventory), timeout=UP_TIMEOUT_S)
+    assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
+    return load_inventory(sandbox_inventory)

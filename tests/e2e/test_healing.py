@@ -9,14 +9,12 @@ on one cluster, each ending with the cluster serving.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster.inventory import load_inventory
+from tests.support.cli import UP_TIMEOUT_S, vcluster
 from tests.support.faults import (
     crash_worker_container,
     kill_api_server,
@@ -28,25 +26,9 @@ from tests.support.faults import (
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-UP_TIMEOUT_S = 900
 HEAL_TIMEOUT_S = 900
 """vLLM's own start on this machine is 50 to 90 s (173 s on an AVX2 CPU); a heal adds the
 supervisor's back-off, Ray's rejoin and the peer rank's restart."""
-
-
-def vcluster(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cluster(sandbox_inventory: Path):
-    up = vcluster("up", str(sandbox_inventory), timeout=UP_TIMEOUT_S)
-    assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
-    return load_inventory(sandbox_inventory)
 
 
 def heal(cluster, fault) -> float:

@@ -11,39 +11,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from cluster.inventory import load_inventory
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import WORKLOAD_IMAGE
 from cluster.sandbox.nodes import network_name
+from tests.support.cli import vcluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-UP_TIMEOUT_S = 900
 CLIENT = """\
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 print("RAN", ray.get(ray.remote(lambda: __import__("os").getuid()).remote()))
 """
-
-
-def vcluster(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cluster(sandbox_inventory: Path):
-    up = vcluster("up", str(sandbox_inventory), timeout=UP_TIMEOUT_S)
-    assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
-    return load_inventory(sandbox_inventory)
 
 
 def from_another_machine(cluster, *argv: str, token: str | None = None, timeout: float = 120):
