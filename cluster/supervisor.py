@@ -285,17 +285,21 @@ class Supervisor:
 
     def _death(self, run: VllmRun) -> str | None:
         """Why this run of vLLM must be restarted, or None while every part of it lives."""
-        if run.process.pid in self.exits:
-            run.process.returncode = 1
-            return f"vllm serve {exit_cause(self.exits[run.process.pid])}"
         members = session_members(run.process.pid)
         for pid, cmdline in members.items():
             if cmdline.startswith(TITLE_PREFIX) and pid not in run.titled:
                 run.titled[pid] = cmdline.split()[0]
-        for pid, title in run.titled.items():
-            if pid not in members:
-                how = exit_cause(self.exits[pid]) if pid in self.exits else "ended"
-                return f"{title} (pid {pid}) {how}"
+        # Everything found dead at this poll is named: which went first is not known here.
+        dead = [
+            f"{title} (pid {pid}) {exit_cause(self.exits[pid]) if pid in self.exits else 'ended'}"
+            for pid, title in run.titled.items()
+            if pid not in members
+        ]
+        if run.process.pid in self.exits:
+            run.process.returncode = 1
+            dead.insert(0, f"vllm serve {exit_cause(self.exits[run.process.pid])}")
+        if dead:
+            return "; ".join(dead)
         if not self.peers:
             return None
         rows = parse_tcp_table(_read("/proc/net/tcp")) + parse_tcp_table(_read("/proc/net/tcp6"))
