@@ -63,6 +63,8 @@ class SupervisorSpec:
     one of them closes means its vLLM went away, and ours restarts to meet it again."""
     wait_for: tuple[str, int] | None
     """An address and port that must answer before vLLM (re)starts here: the head's Ray."""
+    serving: tuple[str, int] | None = None
+    """The model's endpoint (the head's API port): once it answers, the ranks have met."""
     state_dir: str = SUPERVISOR_STATE_DIR
 
 
@@ -161,6 +163,7 @@ def supervisor_argv(spec: ContainerSpec) -> list[str]:
         "state_dir": spec.supervisor.state_dir,
         "peers": list(spec.supervisor.peers),
         "wait_for": list(spec.supervisor.wait_for) if spec.supervisor.wait_for else None,
+        "serving": list(spec.supervisor.serving) if spec.supervisor.serving else None,
     }
     return ["python3", "-c", supervisor_source(), json.dumps(config)]
 
@@ -301,7 +304,8 @@ def _supervisor_spec(
         return SupervisorSpec(peers=(), wait_for=None)
     others = tuple(f.address for f in all_facts.values() if f.address != facts.address)
     wait_for = None if role == "head" else (head.address, inventory.ports.ray)
-    return SupervisorSpec(peers=others, wait_for=wait_for)
+    serving = (head.address, inventory.ports.vllm)
+    return SupervisorSpec(peers=others, wait_for=wait_for, serving=serving)
 
 
 class _ContainerFields(TypedDict):

@@ -45,9 +45,6 @@ TITLE_PREFIX = "VLLM::"
 TCP_ESTABLISHED = "01"
 TCP_CLOSE_WAIT = "08"
 TCP_LISTEN = "0A"
-PEER_CONNECTION_SETTLED_S = 20.0
-"""A connection to a peer rank that lived this long belongs to the running model (ZMQ, gloo,
-the rendezvous store); start-up makes short-lived ones that must not count when they close."""
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -162,19 +159,17 @@ def peer_connections(
     return open_now, closed
 
 
-def gone_peers(
-    first_seen: dict[PeerConnection, float], open_now: set[PeerConnection], now: float
-) -> set[str]:
-    """Peers we had a settled connection with and now have no open connection to at all.
+def gone_peers(serving: set[PeerConnection], open_now: set[PeerConnection]) -> set[str]:
+    """Peers none of whose connections of the serving model is still open.
 
-    One connection closing proves nothing (start-up closes its rendezvous connections once the
-    ranks have met); every connection to a node gone means its vLLM is gone.
+    `serving` is what our vLLM held once the model served. Start-up opens and closes
+    connections (the rendezvous), so only the serving set counts; and a peer's new connections
+    do not make up for the old ones: a restarted peer rank meets a stale one of ours otherwise.
     """
-    still_connected = {connection[1] for connection in open_now}
     return {
-        connection[1]
-        for connection, since in first_seen.items()
-        if now - since >= PEER_CONNECTION_SETTLED_S and connection[1] not in still_connected
+        peer
+        for peer in {connection[1] for connection in serving}
+        if not any(c[1] == peer and c in open_now for c in serving)
     }
 
 
@@ -198,8 +193,8 @@ class VllmRun:
     started_at: float
     titled: dict[int, str] = field(default_factory=dict)
     """The VLLM:: processes seen in this run: each must live as long as the run."""
-    peer_connections: dict[PeerConnection, float] = field(default_factory=dict)
-    """Each connection to a peer rank seen in this run, and when it was first seen."""
+    serving_connections: set[PeerConnection] | None = None
+    """The connections to peer ranks held when the model first served (None before that)."""
 
 
 class Supervisor:
@@ -209,6 +204,9 @@ class Supervisor:
         self.peers: list[str] = config["peers"]
         wait_for = config.get("wait_for")
         self.wait_for = (str(wait_for[0]), int(wait_for[1])) if wait_for else None
+        # The model's endpoint: once it answers, the ranks have met and the model serves.
+        serving = config.get("serving")
+        self.serving_address = (str(serving[0]), int(serving[1])) if serving else None
         self.ray: subprocess.Popen[bytes] | None = None
         self.vllm: VllmRun | None = None
         self.exits: dict[int, int] = {}
@@ -304,13 +302,15 @@ class Supervisor:
             return None
         rows = parse_tcp_table(_read("/proc/net/tcp")) + parse_tcp_table(_read("/proc/net/tcp6"))
         open_now, closed = peer_connections(rows, socket_inodes(list(members)), self.peers)
-        now = time.monotonic()
-        gone = closed | gone_peers(run.peer_connections, open_now, now)
+        if (
+            run.serving_connections is None
+            and self.serving_address is not None
+            and reachable(*self.serving_address)  # probed only until the model first serves
+        ):
+            run.serving_connections = open_now
+        gone = closed | gone_peers(run.serving_connections or set(), open_now)
         if gone:
             return f"a peer rank went away ({', '.join(sorted(gone))} closed its connection)"
-        for connection in open_now:
-            run.peer_connections.setdefault(connection, now)
-        run.peer_connections = {c: t for c, t in run.peer_connections.items() if c in open_now}
         return None
 
     # vLLM's life

@@ -11,7 +11,6 @@ from pathlib import Path
 from cluster.plan import build_plan, supervisor_argv
 from cluster.supervisor import (
     BACKOFF_S,
-    PEER_CONNECTION_SETTLED_S,
     TCP_CLOSE_WAIT,
     backoff_s,
     exit_cause,
@@ -43,15 +42,16 @@ def test_a_peer_that_closed_a_connection_we_hold_is_named():
     assert peer_connections(rows, {1}, ["127.0.0.1"]) == (set(), set())  # not our socket
 
 
-def test_a_peer_is_gone_when_every_connection_to_it_is_gone():
-    store = (40001, "10.0.0.2", 29501)
-    ring, young = (40002, "10.0.0.2", 41000), (40003, "10.0.0.3", 5555)
-    first_seen = {store: 0.0, ring: 0.0, young: PEER_CONNECTION_SETTLED_S - 1}
-    now = PEER_CONNECTION_SETTLED_S + 0.5
-    assert gone_peers(first_seen, {store, ring, young}, now) == set()
-    assert gone_peers(first_seen, {ring, young}, now) == set()  # start-up closed the store's
-    assert gone_peers(first_seen, {young}, now) == {"10.0.0.2"}
-    assert gone_peers(first_seen, {store, ring}, now) == set()  # too young to count
+def test_a_peer_is_gone_when_none_of_the_serving_models_connections_to_it_is_open():
+    store, ring = (40001, "10.0.0.2", 29501), (40002, "10.0.0.2", 41000)
+    other = (40003, "10.0.0.3", 5555)
+    serving = {store, ring, other}
+    assert gone_peers(serving, {store, ring, other}) == set()
+    assert gone_peers(serving, {ring, other}) == set()  # one closed: not proof enough
+    assert gone_peers(serving, {other}) == {"10.0.0.2"}
+    # the peer restarted and its new rank reached our stale store: still gone
+    assert gone_peers(serving, {other, (40009, "10.0.0.2", 29501)}) == {"10.0.0.2"}
+    assert gone_peers(set(), set()) == set()  # before the model serves, nothing is judged
 
 
 def test_back_off_doubles_up_to_a_minute_and_stays_there():
@@ -83,6 +83,7 @@ def test_the_container_runs_the_supervisor_with_rays_command_and_its_ranks():
     assert head.container.supervisor.wait_for is None
     assert worker.container.supervisor.peers == (head.facts.address,)
     assert worker.container.supervisor.wait_for == (head.facts.address, 6379)
+    assert worker.container.supervisor.serving == (head.facts.address, 8000)
     assert head.container.restart_policy == "unless-stopped"
 
 
