@@ -14,7 +14,7 @@ import time
 import uuid
 
 from cluster.errors import VclusterError
-from cluster.plan import SUPERVISOR_STATE_DIR, NodePlan
+from cluster.plan import NodePlan
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
 from cluster.vllm import (
@@ -122,10 +122,12 @@ def _request(context: UpContext, node: NodePlan) -> None:
 
 def stop_vllm_everywhere(context: UpContext) -> None:
     """Ask every serving node's supervisor to stop vLLM (and not to restart it)."""
-    context.session.on_each(
-        lambda name: _exec(context, _node(context, name), request_stop_argv(SUPERVISOR_STATE_DIR)),
-        [n.name for n in serving_nodes(context)],
-    )
+
+    def stop(name: str) -> None:
+        node = _node(context, name)
+        _exec(context, node, request_stop_argv(node.container.supervisor.state_dir))
+
+    context.session.on_each(stop, [n.name for n in serving_nodes(context)])
 
 
 def _node(context: UpContext, name: str) -> NodePlan:
