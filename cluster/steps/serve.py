@@ -107,10 +107,12 @@ def _request(context: UpContext, node: NodePlan) -> None:
             fix="run `vcluster up --recreate` (the container may predate the supervisor)",
         )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not _alive(context, node):
-        _raise_if_died(context, node)
+    while True:
+        report = supervised(context, node)
+        if _runs_this_request(context, node, report):
+            return
+        _raise_if_died(context, node, report)
         if time.monotonic() > deadline:
-            report = supervised(context, node)
             raise VllmFailed(
                 f"the supervisor did not start vLLM within {LAUNCH_TIMEOUT_S:g}s "
                 f"(it reports: {report.state if report else 'nothing'})",
@@ -143,7 +145,7 @@ def wait_for_vllm(context: UpContext) -> str:
 
     def missing() -> str | None:
         for node in serving_nodes(context):
-            _raise_if_died(context, node)
+            _raise_if_died(context, node, supervised(context, node))
         try:
             health = http_get(context.session.ssh(head.name), head.facts.address, port, "/health")
             if health.status != 200:
@@ -175,17 +177,15 @@ def wait_for_vllm(context: UpContext) -> str:
     return f"{plan.served_model_name!r} served at {plan.endpoint}"
 
 
-def _alive(context: UpContext, node: NodePlan) -> bool:
-    """vLLM runs the planned spec there (and, once `up` asked for it, from that request)."""
-    report = supervised(context, node)
+def _runs_this_request(context: UpContext, node: NodePlan, report: SupervisedVllm | None) -> bool:
+    """The supervisor's report says vLLM runs the planned spec, from this `up`'s request."""
     if report is None or not report.running or report.spec_id != spec_id(node):
         return False
     return context.launch_id is None or report.launch == context.launch_id
 
 
-def _raise_if_died(context: UpContext, node: NodePlan) -> None:
-    """Stop vLLM everywhere and raise why, if it died on `node` since `up` asked for it."""
-    report = supervised(context, node)
+def _raise_if_died(context: UpContext, node: NodePlan, report: SupervisedVllm | None) -> None:
+    """Stop vLLM everywhere and raise why, if `node`'s report counts a death since `up` asked."""
     before = context.restarts_at_launch.get(node.name, 0)
     if report is not None and report.restarts > before:
         stop_vllm_everywhere(context)
