@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -15,6 +16,7 @@ from cluster.sandbox.build_progress import (
     BuildStep,
     CommandOutput,
     DockerBuildProgress,
+    OutputWatch,
     WheelhouseProgress,
     clean_line,
     is_raw_progress,
@@ -79,17 +81,25 @@ def test_other_lines_are_no_step(line: str) -> None:
     assert parse_step_line(line) is None
 
 
+Watch = TypeVar("Watch", bound=OutputWatch)
+
+
+def feed(tracker: Watch, name: str, until: str | None = None) -> tuple[Watch, float]:
+    """Feed a captured output to a tracker one line a second, up to the first line holding
+    `until`; the tracker and the time of its last line."""
+    now = 0.0
+    for line in lines_of(name):
+        now += 1.0
+        tracker.feed(line, now)
+        if until is not None and until in line:
+            break
+    return tracker, now
+
+
 def feed_build(
     name: str, label: str, until: str | None = None
 ) -> tuple[DockerBuildProgress, float]:
-    """Feed a captured build one line a second, up to the first line holding `until`."""
-    build, now = DockerBuildProgress(label, started=0.0), 0.0
-    for line in lines_of(name):
-        now += 1.0
-        build.feed(line, now)
-        if until is not None and until in line:
-            break
-    return build, now
+    return feed(DockerBuildProgress(label, started=0.0), name, until)
 
 
 def test_a_build_says_steps_done_of_the_total_its_time_and_the_current_step() -> None:
@@ -135,14 +145,7 @@ def test_a_finished_build_has_every_step_done() -> None:
 
 
 def feed_pip(name: str, total: int, until: str | None = None) -> tuple[WheelhouseProgress, float]:
-    """Feed captured pip output one line a second, up to the first line holding `until`."""
-    wheels, now = WheelhouseProgress(total, started=0.0), 0.0
-    for line in lines_of(name):
-        now += 1.0
-        wheels.feed(line, now)
-        if until is not None and until in line:
-            break
-    return wheels, now
+    return feed(WheelhouseProgress(total, started=0.0), name, until)
 
 
 def test_the_wheelhouse_counts_wheels_done_against_the_lock() -> None:
