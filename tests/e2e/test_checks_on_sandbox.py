@@ -79,13 +79,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_the_exporter_serves_every_node_and_marks_a_stopped_one_down(sandbox_inventory):
+def test_the_exporter_serves_every_node_and_marks_a_stopped_one_down(sandbox_inventory, tmp_path):
     inventory = load_inventory(sandbox_inventory)
     port = _free_port()
+    log_path = tmp_path / "exporter.log"  # a file, not a pipe nobody reads: a full pipe stalls it
     exporter = subprocess.Popen(
         [sys.executable, "-m", "cluster", "exporter", str(sandbox_inventory),
          "--port", str(port), "--address", "127.0.0.1", "--interval", "3"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_path.open("w"),
     )  # fmt: skip
     local = ensure_local_docker()
     worker = inventory.workers[0].node_name
@@ -96,9 +97,13 @@ def test_the_exporter_serves_every_node_and_marks_a_stopped_one_down(sandbox_inv
         try:
             deadline = time.monotonic() + 60
             while _node_up(port).get(worker) != 0.0:
-                assert time.monotonic() < deadline, "the paused node was never marked down"
+                assert time.monotonic() < deadline, (
+                    f"the paused node was never marked down; the exporter's log:\n"
+                    f"{log_path.read_text()}"
+                )
                 time.sleep(1)
-            assert _node_up(port)[inventory.head.node_name] == 1.0
+            head_up = _node_up(port)[inventory.head.node_name]
+            assert head_up == 1.0, log_path.read_text()
         finally:
             subprocess.run(local.argv("unpause", container), check=True)
     finally:

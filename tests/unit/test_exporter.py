@@ -1,0 +1,70 @@
+"""The exporter never serves a stuck snapshot as the cluster's current health."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.exporter import STALE_AFTER_INTERVALS, ClusterCollector
+from cluster.inventory import load_inventory
+from tests.unit.test_metrics import snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+INTERVAL_S = 15.0
+
+
+def collector_with(refreshed_seconds_ago: float) -> ClusterCollector:
+    collector = ClusterCollector(load_inventory(REPO / "inventory" / "gpu-2x8.yaml"), INTERVAL_S)
+    collector._snapshot = (snapshot(), time.time() - refreshed_seconds_ago, 1.5)
+    return collector
+
+
+def samples(collector: ClusterCollector, name: str) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return {s.labels.get("node", ""): s.value for s in families[name].samples}
+
+
+def test_a_fresh_snapshot_is_served_as_it_was_taken():
+    collector = collector_with(refreshed_seconds_ago=INTERVAL_S)
+    assert samples(collector, "vcluster_node_up") == {"gpu-a": 1.0, "gpu-b": 1.0}
+    assert samples(collector, "vcluster_vllm_up") == {"": 1.0}
+
+
+def test_a_snapshot_older_than_the_stale_limit_reads_every_node_down(caplog):
+    collector = collector_with(refreshed_seconds_ago=(STALE_AFTER_INTERVALS + 1) * INTERVAL_S)
+    with caplog.at_level(logging.WARNING, logger="cluster.exporter"):
+        assert samples(collector, "vcluster_node_up") == {"gpu-a": 0.0, "gpu-b": 0.0}
+        assert samples(collector, "vcluster_node_healthy") == {"gpu-a": 0.0, "gpu-b": 0.0}
+        assert samples(collector, "vcluster_vllm_up") == {"": 0.0}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, "the stuck refresh is logged once, not on every scrape"
+    assert "no status refresh finished for 75 s" in warnings[0]
+
+
+def test_the_warning_shows_where_the_stuck_refresh_waits(caplog):
+    collector = collector_with(refreshed_seconds_ago=(STALE_AFTER_INTERVALS + 1) * INTERVAL_S)
+    release = threading.Event()
+
+    def stuck_refresh_waiting_on_a_host() -> None:
+        collector._refresher = threading.get_ident()
+        release.wait()
+
+    thread = threading.Thread(target=stuck_refresh_waiting_on_a_host)
+    thread.start()
+    try:
+        while collector._refresher is None:
+            time.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="cluster.exporter"):
+            samples(collector, "vcluster_node_up")
+    finally:
+        release.set()
+        thread.join()
+    assert "stuck_refresh_waiting_on_a_host" in caplog.records[0].getMessage()
