@@ -494,7 +494,7 @@ def check_head_ports(given: CheckInput) -> list[CheckResult]:
         return []
     ports = given.inventory.ports
     wanted = {"vLLM": ports.vllm}
-    if given.inventory.executor == "ray":
+    if given.inventory.default_executor == "ray":
         wanted["Ray"] = ports.ray
     else:
         wanted["torch.distributed"] = ports.master
@@ -669,7 +669,7 @@ def check_workers_reach_head(
 
     `reached[worker]` is None when it connected, else the error the worker saw.
     """
-    port = inventory.ports.ray if inventory.executor == "ray" else inventory.ports.master
+    port = inventory.ports.ray if inventory.default_executor == "ray" else inventory.ports.master
     head = inventory.head.address
     results = []
     for name, error in reached.items():

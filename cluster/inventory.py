@@ -20,7 +20,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from cluster.errors import InventoryError, Problem
@@ -160,6 +159,33 @@ class RaySettings(_Strict):
 
     dashboard_host: str = "127.0.0.1"
     """The address Ray's dashboard (HTTP, with the token) listens on; 0.0.0.0 for every one."""
+    wheelhouse: str | None = None
+    """A folder of wheels on this machine to add Ray to an image without it (air-gapped sites)."""
+    index_url: str = "https://pypi.org/simple"
+    """The package index the head installs Ray from when there is no wheelhouse."""
+    version: str | None = None
+    """The Ray version to add (default: the one that matches the image's vLLM)."""
+
+    @field_validator("wheelhouse")
+    @classmethod
+    def _wheelhouse_absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("/", "~")):
+            raise ValueError(f"must be an absolute path on this machine, got {value!r}")
+        return value
+
+    @field_validator("index_url")
+    @classmethod
+    def _index_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _ray_version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+){1,2}", value):
+            raise ValueError(f"{value!r} is not a Ray version like 2.60.0")
+        return value
 
     @field_validator("dashboard_host")
     @classmethod
@@ -263,13 +289,13 @@ class Inventory(_Strict):
                 raise ValueError(f"{name} is set by vcluster (secrets: or network: set it)")
         return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_executor(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("executor") is None:
-            accelerator = data.get("accelerator", "nvidia")
-            return {**data, "executor": "mp" if accelerator == "cpu" else "ray"}
-        return data
+    @property
+    def default_executor(self) -> Literal["ray", "mp"]:
+        """`executor`, or the default: Ray on GPUs, vLLM's own mode on CPUs (vLLM's Ray
+        executor refuses the CPU platform)."""
+        if self.executor is not None:
+            return self.executor
+        return "mp" if self.accelerator == "cpu" else "ray"
 
     @property
     def head(self) -> Node:

@@ -16,6 +16,7 @@ from typing import Literal, TypedDict
 from cluster import __version__
 from cluster.errors import VclusterError
 from cluster.inventory import CONTAINER_CACHE_PATH, Inventory, Node
+from cluster.runtime import Runtime, assumed_runtime
 from cluster.secrets import MASK, SecretRef
 
 LABEL_PREFIX = "vcluster"
@@ -24,6 +25,8 @@ LABEL_NODE = f"{LABEL_PREFIX}.node"
 LABEL_ROLE = f"{LABEL_PREFIX}.role"
 LABEL_SPEC_HASH = f"{LABEL_PREFIX}.spec-hash"
 LABEL_VERSION = f"{LABEL_PREFIX}.version"
+LABEL_RAY = f"{LABEL_PREFIX}.ray"
+"""`yes` when the containers form a Ray cluster, `no` in vLLM's own multi-node mode without Ray."""
 VLLM_LOG_PATH = "/var/log/vcluster-vllm.log"
 SUPERVISOR_STATE_DIR = "/var/lib/vcluster"
 """In the container's own file system: it outlives a restart of the container, not a `down`."""
@@ -70,7 +73,8 @@ class SupervisorSpec:
 
 @dataclass(frozen=True)
 class ContainerSpec:
-    """One node's long-running container: the supervisor runs Ray (`command`) and vLLM."""
+    """One node's long-running container: the supervisor runs Ray (`command`, empty for no
+    Ray) and vLLM."""
 
     name: str
     image: str
@@ -114,6 +118,11 @@ class NodePlan:
 class ClusterPlan:
     cluster: str
     executor: Literal["ray", "mp"]
+    ray: bool
+    """Whether the nodes form a Ray cluster (vLLM's own mode may run without one)."""
+    image: str
+    runtime_reason: str
+    """Why this image, Ray or not, and this executor (from the image's facts)."""
     accelerator: Literal["nvidia", "cpu"]
     tensor_parallel: int
     pipeline_parallel: int
@@ -159,7 +168,7 @@ def supervisor_source() -> str:
 def supervisor_argv(spec: ContainerSpec) -> list[str]:
     """The container's full command line: the supervisor, given Ray's argv and what to watch."""
     config = {
-        "ray": list(spec.command),
+        "ray": list(spec.command) or None,
         "state_dir": spec.supervisor.state_dir,
         "peers": list(spec.supervisor.peers),
         "wait_for": list(spec.supervisor.wait_for) if spec.supervisor.wait_for else None,
@@ -173,8 +182,12 @@ def container_name(cluster: str) -> str:
     return f"vcluster-{cluster}"
 
 
-def build_plan(inventory: Inventory, facts: dict[str, NodeFacts]) -> ClusterPlan:
-    """Decide every node's container and commands from the inventory and the facts by node name."""
+def build_plan(
+    inventory: Inventory, facts: dict[str, NodeFacts], runtime: Runtime | None = None
+) -> ClusterPlan:
+    """Decide every node's container and commands from the inventory, the facts by node name
+    and the runtime chosen on the image's facts (taken to have Ray when not given)."""
+    runtime = runtime or assumed_runtime(inventory)
     missing = [n.node_name for n in inventory.nodes if n.node_name not in facts]
     if missing:
         raise PlanError(f"no facts for node(s) {', '.join(missing)}")
@@ -186,12 +199,17 @@ def build_plan(inventory: Inventory, facts: dict[str, NodeFacts]) -> ClusterPlan
     for rank, node in enumerate(_head_first(inventory)):
         role: Role = "head" if node is head else "worker"
         node_facts = facts[node.node_name]
-        container = _container_spec(inventory, node, role, node_facts, facts)
-        serve = _serve_spec(inventory, role, rank, head_facts, tensor_parallel, pipeline_parallel)
+        container = _container_spec(inventory, runtime, node, role, node_facts, facts)
+        serve = _serve_spec(
+            inventory, runtime.executor, role, rank, head_facts, tensor_parallel, pipeline_parallel
+        )
         nodes.append(NodePlan(node.node_name, role, node.address, node_facts, container, serve))
     return ClusterPlan(
         cluster=inventory.cluster,
-        executor=inventory.executor or "ray",
+        executor=runtime.executor,
+        ray=runtime.ray,
+        image=runtime.image,
+        runtime_reason=runtime.reason,
         accelerator=inventory.accelerator,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
@@ -253,13 +271,14 @@ def _parallelism(inventory: Inventory, facts: dict[str, NodeFacts]) -> tuple[int
     return tensor, pipeline
 
 
-def _environment(inventory: Inventory, facts: NodeFacts) -> dict[str, str]:
+def _environment(inventory: Inventory, facts: NodeFacts, ray: bool) -> dict[str, str]:
     environment = dict(inventory.env)
     environment["VLLM_HOST_IP"] = facts.address
-    # what vLLM's run_cluster.sh sets for multi-NIC hosts, so Ray and vLLM agree on the address
-    environment["RAY_NODE_IP_ADDRESS"] = facts.address
-    # every Ray process, and every Ray client vcluster runs in the container, needs the token
-    environment["RAY_AUTH_MODE"] = "token"
+    if ray:
+        # what vLLM's run_cluster.sh sets for multi-NIC hosts, so Ray and vLLM agree on it
+        environment["RAY_NODE_IP_ADDRESS"] = facts.address
+        # every Ray process, and every Ray client vcluster runs in the container, needs it
+        environment["RAY_AUTH_MODE"] = "token"
     interface = inventory.network.interface or facts.interface
     if interface:
         environment["GLOO_SOCKET_IFNAME"] = interface
@@ -268,8 +287,8 @@ def _environment(inventory: Inventory, facts: NodeFacts) -> dict[str, str]:
     return dict(sorted(environment.items()))
 
 
-def _secret_environment(inventory: Inventory, role: Role) -> dict[str, SecretRef]:
-    secrets: dict[str, SecretRef] = {"RAY_AUTH_TOKEN": inventory.ray_token}
+def _secret_environment(inventory: Inventory, role: Role, ray: bool) -> dict[str, SecretRef]:
+    secrets: dict[str, SecretRef] = {"RAY_AUTH_TOKEN": inventory.ray_token} if ray else {}
     if inventory.secrets.hf_token is not None:
         secrets["HF_TOKEN"] = inventory.secrets.hf_token
     if inventory.secrets.api_key is not None and role == "head":
@@ -296,14 +315,19 @@ def _ray_command(
 
 
 def _supervisor_spec(
-    inventory: Inventory, role: Role, facts: NodeFacts, all_facts: dict[str, NodeFacts]
+    inventory: Inventory,
+    runtime: Runtime,
+    role: Role,
+    facts: NodeFacts,
+    all_facts: dict[str, NodeFacts],
 ) -> SupervisorSpec:
     head = all_facts[inventory.head.node_name]
-    if inventory.executor != "mp":
+    if runtime.executor != "mp":
         # vLLM's Ray executor sees its own workers die; Ray's connections are not ranks.
         return SupervisorSpec(peers=(), wait_for=None)
     others = tuple(f.address for f in all_facts.values() if f.address != facts.address)
-    wait_for = None if role == "head" else (head.address, inventory.ports.ray)
+    # Without Ray, a worker's vLLM itself waits for the head's rendezvous port.
+    wait_for = None if role == "head" or not runtime.ray else (head.address, inventory.ports.ray)
     serving = (head.address, inventory.ports.vllm)
     return SupervisorSpec(peers=others, wait_for=wait_for, serving=serving)
 
@@ -322,16 +346,21 @@ class _ContainerFields(TypedDict):
 
 
 def _container_spec(
-    inventory: Inventory, node: Node, role: Role, facts: NodeFacts, all_facts: dict[str, NodeFacts]
+    inventory: Inventory,
+    runtime: Runtime,
+    node: Node,
+    role: Role,
+    facts: NodeFacts,
+    all_facts: dict[str, NodeFacts],
 ) -> ContainerSpec:
     head = all_facts[inventory.head.node_name]
     spec: _ContainerFields = {
         "name": container_name(inventory.cluster),
-        "image": inventory.image,
-        "command": _ray_command(inventory, role, facts, head),
-        "supervisor": _supervisor_spec(inventory, role, facts, all_facts),
-        "environment": _environment(inventory, facts),
-        "secret_environment": _secret_environment(inventory, role),
+        "image": runtime.image,
+        "command": _ray_command(inventory, role, facts, head) if runtime.ray else (),
+        "supervisor": _supervisor_spec(inventory, runtime, role, facts, all_facts),
+        "environment": _environment(inventory, facts, runtime.ray),
+        "secret_environment": _secret_environment(inventory, role, runtime.ray),
         "mounts": (Mount(inventory.model_cache, CONTAINER_CACHE_PATH),),
         "gpus": "all" if inventory.accelerator == "nvidia" else None,
     }
@@ -351,27 +380,29 @@ def _container_spec(
         LABEL_ROLE: role,
         LABEL_SPEC_HASH: hashlib.sha256(digest_input.encode()).hexdigest()[:16],
         LABEL_VERSION: __version__,
+        LABEL_RAY: "yes" if runtime.ray else "no",
     }
     return ContainerSpec(labels=labels, **spec)
 
 
 def _serve_spec(
     inventory: Inventory,
+    executor: Literal["ray", "mp"],
     role: Role,
     rank: int,
     head: NodeFacts,
     tensor_parallel: int,
     pipeline_parallel: int,
 ) -> ServeSpec | None:
-    if inventory.executor == "ray" and role == "worker":
+    if executor == "ray" and role == "worker":
         return None
     argv = [
         "vllm", "serve", inventory.container_model_path(),
         "--tensor-parallel-size", str(tensor_parallel),
         "--pipeline-parallel-size", str(pipeline_parallel),
-        "--distributed-executor-backend", inventory.executor or "ray",
+        "--distributed-executor-backend", executor,
     ]  # fmt: skip
-    if inventory.executor == "mp":
+    if executor == "mp":
         argv += [
             "--nnodes", str(len(inventory.nodes)),
             "--node-rank", str(rank),
@@ -395,6 +426,7 @@ def render_text(plan: ClusterPlan) -> str:
         f"model {plan.model} as {plan.served_model_name!r}: "
         f"tensor parallel {plan.tensor_parallel} x pipeline parallel {plan.pipeline_parallel}",
         f"endpoint {plan.endpoint}",
+        f"image {plan.image}: {plan.runtime_reason}",
     ]
     for node in plan.nodes:
         c = node.container
@@ -410,7 +442,7 @@ def render_text(plan: ClusterPlan) -> str:
             lines.append(f"  env {name}={value}")
         for name, ref in c.secret_environment.items():
             lines.append(f"  env {name}={MASK} (from {ref})")
-        lines.append(f"  ray: {shlex.join(c.command)}")
+        lines.append(f"  ray: {shlex.join(c.command)}" if c.command else "  ray: none")
         lines.append(
             f"  supervisor: restart policy {c.restart_policy}, vLLM restarted when it dies"
             + (f"; ranks on {', '.join(c.supervisor.peers)}" if c.supervisor.peers else "")

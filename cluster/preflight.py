@@ -80,7 +80,7 @@ def _reach_head(
     worker through.
     """
     head = inventory.head
-    port = inventory.ports.ray if inventory.executor == "ray" else inventory.ports.master
+    port = inventory.ports.ray if inventory.default_executor == "ray" else inventory.ports.master
     head_facts = facts.get(head.node_name)
     if head_facts is None or port not in head_facts.listening_ports:
         port = (

@@ -59,7 +59,7 @@ def validate(inventory: Path, as_json: bool) -> None:
         return
     click.echo(
         f"{inventory}: valid: cluster {loaded.cluster}, {len(loaded.nodes)} node(s), "
-        f"head {loaded.head.node_name}, {loaded.accelerator}, executor {loaded.executor}"
+        f"head {loaded.head.node_name}, {loaded.accelerator}, executor {loaded.default_executor}"
     )
 
 

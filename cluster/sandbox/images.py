@@ -56,6 +56,8 @@ LOG_DIR = Path("/var/log/vcluster")
 BASE_IMAGE = "vcluster/base:bookworm"
 NODE_IMAGE = "vcluster/node:bookworm"
 WORKLOAD_IMAGE = "vcluster/vllm-cpu:0.32.0"
+WORKLOAD_IMAGE_WITHOUT_RAY = "vcluster/vllm-cpu-noray:0.32.0"
+"""The workload image minus Ray, as vLLM's own images are from vLLM 0.19.1 on."""
 
 RECIPE_LABEL = "io.vcluster.recipe"
 """Image label holding the recipe hash that produced the image."""
@@ -416,12 +418,13 @@ def _build_dockerfile(
     *,
     build_args: dict[str, str] | None = None,
     before_build: Callable[[], contextlib.AbstractContextManager[dict[str, str]]] | None = None,
+    parent: str = BASE_IMAGE,
 ) -> BuildRecord:
     started = time.monotonic()
-    parent_id = image_id(docker, BASE_IMAGE)
+    parent_id = image_id(docker, parent)
     if parent_id is None:
-        raise VclusterError(f"{BASE_IMAGE} is missing", where="localhost",
-                            fix="build the base image first (build_images does it in order)")  # fmt: skip
+        raise VclusterError(f"{parent} is missing", where="localhost",
+                            fix="build the images in order (build_images does)")  # fmt: skip
     recipe = dockerfile_recipe(context, parent_id)
     cached = _record_if_cached(docker, image, recipe, started, progress)
     if cached is not None:
@@ -470,10 +473,19 @@ def build_workload(
     )  # fmt: skip
 
 
+def build_workload_without_ray(
+    docker: LocalDocker, progress: Progress = _quiet, images_dir: Path = IMAGES_DIR
+) -> BuildRecord:
+    """Build the workload image minus Ray (one small layer on it), unless already built."""
+    return _build_dockerfile(docker, WORKLOAD_IMAGE_WITHOUT_RAY, images_dir / "vllm-cpu-noray",
+                             progress, build_args={"WORKLOAD_IMAGE": WORKLOAD_IMAGE},
+                             parent=WORKLOAD_IMAGE)  # fmt: skip
+
+
 def build_images(
     progress: Progress = _quiet, docker: LocalDocker | None = None
 ) -> list[BuildRecord]:
-    """Build (or find cached) base, node and workload images, in that order.
+    """Build (or find cached) base, node and workload images (with and without Ray), in order.
 
     One process builds at a time (two test sessions, two shells): the second waits, then
     finds the first one's images cached instead of building the same recipe again.
@@ -487,6 +499,7 @@ def build_images(
             build_base(docker, progress),
             build_node(docker, progress),
             build_workload(docker, progress),
+            build_workload_without_ray(docker, progress),
         ]
 
 

@@ -51,7 +51,7 @@ def test_every_example_inventory_is_valid(name: str) -> None:
 def test_defaults_fill_what_a_minimal_inventory_leaves_out(tmp_path: Path) -> None:
     inventory = load_inventory(write(tmp_path, MINIMAL))
     assert inventory.accelerator == "nvidia"
-    assert inventory.executor == "ray"
+    assert inventory.executor is None and inventory.default_executor == "ray"
     assert (inventory.ports.ray, inventory.ports.vllm) == (6379, 8000)
     assert inventory.model.tensor_parallel == "auto"
     assert inventory.ssh.trust_on_first_use is False
@@ -69,7 +69,7 @@ def test_the_first_node_is_the_head_unless_one_says_role_head(tmp_path: Path) ->
 
 def test_cpu_mode_defaults_to_vllms_own_multi_node_executor(tmp_path: Path) -> None:
     text = MINIMAL.replace("model_cache:", "accelerator: cpu\nmodel_cache:")
-    assert load_inventory(write(tmp_path, text)).executor == "mp"
+    assert load_inventory(write(tmp_path, text)).default_executor == "mp"
 
 
 def test_a_node_without_a_name_is_named_after_its_address(tmp_path: Path) -> None:

@@ -1,0 +1,225 @@
+"""The Ray-ready image: `FROM <the inventory's image>` plus the Ray that matches it (pure).
+
+vLLM's images have had no Ray since vLLM 0.19.1. vcluster derives one layer on top of the
+user's image: Ray from a package index (the head builds it, where GPU servers usually reach
+one) or from a wheelhouse folder on the controller (air-gapped sites; its wheels travel in the
+build context). The tag names the source image's ID and the Ray version, so one source always
+gives the same tag, and a recipe label lets a later run find it built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.errors import VclusterError
+from cluster.facts.image import ImageFacts
+
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+RECIPE_LABEL = "io.vcluster.ray-recipe"
+SOURCE_LABEL = "io.vcluster.source-image"
+WHEELS_DIR = "wheels"
+"""Where the wheels sit in the build context."""
+
+RAY_FOR_VLLM: tuple[tuple[tuple[int, ...], str], ...] = (
+    ((0, 19, 1), "ray[default]==2.60.0"),  # checked with vLLM 0.26.0 (2 x H200) and 0.32.0 (CPU)
+    ((0,), "ray[cgraph]>=2.48.0"),  # what vLLM itself required before 0.19.1
+)
+"""The Ray requirement by the first vLLM version it applies to, newest first."""
+RAY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+"""The Pythons Ray 2.60 publishes wheels for."""
+
+_WHEEL = re.compile(
+    r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<python>[^-]+)-(?P<abi>[^-]+)"
+    r"-(?P<platform>[^-]+)\.whl$"
+)
+
+
+class RayImageError(VclusterError):
+    """No Ray-ready image can be derived (no Ray for the image's Python, no wheel for it)."""
+
+
+@dataclass(frozen=True)
+class RayImageRecipe:
+    """How to derive the Ray-ready image of one source image."""
+
+    source: str
+    source_id: str
+    tag: str
+    requirement: str
+    """What pip installs, e.g. `ray[default]==2.60.0`."""
+    index_url: str | None
+    """The package index pip uses; None when the wheels come in the build context."""
+    wheels: tuple[Path, ...] = ()
+    """Wheels from the controller's wheelhouse, sent in the build context."""
+
+    @property
+    def from_wheelhouse(self) -> bool:
+        return self.index_url is None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels the build adds: where the image comes from, and its recipe."""
+        return {SOURCE_LABEL: self.source, RECIPE_LABEL: self.recipe_hash}
+
+    @property
+    def recipe_hash(self) -> str:
+        """A digest of everything the build depends on (the wheels by name)."""
+        parts = [self.source_id, self.requirement, self.index_url or "", dockerfile(self)]
+        parts += sorted(w.name for w in self.wheels)
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        origin = f"{len(self.wheels)} wheel(s) of the wheelhouse" if self.wheels else self.index_url
+        return f"{self.tag}: {self.source} + {self.requirement} from {origin}"
+
+
+def ray_requirement(vllm_version: str | None, override: str | None = None) -> str:
+    """The Ray requirement for an image of `vllm_version` (`override`: a Ray version to pin)."""
+    if override:
+        return f"ray[default]=={override}"
+    version = _version_tuple(vllm_version or "0")
+    return next(req for first, req in RAY_FOR_VLLM if version >= first)
+
+
+def derived_tag(source: str, source_id: str, requirement: str) -> str:
+    """`vcluster/<name>-ray:<tag>-<id12>-ray<version>`: one tag per source image and Ray."""
+    repository, _, tag = _split_reference(source)
+    name = repository.rsplit("/", 1)[-1]
+    ray = re.sub(r"[^A-Za-z0-9_.-]", "", requirement.split("=")[-1].split(">")[-1]) or "latest"
+    digest = source_id.removeprefix("sha256:")[:12]
+    suffix = f"-{digest}-ray{ray}"
+    return f"vcluster/{name}-ray:{tag[: 128 - len(suffix)]}{suffix}"
+
+
+def dockerfile(recipe: RayImageRecipe) -> str:
+    """The derived image's Dockerfile; pip adds Ray and what Ray lacks, and upgrades nothing.
+
+    The source is named as the inventory names it: `up` has checked that it is one image ID on
+    every node before anything is built from it. A wheelhouse's wheels stay in a layer of their
+    own (a few hundred MB at most): without BuildKit there is no mount to install from instead.
+    """
+    install = ["python3", "-m", "pip", "install", "--no-cache-dir", "--upgrade-strategy",
+               "only-if-needed"]  # fmt: skip
+    if recipe.from_wheelhouse:
+        install += ["--no-index", "--find-links", f"/tmp/{WHEELS_DIR}"]  # noqa: S108
+    else:
+        install += ["--index-url", recipe.index_url or DEFAULT_INDEX_URL]
+    lines = [
+        f"FROM {recipe.source}",
+        # images with an externally managed Python (PEP 668) refuse pip without this
+        "ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1",
+    ]
+    if recipe.from_wheelhouse:
+        lines.append(f"COPY {WHEELS_DIR} /tmp/{WHEELS_DIR}")
+    run = shlex.join([*install, recipe.requirement])
+    cleanup = f" && rm -rf /tmp/{WHEELS_DIR}" if recipe.from_wheelhouse else ""
+    lines.append(f"RUN {run}{cleanup} && ray --version")
+    return "\n".join(lines) + "\n"
+
+
+def recipe_for(
+    facts: ImageFacts,
+    source: str,
+    *,
+    wheelhouse: Path | None = None,
+    wheel_names: list[str] | None = None,
+    index_url: str | None = None,
+    ray_version: str | None = None,
+) -> RayImageRecipe:
+    """The recipe from a wheelhouse (when given) or from an index.
+
+    `wheel_names` are the wheelhouse's file names (read by the caller); the wheels sent are Ray's
+    own for the image's Python and machine, and every wheel of a package the image lacks at that
+    version (Ray's own dependencies), so pip resolves offline without the whole wheelhouse.
+    """
+    if facts.python[:4].rstrip(".") not in RAY_PYTHONS:
+        raise RayImageError(
+            f"the image's Python {facts.python} has no Ray release vcluster knows "
+            f"(Ray publishes wheels for Python {', '.join(RAY_PYTHONS)})",
+            fix="use an image with Ray in it, or executor: mp",
+        )
+    if wheelhouse is not None:
+        names = wheel_names or []
+        ray_wheels = [n for n in names if _fits_ray(n, facts, ray_version)]
+        if not ray_wheels:
+            raise RayImageError(
+                f"the wheelhouse {wheelhouse} has no Ray wheel for Python {facts.python} on "
+                f"{facts.machine}" + (f" at version {ray_version}" if ray_version else ""),
+                fix=f"add one: pip download --no-deps --only-binary=:all: --python-version "
+                f"{facts.python[:4].rstrip('.')} --dest {wheelhouse} ray",
+            )
+        ray_wheel = max(ray_wheels, key=lambda n: _version_tuple(_parse(n)["version"]))
+        version = _parse(ray_wheel)["version"]
+        extra = [n for n in names if n != ray_wheel and not _installed(n, facts)]
+        requirement = f"ray[default]=={version}"
+        wheels = tuple(wheelhouse / n for n in sorted([ray_wheel, *extra]))
+        tag = derived_tag(source, facts.image_id, requirement)
+        return RayImageRecipe(source, facts.image_id, tag, requirement, None, wheels)
+    requirement = ray_requirement(facts.vllm, ray_version)
+    tag = derived_tag(source, facts.image_id, requirement)
+    return RayImageRecipe(source, facts.image_id, tag, requirement, index_url or DEFAULT_INDEX_URL)
+
+
+def index_address(index_url: str) -> tuple[str, int]:
+    """The host and port a package index URL is reached at."""
+    match = re.match(r"^(?P<scheme>https?)://(?:[^@/]*@)?(?P<host>[^:/]+)(?::(?P<port>\d+))?", index_url)
+    if match is None:
+        raise RayImageError(f"{index_url!r} is not an http(s) URL", fix="set ray.index_url to one")
+    default = 443 if match["scheme"] == "https" else 80
+    return match["host"], int(match["port"] or default)
+
+
+def _fits_ray(name: str, facts: ImageFacts, version: str | None) -> bool:
+    wheel = _parse(name)
+    if not wheel or _normalize(wheel["name"]) != "ray":
+        return False
+    if version and wheel["version"] != version:
+        return False
+    pythons = wheel["python"].split(".")
+    if facts.python_tag not in pythons and "py3" not in pythons:
+        return False
+    platform = wheel["platform"]
+    return platform == "any" or facts.machine in platform
+
+
+def _installed(name: str, facts: ImageFacts) -> bool:
+    wheel = _parse(name)
+    if not wheel:
+        return True  # not a wheel: never sent
+    return facts.packages.get(_normalize(wheel["name"])) == wheel["version"]
+
+
+def _parse(name: str) -> dict[str, str]:
+    match = _WHEEL.match(name)
+    return match.groupdict() if match else {}
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
+
+
+def _split_reference(image: str) -> tuple[str, str, str]:
+    """(repository, separator, tag) of `repo:tag` or `repo@sha256:...`; tag `latest` if none."""
+    if "@" in image:
+        repository, digest = image.split("@", 1)
+        return repository, "@", digest.removeprefix("sha256:")[:12]
+    last = image.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository, tag = image.rsplit(":", 1)
+        return repository, ":", tag
+    return image, ":", "latest"
+

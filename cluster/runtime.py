@@ -1,0 +1,95 @@
+"""What the cluster runs, decided from the image's facts (pure): which image, Ray or not, which
+vLLM executor, and why.
+
+The cluster stays a Ray cluster whenever it can: an image with Ray is used as it is; an image
+without Ray (vLLM's own from 0.19.1 on) gets a derived Ray-ready image when Ray can be had (a
+wheelhouse on the controller, or a package index the head reaches). Only when it cannot does the
+cluster fall back to vLLM's own multi-node mode, and `executor: ray` then cannot be honoured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cluster.facts.image import ImageFacts
+from cluster.inventory import Inventory
+from cluster.ray_image import RayImageRecipe
+
+Executor = Literal["ray", "mp"]
+
+
+@dataclass(frozen=True)
+class RaySupply:
+    """Where Ray could come from for an image without it."""
+
+    recipe: RayImageRecipe | None
+    """The derived image's recipe, or None when Ray cannot be had."""
+    why_not: str | None = None
+    """Why there is no recipe (no wheelhouse and the index unreachable from the head, ...)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The image the containers run, whether they form a Ray cluster, and vLLM's executor."""
+
+    image: str
+    ray: bool
+    executor: Executor
+    reason: str
+    """One sentence for `plan` and `up`: why this image and executor."""
+    derive: RayImageRecipe | None = None
+    """Set when `image` is a Ray-ready image derived from the inventory's."""
+    problem: str | None = None
+    """Set when the inventory asks for what the image cannot do (`executor: ray`, no Ray)."""
+    fix: str | None = None
+
+    @property
+    def fallback(self) -> bool:
+        """vLLM's own multi-node mode because Ray could not be had (not because it was asked)."""
+        return not self.ray and self.problem is None and self.derive is None
+
+
+def assumed_runtime(inventory: Inventory) -> Runtime:
+    """The runtime without image facts (an offline plan): the image is taken to have Ray."""
+    return Runtime(
+        image=inventory.image,
+        ray=True,
+        executor=inventory.default_executor,
+        reason="image facts not gathered (offline): the image is taken to have Ray",
+    )
+
+
+def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
+    """The runtime for `inventory` given what its image holds and where Ray could come from."""
+    image = inventory.image
+    executor = inventory.default_executor
+    if facts.has_ray:
+        return Runtime(image, True, executor, f"{image} has Ray {facts.ray}")
+    vllm = f"vLLM {facts.vllm}" if facts.vllm else "no vLLM"
+    if inventory.executor == "mp":
+        return Runtime(
+            image, False, "mp",
+            f"{image} ({vllm}) has no Ray and executor: mp needs none: no Ray cluster",
+        )  # fmt: skip
+    if supply.recipe is not None:
+        return Runtime(
+            supply.recipe.tag, True, executor,
+            f"{image} ({vllm}) has no Ray: derived {supply.recipe.describe()}",
+            derive=supply.recipe,
+        )  # fmt: skip
+    why_not = supply.why_not or "Ray cannot be had"
+    if inventory.executor == "ray":
+        return Runtime(
+            image, False, "ray",
+            f"{image} ({vllm}) has no Ray and {why_not}",
+            problem=f"executor: ray, but {image} ({vllm}) has no Ray and {why_not}",
+            fix="set ray.wheelhouse to a folder of Ray wheels on this machine, make the package "
+            "index reachable from the head (ray.index_url), name an image with Ray, "
+            "or set executor: mp",
+        )  # fmt: skip
+    return Runtime(
+        image, False, "mp",
+        f"{image} ({vllm}) has no Ray and {why_not}: vLLM's own multi-node mode "
+        "(--nnodes/--node-rank/--headless), no Ray cluster",
+    )  # fmt: skip
