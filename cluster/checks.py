@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from rich.markup import escape
 from rich.table import Table
 
 from cluster.facts.gpu import GpuTopology
 from cluster.facts.host import HostFacts
+from cluster.facts.image import ImageFacts
 from cluster.inventory import Inventory
+from cluster.runtime import Runtime
 
 GIB = 1 << 30
 SHM_FAIL_BELOW_BYTES = 1 * GIB
@@ -628,6 +631,41 @@ def check_image(inventory: Inventory, image_ids: Mapping[str, str | None]) -> li
     return results
 
 
+def check_runtime(
+    inventory: Inventory, facts: ImageFacts | None, runtime: Runtime | None
+) -> list[CheckResult]:
+    """What the image holds, and whether the cluster it leads to is what the inventory asks.
+
+    An image without Ray is fine when `up` can derive a Ray-ready one, or when vLLM's own
+    multi-node mode is allowed (a WARN: the Ray parts are then off); it FAILs only when
+    `executor: ray` is asked for and Ray cannot be had.
+    """
+    if facts is None or runtime is None:
+        return [_skip("executor", None, f"{inventory.image} is on no node yet: `up` probes it "
+                      "once it has copied it")]  # fmt: skip
+    summary = facts.summary()
+    if facts.vllm is None:
+        return [
+            _fail(
+                "executor", None, f"{inventory.image} has no vLLM ({summary})",
+                "name a vLLM image (vllm/vllm-openai:TAG, or one built on it) in image:",
+            )
+        ]  # fmt: skip
+    if runtime.problem is not None:
+        return [_fail("executor", None, f"{runtime.problem} ({summary})", runtime.fix or "")]
+    if runtime.fallback:
+        return [
+            _warn(
+                "executor", None, f"{summary}: {runtime.reason}",
+                "for a Ray cluster set ray.wheelhouse, make the index reachable from the head "
+                "(ray.index_url), or name an image with Ray; executor: mp says this is intended",
+            )
+        ]  # fmt: skip
+    cluster = "Ray cluster" if runtime.ray else "no Ray cluster"
+    detail = f"{summary}: {cluster}, vLLM executor {runtime.executor}; {runtime.reason}"
+    return [_pass("executor", None, detail)]
+
+
 def check_model_present(inventory: Inventory, present: Mapping[str, bool]) -> list[CheckResult]:
     """The model in every node's cache: required for a local path, else downloaded at start."""
     model = inventory.model.name
@@ -749,9 +787,9 @@ def results_table(results: list[CheckResult]) -> Table:
     for result in results:
         table.add_row(
             f"[{_STYLES[result.status]}]{result.status.value}[/]",
-            result.name,
-            result.node or "cluster",
-            result.detail,
-            result.remedy or "" if result.status is not Status.PASS else "",
+            escape(result.name),
+            escape(result.node or "cluster"),
+            escape(result.detail),  # details hold `ray[default]`, paths, ...: text, not markup
+            escape(result.remedy or "") if result.status is not Status.PASS else "",
         )
     return table

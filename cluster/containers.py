@@ -11,7 +11,9 @@ from docker.types import DeviceRequest, Mount
 from cluster.errors import VclusterError
 from cluster.plan import (
     LABEL_CLUSTER,
+    LABEL_EXECUTOR,
     LABEL_NODE,
+    LABEL_RAY,
     LABEL_ROLE,
     LABEL_SPEC_HASH,
     ContainerSpec,
@@ -38,6 +40,10 @@ class ContainerState:
     role: str | None
     started_at: str
     exit_code: int
+    ray: bool = True
+    """False when the container runs no Ray (vLLM's own multi-node mode without Ray)."""
+    executor: str | None = None
+    """vLLM's executor the container was planned for (None: made before vcluster said)."""
 
     @property
     def running(self) -> bool:
@@ -60,6 +66,8 @@ def inspect_container(client: docker.DockerClient, name: str) -> ContainerState 
         role=labels.get(LABEL_ROLE),
         started_at=attrs["State"].get("StartedAt", ""),
         exit_code=int(attrs["State"].get("ExitCode", 0)),
+        ray=labels.get(LABEL_RAY) != "no",
+        executor=labels.get(LABEL_EXECUTOR),
     )
 
 

@@ -107,7 +107,8 @@ def stale(status: ClusterStatus, age_s: float) -> ClusterStatus:
     error = f"no status refresh finished for {age_s:.0f} s (see the exporter's log)"
     nodes = tuple(
         dataclasses.replace(
-            node, reachable=False, error=error, container=None, ray_alive=False,
+            node, reachable=False, error=error, container=None,
+            ray_alive=None if node.ray_alive is None else False,
             vllm_process=None if node.vllm_process is None else False,
         )
         for node in status.nodes

@@ -45,7 +45,8 @@ def cluster_metrics(
         labels = [cluster, node.name]
         up.add_metric(labels, float(node.reachable))
         running.add_metric(labels, float(node.container == "running"))
-        ray_alive.add_metric(labels, float(node.ray_alive))
+        if node.ray_alive is not None:  # None: the cluster runs no Ray
+            ray_alive.add_metric(labels, float(node.ray_alive))
         healthy.add_metric(labels, float(node.healthy))
         if node.vllm_restarts is not None:
             restarts.add_metric(labels, float(node.vllm_restarts))
@@ -60,7 +61,7 @@ def cluster_metrics(
     expected.add_metric([cluster], float(status.ray_nodes_expected))
     vllm_up = _gauge("vcluster_vllm_up", "1 when vLLM answers /health", ["cluster"])
     vllm_up.add_metric([cluster], float(status.vllm.health))
-    families += [ray, expected, vllm_up]
+    families += [ray, expected, vllm_up] if status.ray_cluster else [vllm_up]
     for name, value, documentation in (
         ("vcluster_vllm_requests_running", status.vllm.requests_running, "Requests running"),
         ("vcluster_vllm_requests_waiting", status.vllm.requests_waiting, "Requests waiting"),

@@ -27,6 +27,8 @@ LABEL_SPEC_HASH = f"{LABEL_PREFIX}.spec-hash"
 LABEL_VERSION = f"{LABEL_PREFIX}.version"
 LABEL_RAY = f"{LABEL_PREFIX}.ray"
 """`yes` when the containers form a Ray cluster, `no` in vLLM's own multi-node mode without Ray."""
+LABEL_EXECUTOR = f"{LABEL_PREFIX}.executor"
+"""vLLM's executor: `ray` (vLLM runs on the head only) or `mp` (on every node)."""
 VLLM_LOG_PATH = "/var/log/vcluster-vllm.log"
 SUPERVISOR_STATE_DIR = "/var/lib/vcluster"
 """In the container's own file system: it outlives a restart of the container, not a `down`."""
@@ -123,6 +125,7 @@ class ClusterPlan:
     image: str
     runtime_reason: str
     """Why this image, Ray or not, and this executor (from the image's facts)."""
+    image_facts: str | None
     accelerator: Literal["nvidia", "cpu"]
     tensor_parallel: int
     pipeline_parallel: int
@@ -210,6 +213,7 @@ def build_plan(
         ray=runtime.ray,
         image=runtime.image,
         runtime_reason=runtime.reason,
+        image_facts=runtime.facts,
         accelerator=inventory.accelerator,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
@@ -381,6 +385,7 @@ def _container_spec(
         LABEL_SPEC_HASH: hashlib.sha256(digest_input.encode()).hexdigest()[:16],
         LABEL_VERSION: __version__,
         LABEL_RAY: "yes" if runtime.ray else "no",
+        LABEL_EXECUTOR: runtime.executor,
     }
     return ContainerSpec(labels=labels, **spec)
 
@@ -427,6 +432,7 @@ def render_text(plan: ClusterPlan) -> str:
         f"tensor parallel {plan.tensor_parallel} x pipeline parallel {plan.pipeline_parallel}",
         f"endpoint {plan.endpoint}",
         f"image {plan.image}: {plan.runtime_reason}",
+        f"image facts: {plan.image_facts or 'not gathered'}",
     ]
     for node in plan.nodes:
         c = node.container

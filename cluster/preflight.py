@@ -17,15 +17,18 @@ from cluster.checks import (
     Status,
     check_image,
     check_model_present,
+    check_runtime,
     check_workers_reach_head,
     run_checks,
 )
 from cluster.containers import inspect_container
 from cluster.facts.host import HostFacts
+from cluster.facts.image import ImageFacts
 from cluster.images import image_id
 from cluster.inventory import Inventory
 from cluster.listeners import Listener, check_listeners, classify, listeners_argv, parse_listeners
 from cluster.plan import container_name
+from cluster.runtime import Runtime
 from cluster.session import Session
 
 REACH_TIMEOUT_S = 5.0
@@ -37,8 +40,13 @@ def preflight_results(
     facts: Mapping[str, HostFacts],
     *,
     cluster_running_on_head: bool,
+    image_facts: ImageFacts | None = None,
+    runtime: Runtime | None = None,
 ) -> list[CheckResult]:
-    """Every preflight result for the connected nodes; unreachable nodes FAIL the ssh rule."""
+    """Every preflight result for the connected nodes; unreachable nodes FAIL the ssh rule.
+
+    `image_facts` and `runtime`: what the image holds and the cluster it leads to, when the
+    image is on a node (the `executor` rule skips otherwise)."""
     unreachable = {name: error.one_line() for name, error in session.failed.items()}
     results = run_checks(
         CheckInput(
@@ -51,6 +59,7 @@ def preflight_results(
     reachable = [n for n in facts if n in session.connections]
     ids = session.on_each(lambda n: image_id(session.docker(n), inventory.image), reachable)
     results += check_image(inventory, ids.succeeded)
+    results += check_runtime(inventory, image_facts, runtime)
     present = session.on_each(lambda n: _model_present(session, n, inventory), reachable)
     results += check_model_present(inventory, present.succeeded)
     results += _reach_head(inventory, session, facts)

@@ -73,8 +73,9 @@ class RayImageRecipe:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
+        """`TAG (+ ray[default]==2.60.0 from 1 wheel(s) of the wheelhouse)`."""
         origin = f"{len(self.wheels)} wheel(s) of the wheelhouse" if self.wheels else self.index_url
-        return f"{self.tag}: {self.source} + {self.requirement} from {origin}"
+        return f"{self.tag} (+ {self.requirement} from {origin})"
 
 
 def ray_requirement(vllm_version: str | None, override: str | None = None) -> str:
@@ -105,7 +106,7 @@ def dockerfile(recipe: RayImageRecipe) -> str:
     install = ["python3", "-m", "pip", "install", "--no-cache-dir", "--upgrade-strategy",
                "only-if-needed"]  # fmt: skip
     if recipe.from_wheelhouse:
-        install += ["--no-index", "--find-links", f"/tmp/{WHEELS_DIR}"]  # noqa: S108
+        install += ["--no-index", "--find-links", f"/tmp/{WHEELS_DIR}"]
     else:
         install += ["--index-url", recipe.index_url or DEFAULT_INDEX_URL]
     lines = [
@@ -166,7 +167,9 @@ def recipe_for(
 
 def index_address(index_url: str) -> tuple[str, int]:
     """The host and port a package index URL is reached at."""
-    match = re.match(r"^(?P<scheme>https?)://(?:[^@/]*@)?(?P<host>[^:/]+)(?::(?P<port>\d+))?", index_url)
+    match = re.match(
+        r"^(?P<scheme>https?)://(?:[^@/]*@)?(?P<host>[^:/]+)(?::(?P<port>\d+))?", index_url
+    )
     if match is None:
         raise RayImageError(f"{index_url!r} is not an http(s) URL", fix="set ray.index_url to one")
     default = 443 if match["scheme"] == "https" else 80
@@ -222,4 +225,3 @@ def _split_reference(image: str) -> tuple[str, str, str]:
         repository, tag = image.rsplit(":", 1)
         return repository, ":", tag
     return image, ":", "latest"
-

@@ -9,6 +9,7 @@ cluster fall back to vLLM's own multi-node mode, and `executor: ray` then cannot
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,6 +44,8 @@ class Runtime:
     problem: str | None = None
     """Set when the inventory asks for what the image cannot do (`executor: ray`, no Ray)."""
     fix: str | None = None
+    facts: str | None = None
+    """The image facts it was chosen on, in one line (None without facts)."""
 
     @property
     def fallback(self) -> bool:
@@ -62,6 +65,10 @@ def assumed_runtime(inventory: Inventory) -> Runtime:
 
 def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
     """The runtime for `inventory` given what its image holds and where Ray could come from."""
+    return dataclasses.replace(_choose(inventory, facts, supply), facts=facts.summary())
+
+
+def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
     image = inventory.image
     executor = inventory.default_executor
     if facts.has_ray:
@@ -75,7 +82,8 @@ def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -
     if supply.recipe is not None:
         return Runtime(
             supply.recipe.tag, True, executor,
-            f"{image} ({vllm}) has no Ray: derived {supply.recipe.describe()}",
+            f"{image} ({vllm}) has no Ray: the cluster runs the Ray-ready "
+            f"{supply.recipe.describe()}",
             derive=supply.recipe,
         )  # fmt: skip
     why_not = supply.why_not or "Ray cannot be had"

@@ -14,6 +14,7 @@ from rich.table import Table
 from cluster.containers import ContainerState, inspect_container
 from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
+from cluster.facts.image import ImageFacts, image_facts_cache
 from cluster.facts.probe import probe_argv
 from cluster.inventory import Inventory
 from cluster.plan import SUPERVISOR_STATE_DIR, container_name
@@ -41,7 +42,8 @@ class NodeStatus:
     container: str | None = None  # docker's state, or None when there is no container
     started_at: str | None = None
     image_id: str | None = None
-    ray_alive: bool = False
+    ray_alive: bool | None = False
+    """None where the cluster runs no Ray: not applicable, not a failure."""
     vllm_process: bool | None = None  # None where no vLLM process belongs
     vllm_state: str | None = None  # the supervisor's: running, backoff, stopped, waiting for X
     vllm_restarts: int | None = None  # restarts by the supervisor since the container was made
@@ -54,7 +56,7 @@ class NodeStatus:
         return (
             self.reachable
             and self.container == "running"
-            and self.ray_alive
+            and self.ray_alive is not False
             and self.vllm_process is not False
             and self.gpu_problem is None
         )
@@ -82,12 +84,16 @@ class ClusterStatus:
     ray_resources: dict[str, float] = field(default_factory=dict)
     ray_error: str | None = None
     vllm: VllmStatus = VllmStatus()
+    ray_cluster: bool = True
+    """False when the cluster runs vLLM's own multi-node mode without Ray."""
+    image: ImageFacts | None = None
+    """What the head's image holds, when the controller has probed it (`up` does)."""
 
     @property
     def healthy(self) -> bool:
         return (
             all(n.healthy for n in self.nodes)
-            and self.ray_nodes_alive == self.ray_nodes_expected
+            and (not self.ray_cluster or self.ray_nodes_alive == self.ray_nodes_expected)
             and self.vllm.health
             and self.served_model_name in self.vllm.models
         )
@@ -95,6 +101,7 @@ class ClusterStatus:
     def to_dict(self) -> dict:
         """The `status --json` document (schema in docs/status.md)."""
         data = asdict(self)
+        data["image"] = self.image.to_dict() if self.image else None
         data["schema_version"] = STATUS_SCHEMA_VERSION
         data["healthy"] = self.healthy
         for node_data, node in zip(data["nodes"], self.nodes, strict=True):
@@ -106,12 +113,17 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
     """Query every node at once, then Ray and vLLM on the head."""
     session.open()
     name = container_name(inventory.cluster)
-    serving = {n.node_name for n in inventory.nodes}
-    if inventory.executor == "ray":
-        serving = {inventory.head.node_name}
+    head_name = inventory.head.node_name
     probe = probe_argv(head_address=inventory.head.address, model_cache=inventory.model_cache)
-    states = session.on_each(lambda node: _node_state(session, node, name, node in serving, probe))
-    ray_alive, resources, ray_error = _ray_view(inventory, session, name)
+    states = session.on_each(
+        lambda node: _node_state(session, inventory, node, name, node == head_name, probe)
+    )
+    head_state = states.succeeded.get(head_name, (None, None, None, False))[0]
+    ray_cluster = head_state is None or head_state.ray
+    if ray_cluster:
+        ray_alive, resources, ray_error = _ray_view(inventory, session, name)
+    else:
+        ray_alive, resources, ray_error = set(), {}, None
     nodes = []
     for node in inventory.nodes:
         node_name = node.node_name
@@ -126,7 +138,7 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 NodeStatus(node_name, node.address, role, True, error=outcome.error.one_line())
             )
             continue
-        state, supervised, facts = outcome.value  # type: ignore[misc]
+        state, supervised, facts, serves = outcome.value  # type: ignore[misc]
         nodes.append(
             NodeStatus(
                 node_name,
@@ -136,10 +148,8 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 container=state.status if state else None,
                 started_at=state.started_at if state else None,
                 image_id=state.image_id if state else None,
-                ray_alive=node.address in ray_alive,
-                vllm_process=None
-                if node_name not in serving
-                else bool(supervised and supervised.running),
+                ray_alive=node.address in ray_alive if ray_cluster else None,
+                vllm_process=bool(supervised and supervised.running) if serves else None,
                 vllm_state=supervised.state if supervised else None,
                 vllm_restarts=supervised.restarts if supervised else None,
                 vllm_last_exit=supervised.last_exit_cause if supervised else None,
@@ -164,21 +174,28 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
         ray_resources=resources,
         ray_error=ray_error,
         vllm=_vllm_view(inventory, session),
+        ray_cluster=ray_cluster,
+        image=image_facts_cache().get(head_state.image_id) if head_state else None,
     )
 
 
 def _node_state(
-    session: Session, node: str, name: str, serves: bool, probe: list[str]
-) -> tuple[ContainerState | None, SupervisedVllm | None, HostFacts]:
+    session: Session, inventory: Inventory, node: str, name: str, is_head: bool, probe: list[str]
+) -> tuple[ContainerState | None, SupervisedVllm | None, HostFacts, bool]:
+    """The node's container, its supervisor's report and its facts, and whether vLLM runs
+    there (on every node with vLLM's own executor, on the head alone with Ray's)."""
     facts = parse_probe(session.ssh(node).run(probe).stdout)
     client = session.docker(node)
     state = inspect_container(client, name)
+    executor = (state.executor if state else None) or inventory.default_executor
+    serves = is_head or executor == "mp"
     if not serves or state is None or not state.running:
-        return state, None, facts
+        return state, None, facts, serves
     result = client.containers.get(name).exec_run(supervisor_state_argv(SUPERVISOR_STATE_DIR))
     if result.exit_code != 0:
-        return state, None, facts
-    return state, parse_supervisor_state(result.output.decode(errors="replace")), facts
+        return state, None, facts, serves
+    supervised = parse_supervisor_state(result.output.decode(errors="replace"))
+    return state, supervised, facts, serves
 
 
 def _ray_view(
@@ -274,6 +291,8 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
     )
     if status.ray_error:
         ray_line += f" ({status.ray_error})"
+    if not status.ray_cluster:
+        ray_line = "ray: not applicable (no Ray cluster: vLLM's own multi-node mode)"
     vllm = status.vllm
     if vllm.error and not vllm.health:
         vllm_line = f"vllm: DOWN ({vllm.error})"
@@ -300,7 +319,10 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
     parts: list[Table | str] = [table]
     if gpu_table is not None:
         parts.append(gpu_table)
-    return [*parts, ray_line, vllm_line, *problems, f"cluster {status.cluster}: {verdict}"]
+    image_line = [f"image: {status.image.summary()}"] if status.image else []
+    return [
+        *parts, *image_line, ray_line, vllm_line, *problems, f"cluster {status.cluster}: {verdict}"
+    ]  # fmt: skip
 
 
 def _value(value: float | None, unit: str = "") -> str:

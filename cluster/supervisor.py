@@ -3,8 +3,9 @@
 This file is sent to the nodes as it is: the container runs `python3 -c <this source> CONFIG`.
 It therefore uses the standard library only and runs on the Python of any vLLM image.
 
-- Ray (`ray start --block`) is its child. When Ray exits the supervisor stops vLLM and exits
-  with Ray's status, and Docker's restart policy starts the container again (it rejoins Ray).
+- Ray (`ray start --block`) is its child, when the cluster has Ray. When Ray exits the supervisor
+  stops vLLM and exits with Ray's status, and Docker's restart policy starts the container again
+  (it rejoins Ray). Without Ray (vLLM's own multi-node mode) it only keeps vLLM running.
 - vLLM runs while `serve.json` in the state folder asks for it; `vcluster up` writes that file.
   The file lives in the container's own file system, so it survives a restart of the container
   or of the host, and vLLM comes back with it.
@@ -199,7 +200,7 @@ class VllmRun:
 
 class Supervisor:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.ray_argv: list[str] = config["ray"]
+        self.ray_argv: list[str] | None = config["ray"]
         self.state_dir = Path(config["state_dir"])
         self.peers: list[str] = config["peers"]
         wait_for = config.get("wait_for")
@@ -225,17 +226,18 @@ class Supervisor:
         self._load_counters()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        try:
-            self.ray = subprocess.Popen(self.ray_argv, start_new_session=True)
-        except FileNotFoundError:
-            self._log(
-                f"`{self.ray_argv[0]}` is not in this image: vLLM's images have no Ray from "
-                "vLLM 0.19.1 on; use an image with Ray"
-            )
-            return 127
+        if self.ray_argv:
+            try:
+                self.ray = subprocess.Popen(self.ray_argv, start_new_session=True)
+            except FileNotFoundError:
+                self._log(
+                    f"`{self.ray_argv[0]}` is not in this image: vLLM's images have no Ray from "
+                    "vLLM 0.19.1 on; run `vcluster up` again: it derives a Ray-ready image"
+                )
+                return 127
         while not self.stopping:
             self._reap()
-            if self.ray.pid in self.exits:
+            if self.ray is not None and self.ray.pid in self.exits:
                 cause = exit_cause(self.exits[self.ray.pid])
                 self.ray.returncode = 1
                 self._log(f"Ray {cause}; stopping vLLM, the container restarts")
@@ -245,7 +247,9 @@ class Supervisor:
             self._write_state()
             time.sleep(POLL_S)
         self._stop_vllm("the container is stopping", count=False)
-        os.killpg(self.ray.pid, signal.SIGTERM)
+        if self.ray is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.ray.pid, signal.SIGTERM)
         return 0
 
     def _on_term(self, signum: int, frame: object) -> None:

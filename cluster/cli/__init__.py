@@ -59,7 +59,8 @@ def validate(inventory: Path, as_json: bool) -> None:
         return
     click.echo(
         f"{inventory}: valid: cluster {loaded.cluster}, {len(loaded.nodes)} node(s), "
-        f"head {loaded.head.node_name}, {loaded.accelerator}, executor {loaded.default_executor}"
+        f"head {loaded.head.node_name}, {loaded.accelerator}, executor "
+        + (loaded.executor or f"{loaded.default_executor} (the default)")
     )
 
 
@@ -91,6 +92,8 @@ main.add_command(exec_)
 main.add_command(logs)
 main.add_command(exporter)
 
+from cluster.cli.image import image  # noqa: E402
 from cluster.cli.sandbox import sandbox  # noqa: E402
 
+main.add_command(image)
 main.add_command(sandbox)

@@ -12,6 +12,7 @@ import click
 from prometheus_client import CollectorRegistry, start_http_server
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.status import Status
 from rich.text import Text
 
@@ -47,18 +48,18 @@ class ConsoleReporter:
 
     def progress(self, text: str) -> None:
         if self._status is not None:
-            self._status.update(text)
+            self._status.update(escape(text))
 
     def finish(self, title: str, ok: bool, detail: str, duration_s: float) -> None:
         if self._status is not None:
             self._status.stop()
             self._status = None
         mark = "[green]✓[/]" if ok else "[red]✗[/]"
-        suffix = f": {detail}" if detail else ""
+        suffix = f": {escape(detail)}" if detail else ""
         self._console.print(f"{mark} {title}{suffix} [dim]({duration_s:.1f}s)[/]", highlight=False)
 
     def note(self, text: str) -> None:
-        self._console.print(text, highlight=False)
+        self._console.print(escape(text), highlight=False)
 
 
 def _stderr_console() -> Console:
@@ -93,12 +94,25 @@ def _node_name(inventory: Inventory, node: str | None) -> str:
     show_default=True,
     help="Seconds to wait for every node to join Ray.",
 )
+@click.option(
+    "--ray-image/--no-ray-image",
+    "ray_image",
+    default=True,
+    show_default=True,
+    help="Derive a Ray-ready image when the inventory's image has no Ray "
+    "(without it: vLLM's own multi-node mode).",
+)
 @reports_errors
-def up(inventory: Path, recreate: bool, wait_s: float, ray_wait_s: float) -> None:
+def up(inventory: Path, recreate: bool, wait_s: float, ray_wait_s: float, ray_image: bool) -> None:
     """Bring the cluster up and serve the model (repairs what is missing; idempotent)."""
     loaded = load_inventory(inventory)
     started = time.monotonic()
-    options = UpOptions(recreate=recreate, ray_timeout_s=ray_wait_s, ready_timeout_s=wait_s)
+    options = UpOptions(
+        recreate=recreate,
+        ray_timeout_s=ray_wait_s,
+        ready_timeout_s=wait_s,
+        derive_ray_image=ray_image,
+    )
     result = run_up(loaded, ConsoleReporter(_stderr_console()), options)
     took = time.monotonic() - started
     if result.changes:
@@ -145,7 +159,7 @@ def status(inventory: Path, as_json: bool, watch_s: float | None) -> None:
     else:
         console = Console(width=None if sys.stdout.isatty() else 140)
         for part in render_table(snapshot):
-            console.print(part, highlight=False)
+            console.print(escape(part) if isinstance(part, str) else part, highlight=False)
     if not snapshot.healthy:
         sys.exit(int(ExitCode.UNHEALTHY))
 

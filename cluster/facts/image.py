@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster.errors import VclusterError
+from cluster.secrets import state_dir
 
 PROBE_TIMEOUT_S = 120.0
 """Importing torch in a large CUDA image from a cold disk can take a minute."""
@@ -161,3 +162,8 @@ class ImageFactsCache:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(facts.to_dict(packages=True), sort_keys=True))
         partial.replace(path)
+
+
+def image_facts_cache() -> ImageFactsCache:
+    """The controller's cache of image facts, under vcluster's state folder."""
+    return ImageFactsCache(state_dir() / "image-facts")

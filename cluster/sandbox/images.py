@@ -35,9 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import VclusterError
-from cluster.progress import board_for
-from cluster.sandbox.build_progress import (
+from cluster.build_progress import (
     CommandOutput,
     DockerBuildProgress,
     OutputWatch,
@@ -45,6 +43,8 @@ from cluster.sandbox.build_progress import (
     is_raw_progress,
     pip_has_raw_progress,
 )
+from cluster.errors import VclusterError
+from cluster.progress import board_for
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
 

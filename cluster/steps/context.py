@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.facts.host import HostFacts
+from cluster.facts.image import ImageFacts
 from cluster.inventory import Inventory
 from cluster.plan import ClusterPlan, NodeFacts
+from cluster.runtime import Runtime
 from cluster.session import Session
 from cluster.steps.base import Reporter
 
@@ -20,6 +22,8 @@ class UpOptions:
     recreate: bool = False
     ray_timeout_s: float = DEFAULT_RAY_TIMEOUT_S
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    derive_ray_image: bool = True
+    """Derive a Ray-ready image when the inventory's has no Ray (else: vLLM's own mode)."""
 
 
 @dataclass
@@ -30,6 +34,9 @@ class UpContext:
     options: UpOptions = UpOptions()
     host_facts: dict[str, HostFacts] = field(default_factory=dict)
     node_facts: dict[str, NodeFacts] = field(default_factory=dict)
+    image_facts: ImageFacts | None = None
+    runtime: Runtime | None = None
+    """The image the containers run, Ray or not, vLLM's executor: chosen on the image facts."""
     plan: ClusterPlan | None = None
     image_ids: dict[str, str] = field(default_factory=dict)
     recreated: list[str] = field(default_factory=list)

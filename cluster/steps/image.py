@@ -8,6 +8,9 @@ names the odd nodes (vcluster never overwrites an image it did not bring).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+
+import docker
 
 from cluster.errors import VclusterError
 from cluster.images import (
@@ -30,20 +33,32 @@ class ImageMismatch(VclusterError):
 
 
 def ensure_image(context: UpContext) -> str:
-    image = context.inventory.image
+    """The inventory's image on every node (pulled or copied where missing), one ID everywhere."""
+    return place_image(context, context.inventory.image)
+
+
+def place_image(
+    context: UpContext,
+    image: str,
+    *,
+    pull: bool = True,
+    present: Callable[[docker.DockerClient], str | None] | None = None,
+) -> str:
+    """`image` on every node with one ID; `present` says a node's ID of it (None: missing)."""
     session = context.session
-    ids = session.on_each(lambda node: image_id(session.docker(node), image)).values()
+    found_on = present or (lambda client: image_id(client, image))
+    ids = session.on_each(lambda node: found_on(session.docker(node))).values()
     by_node = dict(zip(session.connections, ids, strict=True))
     missing = [node for node, found in by_node.items() if found is None]
-    if missing:
+    if missing and pull:
         context.reporter.progress(f"{image} missing on {', '.join(missing)}: pulling")
         pulled = session.on_each(lambda node: try_pull(session.docker(node), image), missing)
         by_node.update({n: v for n, v in pulled.succeeded.items() if v is not None})
         missing = [node for node in missing if by_node[node] is None]
     if missing:
-        _copy_to(context, missing, by_node)
+        _copy_to(context, image, missing, by_node)
         by_node.update(
-            session.on_each(lambda node: image_id(session.docker(node), image), missing).succeeded
+            session.on_each(lambda node: found_on(session.docker(node)), missing).succeeded
         )
     _require_one_id(image, by_node)
     context.image_ids = {n: i for n, i in by_node.items() if i is not None}
@@ -51,8 +66,9 @@ def ensure_image(context: UpContext) -> str:
     return f"{image} {next(iter(context.image_ids.values()))[:19]} on every node{copied}"
 
 
-def _copy_to(context: UpContext, missing: list[str], by_node: dict[str, str | None]) -> None:
-    image = context.inventory.image
+def _copy_to(
+    context: UpContext, image: str, missing: list[str], by_node: dict[str, str | None]
+) -> None:
     session = context.session
     sources = [node for node, found in by_node.items() if found is not None]
     targets = ", ".join(missing)

@@ -8,6 +8,7 @@ from cluster.errors import VclusterError
 from cluster.plan import container_name
 from cluster.preflight import preflight_results
 from cluster.steps.context import UpContext
+from cluster.steps.image_facts import learn_runtime
 
 
 class PreflightFailed(VclusterError):
@@ -29,11 +30,14 @@ def run_preflight(context: UpContext) -> str:
     inventory = context.inventory
     head = inventory.head.node_name
     state = inspect_container(context.session.docker(head), container_name(inventory.cluster))
+    learn_runtime(context)
     results = preflight_results(
         inventory,
         context.session,
         context.host_facts,
         cluster_running_on_head=state is not None and state.running,
+        image_facts=context.image_facts,
+        runtime=context.runtime,
     )
     for warning in (r for r in results if r.status is Status.WARN):
         context.reporter.note(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.checks import CheckResult
@@ -17,19 +19,34 @@ from cluster.steps.containers import start_head, start_workers
 from cluster.steps.context import UpContext, UpOptions
 from cluster.steps.facts import gather_facts
 from cluster.steps.image import ensure_image
+from cluster.steps.image_facts import learn_image, learn_runtime
 from cluster.steps.preflight import run_preflight
 from cluster.steps.ray_cluster import check_ray_topology, wait_for_ray_head, wait_for_ray_nodes
+from cluster.steps.ray_image import ensure_ray_image
 from cluster.steps.ray_token import ensure_ray_token
 from cluster.steps.serve import launch_vllm, wait_for_vllm
 
 
 def _plan(context: UpContext) -> str:
-    context.plan = build_plan(context.inventory, context.node_facts)
+    context.plan = build_plan(context.inventory, context.node_facts, context.runtime)
     plan = context.plan
+    ray = "" if plan.ray else ", no Ray cluster"
     return (
-        f"TP {plan.tensor_parallel} x PP {plan.pipeline_parallel}, executor {plan.executor}, "
-        f"head {plan.head.name}"
+        f"TP {plan.tensor_parallel} x PP {plan.pipeline_parallel}, executor {plan.executor}"
+        f"{ray}, head {plan.head.name}"
     )
+
+
+def _with_ray(run: Callable[[UpContext], str]) -> Callable[[UpContext], str]:
+    """A Ray step that says `not applicable` on a cluster without Ray."""
+
+    @functools.wraps(run)
+    def step(context: UpContext) -> str:
+        if not context.require_plan().ray:
+            return "not applicable: no Ray cluster"
+        return run(context)
+
+    return step
 
 
 STEPS_BEFORE_LOCK: list[Step[UpContext]] = [
@@ -40,12 +57,14 @@ STEPS: list[Step[UpContext]] = [
     Step("Preflight checks", run_preflight),
     Step("Planning", _plan),
     Step("Image on every node", ensure_image),
-    Step("Ray token", ensure_ray_token),
+    Step("Image facts", learn_image),
+    Step("Ray-ready image", ensure_ray_image),
+    Step("Ray token", _with_ray(ensure_ray_token)),
     Step("Head container and Ray head", start_head),
-    Step("Waiting for the Ray head", wait_for_ray_head),
+    Step("Waiting for the Ray head", _with_ray(wait_for_ray_head)),
     Step("Worker containers", start_workers),
-    Step("Waiting for every node in Ray", wait_for_ray_nodes),
-    Step("Topology", check_ray_topology),
+    Step("Waiting for every node in Ray", _with_ray(wait_for_ray_nodes)),
+    Step("Topology", _with_ray(check_ray_topology)),
     Step("Launching vLLM", launch_vllm),
     Step("Waiting for vLLM to serve", wait_for_vllm),
 ]
@@ -70,8 +89,14 @@ def gather_checks(inventory: Inventory, reporter: Reporter) -> list[CheckResult]
         if head in session.connections:
             state = inspect_container(session.docker(head), container_name(inventory.cluster))
             running = state is not None and state.running
+        learn_runtime(context)
         results = preflight_results(
-            inventory, session, context.host_facts, cluster_running_on_head=running
+            inventory,
+            session,
+            context.host_facts,
+            cluster_running_on_head=running,
+            image_facts=context.image_facts,
+            runtime=context.runtime,
         )
         return results + port_results(inventory, session)
 
@@ -86,8 +111,17 @@ def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:
     """The plan from the hosts' real facts (what `up` would do), without changing anything."""
     with Session(inventory) as session:
         context = UpContext(inventory, session, reporter)
-        run_steps([*STEPS_BEFORE_LOCK, STEPS[0], Step("Planning", _plan)], context, reporter)
+        image_facts = Step("Image facts", _image_facts_if_present)
+        steps = [*STEPS_BEFORE_LOCK, STEPS[0], image_facts, Step("Planning", _plan)]
+        run_steps(steps, context, reporter)
         return context.require_plan()
+
+
+def _image_facts_if_present(context: UpContext) -> str:
+    learn_runtime(context)
+    if context.image_facts is None or context.runtime is None:
+        return f"{context.inventory.image} is on no node yet: the plan takes it to have Ray"
+    return f"{context.image_facts.summary()}; {context.runtime.reason}"
 
 
 def up(inventory: Inventory, reporter: Reporter, options: UpOptions | None = None) -> UpResult:

@@ -115,3 +115,25 @@ def test_an_image_without_ray_is_said_in_one_line(tmp_path: Path):
     assert done.returncode == 127
     assert "`no-such-ray` is not in this image" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_without_ray_the_supervisor_keeps_vllm_running_and_stops_it_on_sigterm(tmp_path: Path):
+    config = {"ray": None, "state_dir": str(tmp_path), "peers": [], "wait_for": None}
+    process = subprocess.Popen([sys.executable, "-c", supervisor_source(), json.dumps(config)])
+    try:
+        ask(tmp_path, "spec-a")
+        running = wait_for(lambda: report(tmp_path).get("state") == "running" and report(tmp_path))
+        engine = wait_for(lambda: engine_core(running["pid"]))
+        time.sleep(1.5)  # the supervisor sees the titled process before it dies
+        os.kill(engine, signal.SIGKILL)
+        wait_for(lambda: report(tmp_path).get("restarts") == 1)
+        again = wait_for(
+            lambda: report(tmp_path).get("state") == "running" and report(tmp_path), timeout_s=15
+        )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert session_members(again["pid"]) == {}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

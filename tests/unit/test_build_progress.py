@@ -12,7 +12,7 @@ import pytest
 
 from cluster.errors import VclusterError
 from cluster.progress import ProgressBoard
-from cluster.sandbox.build_progress import (
+from cluster.build_progress import (
     BuildStep,
     CommandOutput,
     DockerBuildProgress,
