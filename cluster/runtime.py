@@ -86,18 +86,16 @@ def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runti
             f"{supply.recipe.describe()}",
             derive=supply.recipe,
         )  # fmt: skip
-    why_not = supply.why_not or "Ray cannot be had"
+    no_ray = f"{image} ({vllm}) has no Ray, and Ray cannot be added ({supply.why_not})"
     if inventory.executor == "ray":
         return Runtime(
-            image, False, "ray",
-            f"{image} ({vllm}) has no Ray and {why_not}",
-            problem=f"executor: ray, but {image} ({vllm}) has no Ray and {why_not}",
+            image, False, "ray", no_ray,
+            problem=f"vLLM's Ray executor is asked for (executor: ray), but {no_ray}",
             fix="set ray.wheelhouse to a folder of Ray wheels on this machine, make the package "
             "index reachable from the head (ray.index_url), name an image with Ray, "
             "or set executor: mp",
         )  # fmt: skip
     return Runtime(
         image, False, "mp",
-        f"{image} ({vllm}) has no Ray and {why_not}: vLLM's own multi-node mode "
-        "(--nnodes/--node-rank/--headless), no Ray cluster",
+        f"{no_ray}: vLLM's own multi-node mode (--nnodes/--node-rank/--headless), no Ray cluster",
     )  # fmt: skip

@@ -2,8 +2,8 @@
 
 A container that runs with the planned spec is kept. One that is stopped or missing is
 (re)created; one whose spec changed is recreated only with `--recreate`, otherwise the run stops
-and names the difference. Recreating the head recreates the workers too: they joined the old
-Ray head.
+and names the difference. On a Ray cluster, recreating the head recreates the workers too: they
+joined the old Ray head.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def start_head(context: UpContext) -> str:
 
 def start_workers(context: UpContext) -> str:
     plan = context.require_plan()
-    force = plan.head.name in context.recreated or context.recreate_all
+    force = (plan.ray and plan.head.name in context.recreated) or context.recreate_all
     outcome = context.session.on_each(
         lambda name: _ensure_container(context, plan.node(name), force=force),
         [w.name for w in plan.workers],
@@ -45,7 +45,7 @@ def _ensure_container(context: UpContext, node: NodePlan, *, force: bool) -> str
         return "running, unchanged"
     if state is not None and state.running and state.spec_hash != spec.spec_hash:
         _require_recreate(context, node, state)
-    reason = _reason(state, force)
+    reason = _reason(state, force, spec.spec_hash)
     if state is not None:
         remove_container(client, spec.name)
     secrets = {name: ref.resolve() for name, ref in spec.secret_environment.items()}
@@ -66,9 +66,11 @@ def _require_recreate(context: UpContext, node: NodePlan, state: ContainerState)
     )
 
 
-def _reason(state: ContainerState | None, force: bool) -> str:
+def _reason(state: ContainerState | None, force: bool, spec_hash: str) -> str:
     if state is None:
         return "created"
+    if state.running and state.spec_hash != spec_hash:
+        return "recreated (spec changed)"
     if force and state.running:
         return "recreated (the Ray head or its token was replaced)"
     if not state.running:

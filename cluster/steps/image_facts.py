@@ -85,8 +85,8 @@ def ray_supply(inventory: Inventory, session: Session, facts: ImageFacts) -> Ray
     if not _reaches(session, head, host, port):
         return RaySupply(
             None,
-            f"no wheelhouse is set (ray.wheelhouse) and the head cannot reach the package index "
-            f"{settings.index_url} ({host}:{port})",
+            f"no ray.wheelhouse is set and the head cannot reach the package index "
+            f"{settings.index_url} at {host}:{port}",
         )
     try:
         recipe = recipe_for(facts, inventory.image, index_url=settings.index_url,
@@ -143,8 +143,6 @@ def learn_image(context: UpContext) -> str:
         raise VclusterError(
             runtime.problem, where=context.inventory.head.node_name, fix=runtime.fix
         )
-    if not runtime.ray:
-        context.reporter.note(f"no Ray cluster: {runtime.reason}")
     if context.node_facts:  # `up`: the plan follows the runtime
         context.plan = build_plan(context.inventory, context.node_facts, runtime)
     return f"{facts.summary()}; {runtime.reason}"
