@@ -155,7 +155,11 @@ def recipe_for(
             )
         ray_wheel = max(ray_wheels, key=lambda n: _version_tuple(_parse(n)["version"]))
         version = _parse(ray_wheel)["version"]
-        extra = [n for n in names if n != ray_wheel and not _installed(n, facts)]
+        extra = [
+            n for n in names
+            if _normalize(_parse(n).get("name", "ray")) != "ray"
+            and _fits(n, facts) and not _installed(n, facts)
+        ]  # fmt: skip
         requirement = f"ray[default]=={version}"
         wheels = tuple(wheelhouse / n for n in sorted([ray_wheel, *extra]))
         tag = derived_tag(source, facts.image_id, requirement)
@@ -182,8 +186,17 @@ def _fits_ray(name: str, facts: ImageFacts, version: str | None) -> bool:
         return False
     if version and wheel["version"] != version:
         return False
+    return _fits(name, facts)
+
+
+def _fits(name: str, facts: ImageFacts) -> bool:
+    """A wheel that installs on the image's Python and machine."""
+    wheel = _parse(name)
+    if not wheel:
+        return False
     pythons = wheel["python"].split(".")
-    if facts.python_tag not in pythons and "py3" not in pythons:
+    abi3 = wheel["abi"] == "abi3" and any(p.startswith("cp3") for p in pythons)
+    if facts.python_tag not in pythons and "py3" not in pythons and not abi3:
         return False
     platform = wheel["platform"]
     return platform == "any" or facts.machine in platform

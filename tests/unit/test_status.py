@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from pathlib import Path
 
 from rich.console import Console
 
+from cluster.facts.image import parse_image_probe
 from cluster.status import ClusterStatus, NodeStatus, VllmStatus, render_table, uptime
+
+REPO = Path(__file__).resolve().parents[2]
 
 HEAD = NodeStatus(
     "node-1", "172.30.0.11", "head", True, container="running", ray_alive=True, vllm_process=True
@@ -97,3 +101,30 @@ def test_restarts_show_per_node_with_the_last_cause_and_a_waiting_vllm_says_why(
     assert document["nodes"][1]["vllm_restarts"] == 3
     assert document["nodes"][1]["vllm_state"] == "backoff"
     assert not cluster(healed, waiting).healthy
+
+
+def test_without_ray_the_ray_parts_read_not_applicable_and_do_not_make_it_unhealthy():
+    head, worker = replace(HEAD, ray_alive=None), replace(WORKER, ray_alive=None)
+    no_ray = replace(cluster(head, worker, alive=0), ray_cluster=False, ray_resources={})
+    assert no_ray.healthy
+    console = Console(width=200, record=True)
+    for part in render_table(no_ray):
+        console.print(part)
+    text = console.export_text()
+    assert "ray: not applicable (no Ray cluster: vLLM's own multi-node mode)" in text
+    assert not replace(no_ray, nodes=(head, replace(worker, vllm_process=False))).healthy
+    document = no_ray.to_dict()
+    assert document["ray_cluster"] is False and document["nodes"][0]["ray_alive"] is None
+
+
+def test_the_image_facts_show_in_the_table_and_in_json():
+    text = (REPO / "tests" / "fixtures" / "image-facts" / "vllm-cpu-0.32.0.txt").read_text()
+    facts = parse_image_probe(text, "sha256:" + "ab" * 32, ("vllm", "serve"))
+    status = replace(cluster(HEAD, WORKER), image=facts)
+    lines = [p for p in render_table(status) if isinstance(p, str)]
+    assert "image: Python 3.11.2, vLLM 0.32.0+cpu, torch 2.13.0+cpu, Ray 2.60.0" in lines
+    image = status.to_dict()["image"]
+    assert (
+        image["ray"] == "2.60.0" and image["has_ray"] and image["entrypoint"] == ["vllm", "serve"]
+    )
+    assert "packages" not in image  # hundreds of lines that `status --json` readers do not need
