@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from cluster import __version__
-from cluster.cli.common import INVENTORY, JSON, reports_errors
+from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
 from cluster.cli.lifecycle import (
     ConsoleReporter,
     check,
@@ -77,7 +76,7 @@ def plan(inventory: Path, as_json: bool, offline: bool) -> None:
     if offline:
         cluster_plan = build_plan(loaded, declared_facts(loaded))
     else:
-        cluster_plan = live_plan(loaded, ConsoleReporter(Console(stderr=True)))
+        cluster_plan = live_plan(loaded, ConsoleReporter(stderr_console()))
     if as_json:
         click.echo(json.dumps(cluster_plan.to_dict(), indent=2))
     else:

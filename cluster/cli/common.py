@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 
 from cluster.errors import ExitCode, VclusterError
 
 INVENTORY = click.argument("inventory", type=click.Path(path_type=Path))
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def stderr_console() -> Console:
+    """Where progress goes: wrapped to a terminal's width, or whole lines in a log (a wrapped
+    line is lost to `grep`)."""
+    console = Console(stderr=True)
+    console.soft_wrap = not console.is_terminal
+    return console
 
 
 def fail(lines: list[str], code: ExitCode) -> None:

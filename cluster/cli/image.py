@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-from cluster.cli.common import INVENTORY, reports_errors
+from cluster.cli.common import INVENTORY, reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter
 from cluster.inventory import load_inventory
 from cluster.steps.ray_image import build_ray_image
@@ -25,7 +24,7 @@ def build(inventory: Path) -> None:
     """Derive the Ray-ready image (the inventory's image plus the Ray that matches it), build it
     once on the head and put it on every node."""
     loaded = load_inventory(inventory)
-    tag = build_ray_image(loaded, ConsoleReporter(Console(stderr=True)))
+    tag = build_ray_image(loaded, ConsoleReporter(stderr_console()))
     if tag == loaded.image:
         click.echo(f"{tag} has Ray already: nothing to build")
         return

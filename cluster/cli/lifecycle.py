@@ -18,7 +18,7 @@ from rich.text import Text
 
 from cluster.checks import exit_code as checks_exit_code
 from cluster.checks import results_as_dicts, results_table
-from cluster.cli.common import INVENTORY, JSON, reports_errors
+from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
 from cluster.errors import ExitCode, UsageError
 from cluster.exporter import DEFAULT_INTERVAL_S, ClusterCollector
 from cluster.inventory import Inventory, load_inventory
@@ -60,10 +60,6 @@ class ConsoleReporter:
 
     def note(self, text: str) -> None:
         self._console.print(escape(text), highlight=False)
-
-
-def _stderr_console() -> Console:
-    return Console(stderr=True)
 
 
 def _node_name(inventory: Inventory, node: str | None) -> str:
@@ -113,7 +109,7 @@ def up(inventory: Path, recreate: bool, wait_s: float, ray_wait_s: float, ray_im
         ready_timeout_s=wait_s,
         derive_ray_image=ray_image,
     )
-    result = run_up(loaded, ConsoleReporter(_stderr_console()), options)
+    result = run_up(loaded, ConsoleReporter(stderr_console()), options)
     took = time.monotonic() - started
     if result.changes:
         click.echo(f"changed: {'; '.join(result.changes)} ({took:.1f}s)")
@@ -190,7 +186,7 @@ def _watch(inventory: Inventory, interval_s: float) -> None:
 def check(inventory: Path, as_json: bool) -> None:
     """Run the preflight checks on every node, changing nothing (exit 1 on any FAIL)."""
     loaded = load_inventory(inventory)
-    results = gather_checks(loaded, ConsoleReporter(_stderr_console()))
+    results = gather_checks(loaded, ConsoleReporter(stderr_console()))
     if as_json:
         click.echo(json.dumps(results_as_dicts(results), indent=2))
     else:
@@ -230,7 +226,7 @@ def exporter(inventory: Path, port: int, address: str, interval_s: float) -> Non
 def down(inventory: Path, remove_images: bool) -> None:
     """Stop vLLM, Ray and the containers on every node (keeps the model cache and images)."""
     loaded = load_inventory(inventory)
-    run_down(loaded, ConsoleReporter(_stderr_console()), remove_images=remove_images)
+    run_down(loaded, ConsoleReporter(stderr_console()), remove_images=remove_images)
     click.echo(f"cluster {loaded.cluster} is down")
 
 

@@ -8,9 +8,8 @@ import urllib.request
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-from cluster.cli.common import reports_errors
+from cluster.cli.common import reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter, curl_line
 from cluster.cli.live import progress_output
 from cluster.errors import VclusterError
@@ -114,7 +113,7 @@ def demo(nodes: int, workdir: Path | None, name: str, node_storage: str, keep: b
     """What `make demo` runs: the sandbox, `vcluster up` on it, and one chat completion."""
     result = _bring_up(nodes, workdir, name, node_storage)
     inventory = load_inventory(result.inventory)
-    served = run_up(inventory, ConsoleReporter(Console(stderr=True)))
+    served = run_up(inventory, ConsoleReporter(stderr_console()))
     reply = chat_once(inventory, served.endpoint, served.served_model_name)
     click.echo(f"endpoint: {served.endpoint}  model: {served.served_model_name}")
     click.echo(f"asked: {DEMO_PROMPT!r}")
@@ -122,7 +121,7 @@ def demo(nodes: int, workdir: Path | None, name: str, node_storage: str, keep: b
     click.echo(f"try:   {curl_line(inventory, served.endpoint, served.served_model_name)}")
     click.echo(f"then:  vcluster status {result.inventory}")
     if not keep:
-        run_down(inventory, ConsoleReporter(Console(stderr=True)))
+        run_down(inventory, ConsoleReporter(stderr_console()))
     click.echo(
         f"remove it all: vcluster down {result.inventory} && vcluster sandbox down --name {name}"
     )

@@ -96,7 +96,7 @@ def test_every_container_gets_host_network_host_ipc_gpus_and_the_cache_mount() -
             ("/data/huggingface", "/root/.cache/huggingface")
         ]
         assert container.name == container_name("llama70b") == "vcluster-llama70b"
-        assert container.image == "vllm/vllm-openai:v0.11.0"
+        assert container.image == "vllm/vllm-openai:v0.32.0"
 
 
 def test_the_network_environment_names_each_nodes_own_address_and_the_interface() -> None:
