@@ -178,6 +178,12 @@ class RaySettings(_Strict):
     def _index_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^\s/]+", value):
             raise ValueError(f"{value!r} is not an http(s) URL")
+        if re.match(r"^https?://[^/]*@", value):
+            # it is written into the derived image's recipe, which `docker history` shows
+            raise ValueError(
+                "must not hold credentials (they would stay in the Ray-ready image's history); "
+                "use an index the head reaches without them, or ray.wheelhouse"
+            )
         return value
 
     @field_validator("version")

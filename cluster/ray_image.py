@@ -150,8 +150,9 @@ def recipe_for(
             raise RayImageError(
                 f"the wheelhouse {wheelhouse} has no Ray wheel for Python {facts.python} on "
                 f"{facts.machine}" + (f" at version {ray_version}" if ray_version else ""),
-                fix=f"add one: pip download --no-deps --only-binary=:all: --python-version "
-                f"{facts.python[:4].rstrip('.')} --dest {wheelhouse} ray",
+                fix=f"add Ray and its dependencies: pip download --only-binary=:all: "
+                f"--python-version {facts.python[:4].rstrip('.')} --platform "
+                f"manylinux2014_{facts.machine} --dest {wheelhouse} 'ray[default]'",
             )
         ray_wheel = max(ray_wheels, key=lambda n: _version_tuple(_parse(n)["version"]))
         version = _parse(ray_wheel)["version"]

@@ -28,6 +28,8 @@ class RaySupply:
     """The derived image's recipe, or None when Ray cannot be had."""
     why_not: str | None = None
     """Why there is no recipe (no wheelhouse and the index unreachable from the head, ...)."""
+    fix: str | None = None
+    """How to make Ray available, when the cause has a fix of its own."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,14 @@ class Runtime:
     """vLLM's own multi-node mode because Ray could not be had (not because it was asked)."""
 
 
-def assumed_runtime(inventory: Inventory) -> Runtime:
-    """The runtime without image facts (an offline plan): the image is taken to have Ray."""
+def assumed_runtime(inventory: Inventory, why: str = "offline") -> Runtime:
+    """The runtime without image facts (an offline plan, or no node has the image yet): the
+    image is taken to have Ray."""
     return Runtime(
         image=inventory.image,
         ray=True,
         executor=inventory.default_executor,
-        reason="image facts not gathered (offline): the image is taken to have Ray",
+        reason=f"image facts not gathered ({why}): the image is taken to have Ray",
     )
 
 
@@ -88,7 +91,7 @@ def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runti
         return Runtime(
             image, False, "ray", no_ray,
             problem=f"vLLM's Ray executor is asked for (executor: ray), but {no_ray}",
-            fix="set ray.wheelhouse to a folder of Ray wheels on this machine, make the package "
+            fix=supply.fix or "set ray.wheelhouse to a folder of Ray wheels on this machine, make the package "
             "index reachable from the head (ray.index_url), name an image with Ray, "
             "or set executor: mp",
         )  # fmt: skip

@@ -19,6 +19,7 @@ from rich.text import Text
 from cluster.checks import exit_code as checks_exit_code
 from cluster.checks import results_as_dicts, results_table
 from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
+from cluster.containers import inspect_container
 from cluster.errors import ExitCode, UsageError
 from cluster.exporter import DEFAULT_INTERVAL_S, ClusterCollector
 from cluster.inventory import Inventory, load_inventory
@@ -270,7 +271,14 @@ def logs(inventory: Path, node: str | None, component: Component, follow: bool, 
     """Show vLLM's, Ray's or the container's log on a node."""
     loaded = load_inventory(inventory)
     name = _node_name(loaded, node)
-    argv = logs_argv(container_name(loaded.cluster), component, tail=tail, follow=follow)
+    container = container_name(loaded.cluster)
+    argv = logs_argv(container, component, tail=tail, follow=follow)
     with _one_node_session(loaded, name) as session:
+        state = inspect_container(session.docker(name), container)
+        if component == "ray" and state is not None and not state.ray:
+            raise UsageError(
+                f"{container} on {name} runs no Ray (vLLM's own multi-node mode): no Ray logs",
+                fix="use --component vllm or --component container",
+            )
         code = stream(session.ssh(name).open_channel(argv), sys.stdout.buffer, sys.stderr.buffer)
     sys.exit(code)

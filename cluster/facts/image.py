@@ -118,7 +118,18 @@ def parse_image_probe(output: str, image_id: str, entrypoint: tuple[str, ...] = 
             f"the image probe printed no facts: {output.strip()[-300:] or '(nothing)'}",
             fix="check that the image has python3 on its PATH (every vLLM image has)",
         )
-    data = json.loads(line[len(MARKER) :])
+    try:
+        data = json.loads(line[len(MARKER) :])
+        return _facts(data, image_id, entrypoint)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ImageProbeError(
+            f"the image probe's facts are unreadable ({type(exc).__name__}: {exc}): {line[:200]}",
+            fix="run the probe by hand (docker run --rm --entrypoint python3 IMAGE -c ...) and "
+            "report its output",
+        ) from None
+
+
+def _facts(data: dict, image_id: str, entrypoint: tuple[str, ...]) -> ImageFacts:
     return ImageFacts(
         image_id=image_id,
         python=data["python"],

@@ -15,6 +15,7 @@ from cluster.containers import remove_container
 from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
 from cluster.plan import container_name
+from cluster.ray_image import SOURCE_LABEL
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.transport.fanout import FanOutError
@@ -44,8 +45,11 @@ def _remove(context: DownContext) -> str:
         client = context.session.docker(node)
         removed = remove_container(client, name)
         if context.remove_images:
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                client.images.remove(image, force=True)
+            # the Ray-ready images vcluster derived from it first: they are its children
+            derived = client.images.list(filters={"label": f"{SOURCE_LABEL}={image}"})
+            for found in [*derived, image]:
+                with contextlib.suppress(docker.errors.ImageNotFound):
+                    client.images.remove(found if isinstance(found, str) else found.id, force=True)
         return removed
 
     outcome = context.session.on_each(on_node)
@@ -59,7 +63,7 @@ def _remove(context: DownContext) -> str:
     if absent:
         parts.append(f"none on {', '.join(absent)}")
     if context.remove_images:
-        parts.append(f"image {image} removed")
+        parts.append(f"image {image} (and the Ray-ready images derived from it) removed")
     return "; ".join(parts) or "nothing to do"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cluster.checks import check_runtime, failed
 from cluster.errors import VclusterError
 from cluster.facts.image import (
     PROBE_TIMEOUT_S,
@@ -76,7 +77,7 @@ def ray_supply(inventory: Inventory, session: Session, facts: ImageFacts) -> Ray
             recipe = recipe_for(facts, inventory.image, wheelhouse=folder, wheel_names=names,
                                 ray_version=settings.version)  # fmt: skip
         except RayImageError as error:
-            return RaySupply(None, error.message)
+            return RaySupply(None, error.message, error.fix)
         return RaySupply(recipe)
     host, port = index_address(settings.index_url)
     head = inventory.head.node_name
@@ -92,7 +93,7 @@ def ray_supply(inventory: Inventory, session: Session, facts: ImageFacts) -> Ray
         recipe = recipe_for(facts, inventory.image, index_url=settings.index_url,
                             ray_version=settings.version)  # fmt: skip
     except RayImageError as error:
-        return RaySupply(None, error.message)
+        return RaySupply(None, error.message, error.fix)
     return RaySupply(recipe)
 
 
@@ -139,10 +140,10 @@ def learn_image(context: UpContext) -> str:
             f"{context.inventory.image} is on no node after the image step",
             fix="run `vcluster up` again; if it repeats, check `docker images` on the head",
         )
-    if runtime.problem is not None:
-        raise VclusterError(
-            runtime.problem, where=context.inventory.head.node_name, fix=runtime.fix
-        )
+    # the preflight's rule, for an image that was on no node when preflight ran
+    for result in failed(check_runtime(context.inventory, facts, runtime)):
+        raise VclusterError(result.detail, where=context.inventory.head.node_name,
+                            fix=result.remedy)  # fmt: skip
     if context.node_facts:  # `up`: the plan follows the runtime
         context.plan = build_plan(context.inventory, context.node_facts, runtime)
     return f"{facts.summary()}; {runtime.reason}"

@@ -12,6 +12,7 @@ from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
 from cluster.plan import ClusterPlan, build_plan, container_name
 from cluster.preflight import port_results, preflight_results
+from cluster.runtime import assumed_runtime
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.connect import connect_to_hosts
@@ -120,6 +121,7 @@ def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:
 def _image_facts_if_present(context: UpContext) -> str:
     learn_runtime(context)
     if context.image_facts is None or context.runtime is None:
+        context.runtime = assumed_runtime(context.inventory, "the image is on no node yet")
         return f"{context.inventory.image} is on no node yet: the plan takes it to have Ray"
     return f"{context.image_facts.summary()}; {context.runtime.reason}"
 

@@ -56,6 +56,11 @@ def test_output_without_the_facts_line_is_one_clear_error():
     assert "python3" in raised.value.message and raised.value.fix
 
 
+def test_an_unreadable_facts_line_is_one_clear_error_not_a_traceback():
+    with pytest.raises(ImageProbeError, match="unreadable"):
+        parse_image_probe("VCLUSTER-IMAGE-FACTS {cut off\n", "x")
+
+
 def test_the_probe_runs_the_images_own_python_without_network():
     argv = probe_argv("vllm/vllm-openai:v0.32.0")
     assert argv[:7] == ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python3"]

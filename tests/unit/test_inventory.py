@@ -232,3 +232,18 @@ def test_ray_token_settings_cannot_be_passed_as_plain_environment(tmp_path: Path
 def test_the_ray_dashboard_address_must_be_an_ip_address(tmp_path: Path) -> None:
     found = only_problem(tmp_path, MINIMAL + "ray: {dashboard_host: everywhere}\n")
     assert ":9: ray.dashboard_host: 'everywhere' is not an IP address" in found
+
+
+def test_an_index_url_with_credentials_is_refused_without_repeating_them(tmp_path: Path) -> None:
+    text = MINIMAL + "ray:\n  index_url: https://user:s3cr3t@nexus.corp/simple\n"
+    problem = only_problem(tmp_path, text)
+    assert "ray.index_url" in problem and "credentials" in problem and "ray.wheelhouse" in problem
+    assert "s3cr3t" not in problem
+
+
+def test_ray_settings_for_an_image_without_ray_are_checked(tmp_path: Path) -> None:
+    text = MINIMAL + "ray:\n  wheelhouse: wheels\n  index_url: ftp://x\n  version: latest\n"
+    found = " | ".join(problems(tmp_path, text))
+    assert "ray.wheelhouse: must be an absolute path" in found
+    assert "ray.index_url: 'ftp://x' is not an http(s) URL" in found
+    assert "ray.version: 'latest' is not a Ray version" in found

@@ -92,7 +92,9 @@ def test_a_wheelhouse_without_a_fitting_ray_wheel_names_what_to_add():
     with pytest.raises(RayImageError) as raised:
         recipe_for(NO_RAY, "img:1", wheelhouse=WHEELHOUSE, wheel_names=names)
     assert "Python 3.11.2" in raised.value.message and "x86_64" in raised.value.message
-    assert "pip download" in (raised.value.fix or "") and "3.11" in (raised.value.fix or "")
+    fix = raised.value.fix or ""
+    assert "pip download" in fix and "--python-version 3.11" in fix
+    assert "--platform manylinux2014_x86_64" in fix and "--no-deps" not in fix  # Ray's own too
 
 
 def test_a_pinned_ray_version_must_be_in_the_wheelhouse():
