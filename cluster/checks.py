@@ -18,11 +18,12 @@ from typing import TypeVar
 from rich.markup import escape
 from rich.table import Table
 
+from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuTopology
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
 from cluster.inventory import Inventory
-from cluster.runtime import Runtime
+from cluster.runtime import ADD_RAY_FIX, Runtime
 
 GIB = 1 << 30
 SHM_FAIL_BELOW_BYTES = 1 * GIB
@@ -74,13 +75,15 @@ class CheckInput:
 
     `unreachable` gives, for nodes that could not be probed, the reason (the SSH error).
     `cluster_running_on_head`: this cluster's own container already runs on the head, so
-    its ports are expected to be in use.
+    its ports are expected to be in use. `runtime`: Ray or not, and vLLM's executor, when the
+    image's facts are known (else the inventory's default, with Ray).
     """
 
     inventory: Inventory
     facts: Mapping[str, HostFacts]
     unreachable: Mapping[str, str] = field(default_factory=dict)
     cluster_running_on_head: bool = False
+    runtime: Runtime | None = None
 
     def probed(self) -> Iterator[tuple[str, HostFacts]]:
         """(node name, facts) of every probed node, in inventory order."""
@@ -496,10 +499,11 @@ def check_head_ports(given: CheckInput) -> list[CheckResult]:
     if facts is None:
         return []
     ports = given.inventory.ports
+    ray, executor = uses_ray(given.inventory, given.runtime)
     wanted = {"vLLM": ports.vllm}
-    if given.inventory.default_executor == "ray":
+    if ray:
         wanted["Ray"] = ports.ray
-    else:
+    if executor == "mp":
         wanted["torch.distributed"] = ports.master
     listed = ", ".join(f"{what} {port}" for what, port in wanted.items())
     busy = ", ".join(f"{w} {p}" for w, p in wanted.items() if p in facts.listening_ports)
@@ -632,14 +636,20 @@ def check_image(inventory: Inventory, image_ids: Mapping[str, str | None]) -> li
 
 
 def check_runtime(
-    inventory: Inventory, facts: ImageFacts | None, runtime: Runtime | None
+    inventory: Inventory,
+    facts: ImageFacts | None,
+    runtime: Runtime | None,
+    probe_error: VclusterError | None = None,
 ) -> list[CheckResult]:
     """What the image holds, and whether the cluster it leads to is what the inventory asks.
 
     An image without Ray is fine when `up` can derive a Ray-ready one, or when vLLM's own
     multi-node mode is allowed (a WARN: the Ray parts are then off); it FAILs only when
-    `executor: ray` is asked for and Ray cannot be had.
+    `executor: ray` is asked for and Ray cannot be had, or the image could not be probed.
     """
+    if probe_error is not None:
+        return [_fail("executor", probe_error.where, f"{inventory.image}: {probe_error.message}",
+                      probe_error.fix or "")]  # fmt: skip
     if facts is None or runtime is None:
         return [_skip("executor", None, f"{inventory.image} is on no node yet: `up` probes it "
                       "once it has copied it")]  # fmt: skip
@@ -657,8 +667,7 @@ def check_runtime(
         return [
             _warn(
                 "executor", None, f"{summary}: {runtime.reason}",
-                "for a Ray cluster set ray.wheelhouse, make the index reachable from the head "
-                "(ray.index_url), or name an image with Ray; executor: mp says this is intended",
+                f"for a Ray cluster: {ADD_RAY_FIX}; executor: mp says this is intended",
             )
         ]  # fmt: skip
     cluster = "Ray cluster" if runtime.ray else "no Ray cluster"
@@ -700,14 +709,26 @@ def check_model_present(inventory: Inventory, present: Mapping[str, bool]) -> li
     ]
 
 
+def uses_ray(inventory: Inventory, runtime: Runtime | None) -> tuple[bool, str]:
+    """(whether the nodes form a Ray cluster, vLLM's executor): the runtime's, or by default."""
+    if runtime is None:
+        return True, inventory.default_executor
+    return runtime.ray, runtime.executor
+
+
+def head_port(inventory: Inventory, runtime: Runtime | None) -> int:
+    """The port the workers meet the head at first: Ray's, or vLLM's rendezvous without Ray."""
+    return inventory.ports.ray if uses_ray(inventory, runtime)[0] else inventory.ports.master
+
+
 def check_workers_reach_head(
-    inventory: Inventory, reached: Mapping[str, str | None]
+    inventory: Inventory, reached: Mapping[str, str | None], runtime: Runtime | None = None
 ) -> list[CheckResult]:
     """Each worker opened a TCP connection to the head's Ray (or rendezvous) port.
 
     `reached[worker]` is None when it connected, else the error the worker saw.
     """
-    port = inventory.ports.ray if inventory.default_executor == "ray" else inventory.ports.master
+    port = head_port(inventory, runtime)
     head = inventory.head.address
     results = []
     for name, error in reached.items():

@@ -20,7 +20,13 @@ import docker.errors
 
 from cluster.build_progress import DockerBuildProgress, clean_line
 from cluster.errors import VclusterError
-from cluster.ray_image import WHEELS_DIR, RayImageRecipe, dockerfile
+from cluster.ray_image import (
+    CONSTRAINTS_FILE,
+    WHEELS_DIR,
+    RayImageRecipe,
+    constraints_text,
+    dockerfile,
+)
 from cluster.transport.docker import docker_client
 from cluster.transport.ssh import SshConnection
 
@@ -46,10 +52,12 @@ def built_recipe(client: docker.DockerClient, recipe: RayImageRecipe) -> str | N
 def build_context(recipe: RayImageRecipe, into: IO[bytes]) -> None:
     """Write the build context of `recipe` (a tar) into the open file `into`."""
     with tarfile.open(fileobj=into, mode="w") as tar:
-        text = dockerfile(recipe).encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(text)
-        tar.addfile(info, io.BytesIO(text))
+        for name, text in (("Dockerfile", dockerfile(recipe)),
+                           (CONSTRAINTS_FILE, constraints_text(recipe))):  # fmt: skip
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
         for wheel in recipe.wheels:
             tar.add(wheel, arcname=f"{WHEELS_DIR}/{wheel.name}")
     into.seek(0)

@@ -176,13 +176,15 @@ class RaySettings(_Strict):
     @field_validator("index_url")
     @classmethod
     def _index_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        if re.match(r"^https?://[^/]*@", value):
+        if re.match(r"^\w+://[^/]*@", value):
             # it is written into the derived image's recipe, which `docker history` shows
             raise ValueError(
                 "must not hold credentials (they would stay in the Ray-ready image's history); "
                 "use an index the head reaches without them, or ray.wheelhouse"
+            )
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError(
+                f"{value!r} is not an http(s) URL of an index (no spaces, query or fragment)"
             )
         return value
 

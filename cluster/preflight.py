@@ -19,9 +19,11 @@ from cluster.checks import (
     check_model_present,
     check_runtime,
     check_workers_reach_head,
+    head_port,
     run_checks,
 )
 from cluster.containers import inspect_container
+from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
 from cluster.images import image_id
@@ -42,6 +44,7 @@ def preflight_results(
     cluster_running_on_head: bool,
     image_facts: ImageFacts | None = None,
     runtime: Runtime | None = None,
+    probe_error: VclusterError | None = None,
 ) -> list[CheckResult]:
     """Every preflight result for the connected nodes; unreachable nodes FAIL the ssh rule.
 
@@ -54,15 +57,16 @@ def preflight_results(
             facts=facts,
             unreachable=unreachable,
             cluster_running_on_head=cluster_running_on_head,
+            runtime=runtime,
         )
     )
     reachable = [n for n in facts if n in session.connections]
     ids = session.on_each(lambda n: image_id(session.docker(n), inventory.image), reachable)
     results += check_image(inventory, ids.succeeded)
-    results += check_runtime(inventory, image_facts, runtime)
+    results += check_runtime(inventory, image_facts, runtime, probe_error)
     present = session.on_each(lambda n: _model_present(session, n, inventory), reachable)
     results += check_model_present(inventory, present.succeeded)
-    results += _reach_head(inventory, session, facts)
+    results += _reach_head(inventory, session, facts, runtime)
     return results
 
 
@@ -80,7 +84,10 @@ def _model_present(session: Session, node: str, inventory: Inventory) -> bool:
 
 
 def _reach_head(
-    inventory: Inventory, session: Session, facts: Mapping[str, HostFacts]
+    inventory: Inventory,
+    session: Session,
+    facts: Mapping[str, HostFacts],
+    runtime: Runtime | None,
 ) -> list[CheckResult]:
     """From each worker's own side (its sshd opens the TCP connection), reach the head.
 
@@ -89,7 +96,7 @@ def _reach_head(
     worker through.
     """
     head = inventory.head
-    port = inventory.ports.ray if inventory.default_executor == "ray" else inventory.ports.master
+    port = head_port(inventory, runtime)
     head_facts = facts.get(head.node_name)
     if head_facts is None or port not in head_facts.listening_ports:
         port = (
@@ -122,7 +129,7 @@ def _reach_head(
             )
             for name, error in reached.items()
         ]
-    return check_workers_reach_head(inventory, reached)
+    return check_workers_reach_head(inventory, reached, runtime)
 
 
 def port_results(inventory: Inventory, session: Session) -> list[CheckResult]:

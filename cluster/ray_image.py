@@ -21,8 +21,13 @@ from cluster.facts.image import ImageFacts
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
 RECIPE_LABEL = "io.vcluster.ray-recipe"
 SOURCE_LABEL = "io.vcluster.source-image"
+SOURCE_ID_LABEL = "io.vcluster.source-id"
+"""The source image's ID: a later run finds the Ray-ready image of its image by it."""
 WHEELS_DIR = "wheels"
 """Where the wheels sit in the build context."""
+CONSTRAINTS_FILE = "constraints.txt"
+"""Every package of the source image at its version: pip may add, never change one."""
+_PEP440 = re.compile(r"^\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[A-Za-z0-9.]+)?$")
 
 RAY_FOR_VLLM: tuple[tuple[tuple[int, ...], str], ...] = (
     ((0, 19, 1), "ray[default]==2.60.0"),  # checked with vLLM 0.26.0 (2 x H200) and 0.32.0 (CPU)
@@ -55,6 +60,8 @@ class RayImageRecipe:
     """The package index pip uses; None when the wheels come in the build context."""
     wheels: tuple[Path, ...] = ()
     """Wheels from the controller's wheelhouse, sent in the build context."""
+    constraints: tuple[str, ...] = ()
+    """`name==version` of every package in the source image (Ray's own excepted)."""
 
     @property
     def from_wheelhouse(self) -> bool:
@@ -63,13 +70,17 @@ class RayImageRecipe:
     @property
     def labels(self) -> dict[str, str]:
         """The labels the build adds: where the image comes from, and its recipe."""
-        return {SOURCE_LABEL: self.source, RECIPE_LABEL: self.recipe_hash}
+        return {
+            SOURCE_LABEL: self.source,
+            SOURCE_ID_LABEL: self.source_id,
+            RECIPE_LABEL: self.recipe_hash,
+        }
 
     @property
     def recipe_hash(self) -> str:
         """A digest of everything the build depends on (the wheels by name)."""
         parts = [self.source_id, self.requirement, self.index_url or "", dockerfile(self)]
-        parts += sorted(w.name for w in self.wheels)
+        parts += sorted(w.name for w in self.wheels) + list(self.constraints)
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -97,29 +108,34 @@ def derived_tag(source: str, source_id: str, requirement: str) -> str:
 
 
 def dockerfile(recipe: RayImageRecipe) -> str:
-    """The derived image's Dockerfile; pip adds Ray and what Ray lacks, and upgrades nothing.
+    """The derived image's Dockerfile; pip adds Ray and what Ray lacks, and changes nothing.
 
-    The source is named as the inventory names it: `up` has checked that it is one image ID on
-    every node before anything is built from it. A wheelhouse's wheels stay in a layer of their
-    own (a few hundred MB at most): without BuildKit there is no mount to install from instead.
+    The constraints pin every package the image has: a Ray that needs another version of one
+    of them fails the build, rather than changing vLLM's dependencies under it. The source is
+    named as the inventory names it: `up` has checked that it is one image ID on every node
+    before anything is built from it. A wheelhouse's wheels stay in a layer of their own (a few
+    hundred MB at most): without BuildKit there is no mount to install from instead.
     """
-    install = ["python3", "-m", "pip", "install", "--no-cache-dir", "--upgrade-strategy",
-               "only-if-needed"]  # fmt: skip
+    context = "/tmp/vcluster-ray"  # in the build only; removed in the same RUN
+    install = ["python3", "-m", "pip", "install", "--no-cache-dir",
+               "--constraint", f"{context}/{CONSTRAINTS_FILE}"]  # fmt: skip
     if recipe.from_wheelhouse:
-        install += ["--no-index", "--find-links", f"/tmp/{WHEELS_DIR}"]
+        install += ["--no-index", "--find-links", f"{context}/{WHEELS_DIR}"]
     else:
         install += ["--index-url", recipe.index_url or DEFAULT_INDEX_URL]
+    run = shlex.join([*install, recipe.requirement])
     lines = [
         f"FROM {recipe.source}",
         # images with an externally managed Python (PEP 668) refuse pip without this
         "ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1",
+        f"COPY . {context}",
+        f"RUN {run} && rm -rf {context} && ray --version",
     ]
-    if recipe.from_wheelhouse:
-        lines.append(f"COPY {WHEELS_DIR} /tmp/{WHEELS_DIR}")
-    run = shlex.join([*install, recipe.requirement])
-    cleanup = f" && rm -rf /tmp/{WHEELS_DIR}" if recipe.from_wheelhouse else ""
-    lines.append(f"RUN {run}{cleanup} && ray --version")
     return "\n".join(lines) + "\n"
+
+
+def constraints_text(recipe: RayImageRecipe) -> str:
+    return "".join(f"{line}\n" for line in recipe.constraints)
 
 
 def recipe_for(
@@ -154,7 +170,9 @@ def recipe_for(
                 f"--python-version {facts.python[:4].rstrip('.')} --platform "
                 f"manylinux2014_{facts.machine} --dest {wheelhouse} 'ray[default]'",
             )
-        ray_wheel = max(ray_wheels, key=lambda n: _version_tuple(_parse(n)["version"]))
+        # the newest Ray; of its wheels, a manylinux one before a plain linux one
+        ray_wheel = max(ray_wheels, key=lambda n: (_version_tuple(_parse(n)["version"]),
+                                                   "manylinux" in _parse(n)["platform"]))  # fmt: skip
         version = _parse(ray_wheel)["version"]
         extra = [
             n for n in names
@@ -164,10 +182,20 @@ def recipe_for(
         requirement = f"ray[default]=={version}"
         wheels = tuple(wheelhouse / n for n in sorted([ray_wheel, *extra]))
         tag = derived_tag(source, facts.image_id, requirement)
-        return RayImageRecipe(source, facts.image_id, tag, requirement, None, wheels)
+        return RayImageRecipe(source, facts.image_id, tag, requirement, None, wheels,
+                              _constraints(facts))  # fmt: skip
     requirement = ray_requirement(facts.vllm, ray_version)
     tag = derived_tag(source, facts.image_id, requirement)
-    return RayImageRecipe(source, facts.image_id, tag, requirement, index_url or DEFAULT_INDEX_URL)
+    return RayImageRecipe(source, facts.image_id, tag, requirement,
+                          index_url or DEFAULT_INDEX_URL, (), _constraints(facts))  # fmt: skip
+
+
+def _constraints(facts: ImageFacts) -> tuple[str, ...]:
+    return tuple(
+        f"{name}=={version}"
+        for name, version in sorted(facts.packages.items())
+        if _normalize(name) != "ray" and _PEP440.match(version)
+    )
 
 
 def index_address(index_url: str) -> tuple[str, int]:
@@ -191,16 +219,26 @@ def _fits_ray(name: str, facts: ImageFacts, version: str | None) -> bool:
 
 
 def _fits(name: str, facts: ImageFacts) -> bool:
-    """A wheel that installs on the image's Python and machine."""
+    """A wheel that installs on the image's Python and machine (glibc Linux)."""
     wheel = _parse(name)
     if not wheel:
         return False
     pythons = wheel["python"].split(".")
-    abi3 = wheel["abi"] == "abi3" and any(p.startswith("cp3") for p in pythons)
+    own = int(facts.python_tag.removeprefix("cp3") or 0)
+    abi3 = wheel["abi"] == "abi3" and any(
+        p.startswith("cp3") and p[3:].isdigit() and int(p[3:]) <= own for p in pythons
+    )
     if facts.python_tag not in pythons and "py3" not in pythons and not abi3:
         return False
-    platform = wheel["platform"]
-    return platform == "any" or facts.machine in platform
+    return any(_linux_platform(p, facts.machine) for p in wheel["platform"].split("."))
+
+
+def _linux_platform(platform: str, machine: str) -> bool:
+    """`any`, or a glibc Linux tag for `machine` (not macOS, Windows or musl)."""
+    if platform == "any":
+        return True
+    linux = platform.startswith(("manylinux", "linux_"))
+    return linux and platform.endswith(f"_{machine}")
 
 
 def _installed(name: str, facts: ImageFacts) -> bool:
@@ -233,6 +271,9 @@ def _split_reference(image: str) -> tuple[str, str, str]:
     """(repository, separator, tag) of `repo:tag` or `repo@sha256:...`; tag `latest` if none."""
     if "@" in image:
         repository, digest = image.split("@", 1)
+        if ":" in repository.rsplit("/", 1)[-1]:  # repo:tag@sha256:...: the tag names it
+            repository, tag = repository.rsplit(":", 1)
+            return repository, ":", tag
         return repository, "@", digest.removeprefix("sha256:")[:12]
     last = image.rsplit("/", 1)[-1]
     if ":" in last:

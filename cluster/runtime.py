@@ -3,8 +3,9 @@ vLLM executor, and why.
 
 The cluster stays a Ray cluster whenever it can: an image with Ray is used as it is; an image
 without Ray (vLLM's own from 0.19.1 on) gets a derived Ray-ready image when Ray can be had (a
-wheelhouse on the controller, or a package index the head reaches). Only when it cannot does the
-cluster fall back to vLLM's own multi-node mode, and `executor: ray` then cannot be honoured.
+wheelhouse on the controller, or a package index the head reaches), or the one derived from it
+before when it is still on a node. Only when none of these is there does the cluster fall back
+to vLLM's own multi-node mode, and `executor: ray` then cannot be honoured.
 """
 
 from __future__ import annotations
@@ -19,17 +20,24 @@ from cluster.ray_image import RayImageRecipe
 
 Executor = Literal["ray", "mp"]
 
+ADD_RAY_FIX = (
+    "set ray.wheelhouse to a folder of Ray wheels on this machine, make the package index "
+    "reachable from the head (ray.index_url), or name an image with Ray"
+)
+
 
 @dataclass(frozen=True)
 class RaySupply:
     """Where Ray could come from for an image without it."""
 
     recipe: RayImageRecipe | None
-    """The derived image's recipe, or None when Ray cannot be had."""
+    """The derived image's recipe, or None when Ray cannot be had now."""
     why_not: str | None = None
     """Why there is no recipe (no wheelhouse and the index unreachable from the head, ...)."""
     fix: str | None = None
     """How to make Ray available, when the cause has a fix of its own."""
+    built: str | None = None
+    """A Ray-ready image of this very source that a node already holds (its tag)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class Runtime:
     reason: str
     """One sentence for `plan` and `up`: why this image and executor."""
     derive: RayImageRecipe | None = None
-    """Set when `image` is a Ray-ready image derived from the inventory's."""
+    """Set when `image` is a Ray-ready image to build (or found built) from the recipe."""
     problem: str | None = None
     """Set when the inventory asks for what the image cannot do (`executor: ray`, no Ray)."""
     fix: str | None = None
@@ -63,6 +71,16 @@ def assumed_runtime(inventory: Inventory, why: str = "offline") -> Runtime:
     )
 
 
+def ray_ready(inventory: Inventory, facts: ImageFacts, recipe: RayImageRecipe) -> Runtime:
+    """The runtime on the Ray-ready image of `recipe`."""
+    return Runtime(
+        recipe.tag, True, inventory.default_executor,
+        f"{_named(inventory, facts)} has no Ray: the cluster runs the Ray-ready "
+        f"{recipe.describe()}",
+        derive=recipe, facts=facts.summary(),
+    )  # fmt: skip
+
+
 def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
     """The runtime for `inventory` given what its image holds and where Ray could come from."""
     return dataclasses.replace(_choose(inventory, facts, supply), facts=facts.summary())
@@ -71,32 +89,35 @@ def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -
 def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
     image = inventory.image
     executor = inventory.default_executor
+    named = _named(inventory, facts)
     if facts.has_ray:
         return Runtime(image, True, executor, f"{image} has Ray {facts.ray}")
-    vllm = f"vLLM {facts.vllm}" if facts.vllm else "no vLLM"
     if inventory.executor == "mp":
         return Runtime(
-            image, False, "mp",
-            f"{image} ({vllm}) has no Ray and executor: mp needs none: no Ray cluster",
-        )  # fmt: skip
+            image, False, "mp", f"{named} has no Ray and executor: mp needs none: no Ray cluster"
+        )
     if supply.recipe is not None:
+        return ray_ready(inventory, facts, supply.recipe)
+    if supply.built is not None:
         return Runtime(
-            supply.recipe.tag, True, executor,
-            f"{image} ({vllm}) has no Ray: the cluster runs the Ray-ready "
-            f"{supply.recipe.describe()}",
-            derive=supply.recipe,
+            supply.built, True, executor,
+            f"{named} has no Ray: the cluster runs its Ray-ready {supply.built}, built before "
+            f"(Ray cannot be added now: {supply.why_not})",
         )  # fmt: skip
-    no_ray = f"{image} ({vllm}) has no Ray, and Ray cannot be added ({supply.why_not})"
+    no_ray = f"{named} has no Ray, and Ray cannot be added ({supply.why_not})"
     if inventory.executor == "ray":
         return Runtime(
             image, False, "ray", no_ray,
             problem=f"vLLM's Ray executor is asked for (executor: ray), but {no_ray}",
-            fix=supply.fix or "set ray.wheelhouse to a folder of Ray wheels on this machine, make the package "
-            "index reachable from the head (ray.index_url), name an image with Ray, "
-            "or set executor: mp",
+            fix=supply.fix or f"{ADD_RAY_FIX}; or set executor: mp",
         )  # fmt: skip
     return Runtime(
         image, False, "mp",
         f"{no_ray}: vLLM's own multi-node mode (--nnodes/--node-rank/--headless), no Ray cluster",
         fallback=True,
     )  # fmt: skip
+
+
+def _named(inventory: Inventory, facts: ImageFacts) -> str:
+    vllm = f"vLLM {facts.vllm}" if facts.vllm else "no vLLM"
+    return f"{inventory.image} ({vllm})"

@@ -14,8 +14,9 @@ from rich.table import Table
 from cluster.containers import ContainerState, inspect_container
 from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
-from cluster.facts.image import ImageFacts, image_facts_cache
+from cluster.facts.image import ImageFacts
 from cluster.facts.probe import probe_argv
+from cluster.image_cache import image_facts_cache
 from cluster.inventory import Inventory
 from cluster.plan import SUPERVISOR_STATE_DIR, container_name
 from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv

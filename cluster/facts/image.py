@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from cluster.errors import VclusterError
-from cluster.secrets import state_dir
 
 PROBE_TIMEOUT_S = 120.0
 """Importing torch in a large CUDA image from a cold disk can take a minute."""
@@ -143,38 +141,3 @@ def _facts(data: dict, image_id: str, entrypoint: tuple[str, ...]) -> ImageFacts
         packages=dict(data.get("packages") or {}),
         torch_error=data.get("torch_error"),
     )
-
-
-def from_dict(data: Mapping) -> ImageFacts:
-    """The inverse of `ImageFacts.to_dict(packages=True)`."""
-    known = {k: v for k, v in data.items() if k in ImageFacts.__dataclass_fields__}
-    known["entrypoint"] = tuple(known.get("entrypoint") or ())
-    return ImageFacts(**known)
-
-
-class ImageFactsCache:
-    """Facts by image ID, one JSON file each under the controller's state folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def _path(self, image_id: str) -> Path:
-        return self.folder / f"{image_id.removeprefix('sha256:')}.json"
-
-    def get(self, image_id: str) -> ImageFacts | None:
-        try:
-            return from_dict(json.loads(self._path(image_id).read_text()))
-        except (OSError, ValueError, TypeError, KeyError):
-            return None  # absent or unreadable: probe again
-
-    def put(self, facts: ImageFacts) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(facts.image_id)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(facts.to_dict(packages=True), sort_keys=True))
-        partial.replace(path)
-
-
-def image_facts_cache() -> ImageFactsCache:
-    """The controller's cache of image facts, under vcluster's state folder."""
-    return ImageFactsCache(state_dir() / "image-facts")

@@ -55,6 +55,20 @@ def _ensure_container(context: UpContext, node: NodePlan, *, force: bool) -> str
     return reason
 
 
+def require_unchanged_or_recreate(context: UpContext) -> None:
+    """Stop now, before anything is built or copied, if a running container's spec changed and
+    `--recreate` was not given (the head and worker steps would stop there anyway)."""
+    plan = context.require_plan()
+
+    def check(name: str) -> None:
+        node = plan.node(name)
+        state = inspect_container(context.session.docker(name), node.container.name)
+        if state is not None and state.running and state.spec_hash != node.container.spec_hash:
+            _require_recreate(context, node, state)
+
+    context.session.on_each(check, [n.name for n in plan.nodes]).raise_if_failed()
+
+
 def _require_recreate(context: UpContext, node: NodePlan, state: ContainerState) -> None:
     if context.options.recreate:
         return

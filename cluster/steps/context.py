@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
 from cluster.inventory import Inventory
@@ -37,6 +38,8 @@ class UpContext:
     image_facts: ImageFacts | None = None
     runtime: Runtime | None = None
     """The image the containers run, Ray or not, vLLM's executor: chosen on the image facts."""
+    image_error: VclusterError | None = None
+    """Why the image's facts could not be had (a probe that failed), for the checks to say."""
     plan: ClusterPlan | None = None
     image_ids: dict[str, str] = field(default_factory=dict)
     recreated: list[str] = field(default_factory=list)

@@ -33,7 +33,12 @@ class ImageMismatch(VclusterError):
 
 
 def ensure_image(context: UpContext) -> str:
-    """The inventory's image on every node (pulled or copied where missing), one ID everywhere."""
+    """The inventory's image on every node (pulled or copied where missing), one ID everywhere;
+    on the head alone when the nodes will run a Ray-ready image derived from it there."""
+    runtime = context.runtime
+    if runtime is not None and runtime.image != context.inventory.image:
+        head = context.inventory.head.node_name
+        return place_image(context, context.inventory.image, nodes=[head]) + " (the head)"
     return place_image(context, context.inventory.image)
 
 
@@ -43,12 +48,15 @@ def place_image(
     *,
     pull: bool = True,
     present: Callable[[docker.DockerClient], str | None] | None = None,
+    nodes: list[str] | None = None,
 ) -> str:
-    """`image` on every node with one ID; `present` says a node's ID of it (None: missing)."""
+    """`image` on every node (or `nodes`) with one ID; `present` says a node's ID of it (None:
+    missing)."""
     session = context.session
     found_on = present or (lambda client: image_id(client, image))
-    ids = session.on_each(lambda node: found_on(session.docker(node))).values()
-    by_node = dict(zip(session.connections, ids, strict=True))
+    targets = nodes if nodes is not None else list(session.connections)
+    ids = session.on_each(lambda node: found_on(session.docker(node)), targets).values()
+    by_node = dict(zip(targets, ids, strict=True))
     missing = [node for node, found in by_node.items() if found is None]
     if missing and pull:
         context.reporter.progress(f"{image} missing on {', '.join(missing)}: pulling")
@@ -63,7 +71,8 @@ def place_image(
     _require_one_id(image, by_node)
     context.image_ids = {n: i for n, i in by_node.items() if i is not None}
     copied = f"; copied to {len(missing)} node(s)" if missing else ""
-    return f"{image} {next(iter(context.image_ids.values()))[:19]} on every node{copied}"
+    where = "on every node" if nodes is None else f"on {', '.join(targets)}"
+    return f"{image} {next(iter(context.image_ids.values()))[:19]} {where}{copied}"
 
 
 def _copy_to(

@@ -38,6 +38,7 @@ def run_preflight(context: UpContext) -> str:
         cluster_running_on_head=state is not None and state.running,
         image_facts=context.image_facts,
         runtime=context.runtime,
+        probe_error=context.image_error,
     )
     for warning in (r for r in results if r.status is Status.WARN):
         context.reporter.note(

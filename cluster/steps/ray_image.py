@@ -15,7 +15,7 @@ from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
 from cluster.progress import format_bytes
 from cluster.ray_image import RayImageRecipe
-from cluster.runtime import Runtime
+from cluster.runtime import ADD_RAY_FIX, RaySupply, choose_runtime, ray_ready
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, progress_board, run_steps
 from cluster.steps.connect import connect_to_hosts
@@ -28,22 +28,24 @@ def ensure_ray_image(context: UpContext) -> str:
     runtime = context.runtime
     if runtime is None:
         raise VclusterError("no runtime was chosen before the Ray-ready image step")
-    recipe = runtime.derive
-    if recipe is None:
+    if runtime.image == context.inventory.image:
         return "not needed" if runtime.ray else "not needed: no Ray cluster"
-    built = derive_image(context, recipe)
-    placed = place_image(
-        context,
-        recipe.tag,
-        pull=False,
-        present=lambda client: built_recipe(client, recipe),
-    )
-    facts = gather_image_facts(context.inventory, context.session, recipe.tag)
+    recipe = runtime.derive
+    if recipe is None:  # built before from this very source; a node holds it
+        built = "built before"
+        placed = place_image(context, runtime.image, pull=False)
+    else:
+        built = derive_image(context, recipe)
+        placed = place_image(
+            context, recipe.tag, pull=False, present=lambda client: built_recipe(client, recipe)
+        )
+    facts = gather_image_facts(context.inventory, context.session, runtime.image)
     if facts is None or not facts.has_ray:
+        summary = facts.summary() if facts else "no facts"
         raise VclusterError(
-            f"{recipe.tag} was built but Ray is not in it ({facts.summary() if facts else 'no facts'})",
+            f"{runtime.image} was built but Ray is not in it ({summary})",
             where=context.inventory.head.node_name,
-            fix=f"remove it (docker rmi {recipe.tag}) on every node and run `vcluster up` again",
+            fix=f"remove it (docker rmi {runtime.image}) on every node and run `vcluster up` again",
         )
     return f"{built}; {placed}; Ray {facts.ray}"
 
@@ -99,8 +101,7 @@ def _recipe_asked_for(context: UpContext) -> str:
         raise VclusterError(f"{inventory.image} is on no node after the image step")
     context.image_facts = facts
     if facts.has_ray:
-        context.runtime = Runtime(inventory.image, True, inventory.default_executor,
-                                  f"{inventory.image} has Ray {facts.ray}")  # fmt: skip
+        context.runtime = choose_runtime(inventory, facts, RaySupply(None))
         return f"{facts.summary()}: nothing to build"
     supply = ray_supply(inventory, context.session, facts)
     if supply.recipe is None:
@@ -108,9 +109,7 @@ def _recipe_asked_for(context: UpContext) -> str:
             f"cannot derive a Ray-ready image of {inventory.image} ({facts.summary()}): "
             f"{supply.why_not}",
             where=inventory.head.node_name,
-            fix="set ray.wheelhouse to a folder of Ray wheels on this machine, or make the "
-            "package index (ray.index_url) reachable from the head",
+            fix=supply.fix or ADD_RAY_FIX,
         )
-    context.runtime = Runtime(supply.recipe.tag, True, inventory.default_executor,
-                              supply.recipe.describe(), derive=supply.recipe)  # fmt: skip
+    context.runtime = ray_ready(inventory, facts, supply.recipe)
     return f"{facts.summary()}; to build: {supply.recipe.describe()}"

@@ -98,6 +98,7 @@ def gather_checks(inventory: Inventory, reporter: Reporter) -> list[CheckResult]
             cluster_running_on_head=running,
             image_facts=context.image_facts,
             runtime=context.runtime,
+            probe_error=context.image_error,
         )
         return results + port_results(inventory, session)
 
@@ -120,6 +121,8 @@ def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:
 
 def _image_facts_if_present(context: UpContext) -> str:
     learn_runtime(context)
+    if context.image_error is not None:
+        raise context.image_error
     if context.image_facts is None or context.runtime is None:
         context.runtime = assumed_runtime(context.inventory, "the image is on no node yet")
         return f"{context.inventory.image} is on no node yet: the plan takes it to have Ray"

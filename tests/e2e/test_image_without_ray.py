@@ -88,6 +88,9 @@ def test_up_derives_a_ray_ready_image_from_the_wheelhouse_and_forms_the_ray_clus
     ids = {node["image_id"] for node in status["nodes"]}
     assert ids == {status["image"]["image_id"]}, "one derived image ID on every node"
     assert answers_chat(inventory)
+    again = vcluster("up", str(inventory), timeout=UP_TIMEOUT_S)  # converges: nothing to do
+    assert again.returncode == 0, again.stderr
+    assert "already up, nothing changed" in again.stdout, again.stderr
 
 
 def test_without_a_wheelhouse_or_a_reachable_index_it_serves_in_vllms_own_mode_saying_why(

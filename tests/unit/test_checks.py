@@ -45,6 +45,7 @@ from cluster.checks import (
 from cluster.facts.gpu import GpuFacts, GpuProblemKind, GpuProcess, parse_topology
 from cluster.facts.host import DiskSpace, DockerFacts, HostFacts, RouteToHead, parse_probe
 from cluster.inventory import Inventory
+from cluster.runtime import Runtime
 from tests.support.probe_output import H200, H200X2, compose_probe, h200_sections, read
 
 HEALTHY = parse_probe(compose_probe(h200_sections()))
@@ -71,7 +72,9 @@ def inventory(**changes: Any) -> Inventory:
 def given(b: HostFacts = HEALTHY, a: HostFacts = HEALTHY, **settings: Any) -> CheckInput:
     """Two nodes, a (the head) and b; b is the one the tests break unless said otherwise."""
     extra = {
-        k: settings.pop(k) for k in ("unreachable", "cluster_running_on_head") if k in settings
+        k: settings.pop(k)
+        for k in ("unreachable", "cluster_running_on_head", "runtime")
+        if k in settings
     }
     return CheckInput(inventory(**settings), {"a": a, "b": b}, **extra)
 
@@ -417,8 +420,12 @@ def test_head_ports_pass_when_this_clusters_container_holds_them():
     assert result.status is Status.PASS
 
 
-def test_head_ports_with_the_mp_executor_check_the_rendezvous_port():
-    [result] = check_head_ports(given(a=listening(6379), executor="mp"))
+def test_head_ports_with_the_mp_executor_check_the_rendezvous_port_and_ray_only_with_ray():
+    with_ray = Runtime("img", ray=True, executor="mp", reason="the image has Ray")
+    [result] = check_head_ports(given(a=listening(22), executor="mp", runtime=with_ray))
+    assert result.detail == "free: vLLM 8000, Ray 6379, torch.distributed 29501"
+    without_ray = Runtime("img", ray=False, executor="mp", reason="no Ray in the image")
+    [result] = check_head_ports(given(a=listening(6379), executor="mp", runtime=without_ray))
     assert (result.status, result.detail) == (
         Status.PASS,
         "free: vLLM 8000, torch.distributed 29501",

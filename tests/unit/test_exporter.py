@@ -29,7 +29,8 @@ def samples(collector: ClusterCollector, name: str) -> dict[str, float]:
     registry.register(collector)
     text = generate_latest(registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    return {s.labels.get("node", ""): s.value for s in families[name].samples}
+    family = families.get(name)
+    return {s.labels.get("node", ""): s.value for s in family.samples} if family else {}
 
 
 def test_a_fresh_snapshot_is_served_as_it_was_taken():
@@ -44,6 +45,8 @@ def test_a_snapshot_older_than_the_stale_limit_reads_every_node_down(caplog):
         assert samples(collector, "vcluster_node_up") == {"gpu-a": 0.0, "gpu-b": 0.0}
         assert samples(collector, "vcluster_node_healthy") == {"gpu-a": 0.0, "gpu-b": 0.0}
         assert samples(collector, "vcluster_vllm_up") == {"": 0.0}
+        assert samples(collector, "vcluster_gpu_temperature_celsius") == {}
+        assert samples(collector, "vcluster_ray_nodes_alive") == {"": 0.0}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1, "the stuck refresh is logged once, not on every scrape"
     assert "no status refresh finished for 75 s" in warnings[0]

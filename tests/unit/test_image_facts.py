@@ -11,11 +11,11 @@ import pytest
 
 from cluster.facts.image import (
     PROBE_SOURCE,
-    ImageFactsCache,
     ImageProbeError,
     parse_image_probe,
     probe_argv,
 )
+from cluster.image_cache import ImageFactsCache
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "image-facts"
 
@@ -89,3 +89,19 @@ def test_an_unreadable_cache_entry_is_probed_again_not_an_error(tmp_path: Path):
     cache = ImageFactsCache(tmp_path)
     (tmp_path / ("12" * 32 + ".json")).write_text("{not json")
     assert cache.get("sha256:" + "12" * 32) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", "null", '{"image_id": "sha256:' + "12" * 32 + '", "python": null, "machine": "x86_64"}'],
+)
+def test_a_cache_entry_that_is_not_facts_is_a_miss(tmp_path: Path, content: str):
+    (tmp_path / ("12" * 32 + ".json")).write_text(content)
+    assert ImageFactsCache(tmp_path).get("sha256:" + "12" * 32) is None
+
+
+def test_a_cache_entry_of_another_image_is_a_miss(tmp_path: Path):
+    cache = ImageFactsCache(tmp_path)
+    cache.put(facts_of("vllm-cpu-0.32.0.txt", image_id="sha256:" + "cd" * 32))
+    (tmp_path / ("cd" * 32 + ".json")).rename(tmp_path / ("ef" * 32 + ".json"))
+    assert cache.get("sha256:" + "ef" * 32) is None

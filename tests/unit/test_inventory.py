@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -247,3 +248,14 @@ def test_ray_settings_for_an_image_without_ray_are_checked(tmp_path: Path) -> No
     assert "ray.wheelhouse: must be an absolute path" in found
     assert "ray.index_url: 'ftp://x' is not an http(s) URL" in found
     assert "ray.version: 'latest' is not a Ray version" in found
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://mirror.local/simple\nRUN echo injected", "https://mirror.local/simple?token=abc"],
+)
+def test_an_index_url_that_would_add_to_the_recipe_or_carry_a_token_is_refused(
+    tmp_path: Path, url: str
+) -> None:
+    text = MINIMAL + "ray:\n  index_url: " + json.dumps(url) + "\n"
+    assert "ray.index_url" in only_problem(tmp_path, text)

@@ -14,6 +14,7 @@ from cluster.image_build import build_context
 from cluster.ray_image import (
     DEFAULT_INDEX_URL,
     RayImageError,
+    constraints_text,
     derived_tag,
     dockerfile,
     index_address,
@@ -55,6 +56,8 @@ def test_a_ray_version_in_the_inventory_wins():
         ("vllm/vllm-openai", "vcluster/vllm-openai-ray:latest-2ad7ec1c6bbc-ray2.60.0"),
         ("vllm/vllm-openai@sha256:" + "9f" * 32,
          "vcluster/vllm-openai-ray:9f9f9f9f9f9f-2ad7ec1c6bbc-ray2.60.0"),
+        ("vllm/vllm-openai:v0.26.0@sha256:" + "9f" * 32,
+         "vcluster/vllm-openai-ray:v0.26.0-2ad7ec1c6bbc-ray2.60.0"),
     ],
 )  # fmt: skip
 def test_the_derived_tag_names_the_source_its_id_and_the_ray_version(source: str, tag: str):
@@ -76,6 +79,9 @@ def test_from_a_wheelhouse_only_rays_wheel_for_the_images_python_and_what_it_lac
         "opencensus-0.11.4-py2.py3-none-any.whl",  # in the image already (Ray's former dependency)
         "ray_only_dependency-1.0-py3-none-any.whl",  # not in the image: Ray may need it
         "ray_only_dependency-1.0-cp312-cp312-manylinux2014_x86_64.whl",  # another Python
+        "ray-2.60.0-cp311-cp311-macosx_12_0_x86_64.whl",  # another system
+        "ray-2.60.0-cp311-cp311-musllinux_1_2_x86_64.whl",  # another C library
+        "ray_only_dependency-2.0-cp312-abi3-manylinux2014_x86_64.whl",  # a newer Python's abi3
         "README.txt",
     ]
     recipe = recipe_for(NO_RAY, "vcluster/vllm-cpu-noray:0.32.0", wheelhouse=WHEELHOUSE,
@@ -115,15 +121,23 @@ def test_from_an_index_the_head_pips_the_matching_ray():
     text = dockerfile(recipe)
     assert text.startswith("FROM vllm/vllm-openai:v0.32.0\n")
     assert f"--index-url {DEFAULT_INDEX_URL} 'ray[default]==2.60.0'" in text
-    assert "COPY" not in text and "--no-index" not in text
+    assert "--no-index" not in text
     assert "&& ray --version" in text  # the build fails if `ray` did not land on PATH
+
+
+def test_pip_may_add_packages_but_never_change_one_the_image_has():
+    recipe = recipe_for(NO_RAY, "vllm/vllm-openai:v0.32.0")
+    assert "--constraint /tmp/vcluster-ray/constraints.txt" in dockerfile(recipe)
+    pins = constraints_text(recipe).splitlines()
+    assert f"torch=={NO_RAY.packages['torch']}" in pins
+    assert "vllm==0.32.0+cpu" in pins and not any(p.startswith("ray==") for p in pins)
 
 
 def test_from_a_wheelhouse_pip_never_goes_to_an_index():
     recipe = recipe_for(NO_RAY, "img:1", wheelhouse=WHEELHOUSE, wheel_names=[RAY_311])
     text = dockerfile(recipe)
-    assert "COPY wheels /tmp/wheels" in text
-    assert "--no-index --find-links /tmp/wheels" in text and "--index-url" not in text
+    assert "COPY . /tmp/vcluster-ray" in text
+    assert "--no-index --find-links /tmp/vcluster-ray/wheels" in text and "--index-url" not in text
 
 
 def test_a_user_index_url_is_one_quoted_word_in_the_dockerfile():
@@ -147,7 +161,7 @@ def test_the_build_context_holds_the_dockerfile_and_the_wheels(tmp_path: Path):
     buffer = io.BytesIO()
     build_context(recipe, buffer)
     with tarfile.open(fileobj=buffer) as tar:
-        assert sorted(tar.getnames()) == ["Dockerfile", f"wheels/{RAY_311}"]
+        assert sorted(tar.getnames()) == ["Dockerfile", "constraints.txt", f"wheels/{RAY_311}"]
         dockerfile_member = tar.extractfile("Dockerfile")
         assert dockerfile_member is not None
         assert dockerfile_member.read().decode() == dockerfile(recipe)
@@ -158,7 +172,7 @@ def test_the_build_context_holds_the_dockerfile_and_the_wheels(tmp_path: Path):
     [
         ("https://pypi.org/simple", ("pypi.org", 443)),
         ("http://mirror.local:8080/simple/", ("mirror.local", 8080)),
-        ("https://user:secret@nexus.corp/repository/pypi/simple", ("nexus.corp", 443)),
+        ("https://nexus.corp/repository/pypi/simple", ("nexus.corp", 443)),
     ],
 )
 def test_the_index_is_reached_at_its_host_and_port(url: str, address: tuple[str, int]):
