@@ -13,7 +13,7 @@ import enum
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.markup import escape
 from rich.table import Table
@@ -57,16 +57,21 @@ class CheckResult:
     detail: str
     node: str | None = None
     remedy: str | None = None
+    data: Mapping[str, Any] | None = None
+    """Figures behind the verdict, for `--json` (the collective check's measurements)."""
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, Any]:
         """As JSON-able data."""
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "node": self.node,
             "status": self.status.value,
             "detail": self.detail,
             "remedy": self.remedy,
         }
+        if self.data is not None:
+            data["data"] = dict(self.data)
+        return data
 
 
 @dataclass(frozen=True)
@@ -795,7 +800,7 @@ def exit_code(results: list[CheckResult]) -> int:
     return 1 if failed(results) else 0
 
 
-def results_as_dicts(results: list[CheckResult]) -> list[dict[str, str | None]]:
+def results_as_dicts(results: list[CheckResult]) -> list[dict[str, Any]]:
     """The results as JSON-able data, for `--json`."""
     return [result.to_dict() for result in results]
 

@@ -141,6 +141,7 @@ class Ports(_Strict):
     vllm: Port = 8000
     master: Port = 29501  # torch.distributed rendezvous of vLLM's own multi-node mode
     ray_metrics: Port = 8080  # Ray's Prometheus metrics on every node (random otherwise)
+    collective: Port = 29512  # the collective check's rendezvous on the head, while it runs
 
 
 class Network(_Strict):
@@ -205,6 +206,19 @@ class RaySettings(_Strict):
         return value
 
 
+class CollectiveSettings(_Strict):
+    """The all-reduce check across every GPU (`vcluster check --collective`, or inside `up`)."""
+
+    in_up: bool = False
+    """Run it in `up`, after the containers and before vLLM starts (a FAIL stops `up`)."""
+    max_size_mib: int = Field(default=1024, ge=1, le=16384)
+    """The largest all-reduce; sizes go from 1 MiB up, by 4."""
+    join_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long every rank may take to join; a rank not there by then is a FAIL."""
+    time_limit_s: float = Field(default=600.0, gt=0, le=7200)
+    """The whole check, on every node: past it every process of it is stopped."""
+
+
 class Secrets(_Strict):
     """Secrets by reference only; the values are read on the controller when needed."""
 
@@ -263,6 +277,7 @@ class Inventory(_Strict):
     env: dict[str, str] = {}
     secrets: Secrets = Secrets()
     ray: RaySettings = RaySettings()
+    collective: CollectiveSettings = CollectiveSettings()
     model: Model
     source: str | None = Field(default=None, exclude=True)
 

@@ -62,6 +62,7 @@ def cluster_metrics(
     vllm_up = _gauge("vcluster_vllm_up", "1 when vLLM answers /health", ["cluster"])
     vllm_up.add_metric([cluster], float(status.vllm.health))
     families += [ray, expected, vllm_up] if status.ray_cluster else [vllm_up]
+    families += _collective_metrics(status)
     for name, value, documentation in (
         ("vcluster_vllm_requests_running", status.vllm.requests_running, "Requests running"),
         ("vcluster_vllm_requests_waiting", status.vllm.requests_waiting, "Requests waiting"),
@@ -127,3 +128,30 @@ def _gpu_metrics(status: ClusterStatus) -> Iterable[Metric]:
                         [status.cluster, node.name, str(gpu.index), gpu.name or ""], float(value)
                     )
         yield family
+
+
+def _collective_metrics(status: ClusterStatus) -> list[Metric]:
+    """The last collective check's bus bandwidth per group (at its largest size) and verdict."""
+    last = status.collective
+    if not last:
+        return []
+    cluster = status.cluster
+    busbw = _gauge(
+        "vcluster_collective_busbw_bytes_per_second",
+        "All-reduce bus bandwidth of the last collective check, at its largest size",
+        ["cluster", "scope", "group", "node"],
+    )
+    for group in last.get("groups", []):
+        labels = [cluster, str(group["scope"]), str(group["group"]), str(group["node"])]
+        busbw.add_metric(labels, float(group["busbw"]))
+    ok = _gauge(
+        "vcluster_collective_ok", "1 when the last collective check had no FAIL", ["cluster"]
+    )
+    ok.add_metric([cluster], float(bool(last.get("ok"))))
+    finished = _gauge(
+        "vcluster_collective_finished_timestamp_seconds",
+        "When the last collective check finished (Unix time)",
+        ["cluster"],
+    )
+    finished.add_metric([cluster], float(last.get("finished_at", 0.0)))
+    return [busbw, ok, finished]

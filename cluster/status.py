@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from rich.table import Table
 
+from cluster.collective_store import load_last_run
 from cluster.containers import ContainerState, inspect_container
 from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
@@ -89,6 +90,8 @@ class ClusterStatus:
     """False when the cluster runs vLLM's own multi-node mode without Ray."""
     image: ImageFacts | None = None
     """What the head's image holds, when the controller has probed it (`up` does)."""
+    collective: dict | None = None
+    """The last collective check's figures on this controller (`finished_at`, `ok`, `groups`)."""
 
     @property
     def healthy(self) -> bool:
@@ -177,6 +180,7 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
         vllm=_vllm_view(inventory, session),
         ray_cluster=ray_cluster,
         image=image_facts_cache().get(head_state.image_id) if head_state else None,
+        collective=load_last_run(inventory.cluster),
     )
 
 

@@ -19,6 +19,7 @@ from rich.text import Text
 from cluster.checks import exit_code as checks_exit_code
 from cluster.checks import results_as_dicts, results_table
 from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
+from cluster.collective_report import figures_table
 from cluster.containers import inspect_container
 from cluster.errors import ExitCode, UsageError
 from cluster.exporter import DEFAULT_INTERVAL_S, ClusterCollector
@@ -183,15 +184,34 @@ def _watch(inventory: Inventory, interval_s: float) -> None:
 @click.command()
 @INVENTORY
 @JSON
+@click.option(
+    "--collective",
+    is_flag=True,
+    help="Also all-reduce across every GPU (or node) in the cluster's running containers.",
+)
+@click.option(
+    "--max-size",
+    "max_size_mib",
+    type=click.IntRange(1, 16384),
+    default=None,
+    help="The collective check's largest all-reduce in MiB (default: collective.max_size_mib).",
+)
 @reports_errors
-def check(inventory: Path, as_json: bool) -> None:
+def check(inventory: Path, as_json: bool, collective: bool, max_size_mib: int | None) -> None:
     """Run the preflight checks on every node, changing nothing (exit 1 on any FAIL)."""
     loaded = load_inventory(inventory)
-    results = gather_checks(loaded, ConsoleReporter(stderr_console()))
+    if max_size_mib is not None:
+        settings = loaded.collective.model_copy(update={"max_size_mib": max_size_mib})
+        loaded = loaded.model_copy(update={"collective": settings})
+    report = gather_checks(loaded, ConsoleReporter(stderr_console()), collective=collective)
+    results = report.results
     if as_json:
         click.echo(json.dumps(results_as_dicts(results), indent=2))
     else:
-        Console(width=None if sys.stdout.isatty() else 160).print(results_table(results))
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        if report.collective is not None and report.collective.run.measurements:
+            console.print(figures_table(report.collective.run))
+        console.print(results_table(results))
     sys.exit(checks_exit_code(results))
 
 

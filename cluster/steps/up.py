@@ -15,6 +15,7 @@ from cluster.preflight import port_results, preflight_results
 from cluster.runtime import assumed_runtime
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
+from cluster.steps.collective import CollectiveOutcome, collective_step, run_collective
 from cluster.steps.connect import connect_to_hosts
 from cluster.steps.containers import start_head, start_workers
 from cluster.steps.context import UpContext, UpOptions
@@ -66,6 +67,7 @@ STEPS: list[Step[UpContext]] = [
     Step("Worker containers", start_workers),
     Step("Waiting for every node in Ray", _with_ray(wait_for_ray_nodes)),
     Step("Topology", _with_ray(check_ray_topology)),
+    Step("Collective check", collective_step),
     Step("Launching vLLM", launch_vllm),
     Step("Waiting for vLLM to serve", wait_for_vllm),
 ]
@@ -79,8 +81,17 @@ class UpResult:
     api_key_required: bool
 
 
-def gather_checks(inventory: Inventory, reporter: Reporter) -> list[CheckResult]:
-    """Every preflight result, reaching what can be reached; changes nothing."""
+@dataclass(frozen=True)
+class CheckReport:
+    results: list[CheckResult]
+    collective: CollectiveOutcome | None = None
+
+
+def gather_checks(
+    inventory: Inventory, reporter: Reporter, *, collective: bool = False
+) -> CheckReport:
+    """Every preflight result, reaching what can be reached; changes nothing. With
+    `collective`, also the all-reduce check in the cluster's running containers."""
     with Session(inventory) as session:
         context = UpContext(inventory, session, reporter)
         run_steps([Step("Connecting to the hosts", _connect_reachable)], context, reporter)
@@ -100,7 +111,25 @@ def gather_checks(inventory: Inventory, reporter: Reporter) -> list[CheckResult]
             runtime=context.runtime,
             probe_error=context.image_error,
         )
-        return results + port_results(inventory, session)
+        results += port_results(inventory, session)
+        if not collective:
+            return CheckReport(results)
+        outcome = _collective(context)
+        return CheckReport(results + outcome.results, outcome)
+
+
+def _collective(context: UpContext) -> CollectiveOutcome:
+    """The collective check as a step of `check`, on the plan of what runs."""
+    found: list[CollectiveOutcome] = []
+
+    def step(context: UpContext) -> str:
+        plan = build_plan(context.inventory, context.node_facts, context.runtime)
+        outcome = run_collective(context.inventory, context.session, plan, context.host_facts)
+        found.append(outcome)
+        return f"{len(outcome.run.measurements)} measurement(s) in {outcome.seconds:.0f} s"
+
+    run_steps([Step("Collective check", step)], context, context.reporter)
+    return found[0]
 
 
 def _connect_reachable(context: UpContext) -> str:

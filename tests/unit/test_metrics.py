@@ -118,3 +118,17 @@ def test_a_cluster_without_ray_exports_no_ray_gauges():
     assert "vcluster_ray_nodes_alive" not in metrics
     assert metrics.get("vcluster_node_ray_alive", []) == []
     assert metrics["vcluster_vllm_up"][0].value == 1.0
+
+
+def test_the_last_collective_checks_bus_bandwidth_is_a_gauge_per_group():
+    last = {"finished_at": 1796000000.0, "seconds": 12.0, "ok": True, "groups": [
+        {"scope": "intra", "group": "node 0", "node": "gpu-a", "size": 1 << 30,
+         "busbw": 323.9e9, "correct": True},
+    ]}  # fmt: skip
+    metrics = scrape(replace(snapshot(), collective=last))
+    [sample] = metrics["vcluster_collective_busbw_bytes_per_second"]
+    assert sample.labels == {"cluster": "llama70b", "scope": "intra", "group": "node 0",
+                             "node": "gpu-a"}  # fmt: skip
+    assert sample.value == 323.9e9
+    assert metrics["vcluster_collective_ok"][0].value == 1.0
+    assert "vcluster_collective_ok" not in scrape(snapshot())  # never run: no gauge at all

@@ -1,0 +1,310 @@
+"""The collective check's output read back, and its verdict (pure).
+
+Each node's output holds JSON events marked by `collective.MARK` (several ranks share a node's
+stdout, so events are found wherever they start, not only at line starts). From them: every
+measurement, as nccl-tests prints it; which ranks joined; and each rank's error with the
+interface and address it used. The verdict compares the largest size's bus bandwidth with what
+the links allow, from facts vcluster already has: the NVLink count of `nvidia-smi topo -m`
+within a node, the NIC speed of the chosen interface across nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rich.table import Table
+
+from cluster.checks import CheckResult, Status
+from cluster.collective import MARK, MIB
+from cluster.facts.gpu import GpuTopology
+
+NVLINK_GBS_PER_LINK = 25.0
+"""One NVLink's bandwidth per direction in GB/s (NVLink 2, 3 and 4: V100, A100, H100, H200)."""
+NVLINK5_GBS_PER_LINK = 50.0
+"""NVLink 5 (Blackwell: B100, B200, GB200)."""
+WARN_BELOW = 0.5
+"""A figure below half of what the links allow is a WARN."""
+NAME = "collective"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    scope: str  # all, intra (within a node), inter (across nodes)
+    group: str
+    node: str  # the node of the group's first rank
+    size: int
+    ranks: int
+    seconds: float
+    algbw: float  # bytes per second
+    busbw: float
+    correct: bool
+
+
+@dataclass(frozen=True)
+class RankEvent:
+    node: str
+    rank: int
+    interface: str | None
+    address: str | None
+    speed_mbps: int | None
+    stage: str | None = None
+    error: str | None = None
+    master: str | None = None
+
+
+@dataclass(frozen=True)
+class CollectiveRun:
+    """Everything the nodes said, by kind."""
+
+    measurements: tuple[Measurement, ...] = ()
+    joined: tuple[RankEvent, ...] = ()
+    errors: tuple[RankEvent, ...] = ()
+    silent: tuple[str, ...] = ()
+    """Nodes that said nothing at all (the container is not running, docker exec failed)."""
+    notes: Mapping[str, str] = field(default_factory=dict)
+    """Per node: what it printed besides events, when it said nothing else (the cause)."""
+
+
+def parse_events(text: str) -> list[dict]:
+    """Every event in one node's output, wherever it starts (ranks share a stdout)."""
+    decoder = json.JSONDecoder()
+    events = []
+    start = text.find(MARK)
+    while start != -1:
+        try:
+            event, _ = decoder.raw_decode(text, start + len(MARK))
+            if isinstance(event, dict):
+                events.append(event)
+        except ValueError:
+            pass  # cut off by a kill: what came before still counts
+        start = text.find(MARK, start + len(MARK))
+    return events
+
+
+def read_run(outputs: Mapping[str, str]) -> CollectiveRun:
+    """The run from each node's output (node name -> text)."""
+    measurements, joined, errors, silent, notes = [], [], [], [], {}
+    for node, text in outputs.items():
+        events = parse_events(text)
+        if not events:
+            silent.append(node)
+            notes[node] = " | ".join(text.strip().splitlines()[-3:])[:300] or "no output"
+        for event in events:
+            kind = event.get("event")
+            if kind == "result":
+                measurements.append(_measurement(event))
+            elif kind == "joined":
+                joined.append(_rank_event(event))
+            elif kind == "error":
+                errors.append(_rank_event(event))
+    return CollectiveRun(tuple(measurements), tuple(joined), tuple(errors), tuple(silent), notes)
+
+
+def _measurement(event: Mapping) -> Measurement:
+    return Measurement(
+        scope=str(event["scope"]), group=str(event["group"]), node=str(event["node"]),
+        size=int(event["size"]), ranks=int(event["ranks"]), seconds=float(event["seconds"]),
+        algbw=float(event["algbw"]), busbw=float(event["busbw"]), correct=bool(event["correct"]),
+    )  # fmt: skip
+
+
+def _rank_event(event: Mapping) -> RankEvent:
+    return RankEvent(
+        node=str(event.get("node")), rank=int(event.get("rank", -1)),
+        interface=event.get("interface"), address=event.get("address"),
+        speed_mbps=event.get("speed_mbps"), stage=event.get("stage"), error=event.get("error"),
+        master=event.get("master"),
+    )  # fmt: skip
+
+
+def nvlink_bandwidth(
+    topology: GpuTopology | None, gpu_name: str | None
+) -> tuple[float, str] | None:
+    """What NVLink allows between a node's GPUs (bytes/s per direction) and why; None over PCIe."""
+    if topology is None or topology.interconnect != "NVLink":
+        return None
+    counts = [
+        int(link[2:]) for (a, b), link in topology.links.items() if a != b and link[2:].isdigit()
+    ]
+    if not counts:
+        return None
+    per_link = NVLINK5_GBS_PER_LINK if gpu_name and _blackwell(gpu_name) else NVLINK_GBS_PER_LINK
+    links = min(counts)
+    return links * per_link * 1e9, f"NV{links}: {links} x {per_link:g} GB/s"
+
+
+def nic_bandwidth(run: CollectiveRun) -> tuple[float, str] | None:
+    """What the slowest node's chosen interface allows (bytes/s), when Linux says its speed."""
+    speeds = {(e.node, e.interface, e.speed_mbps) for e in run.joined}
+    known = [(node, interface, mbps) for node, interface, mbps in speeds if mbps]
+    if not known or len(known) < len(speeds):
+        return None
+    node, interface, mbps = min(known, key=lambda s: s[2])
+    return mbps * 1e6 / 8, f"{interface} at {mbps / 1000:g} Gb/s on {node}"
+
+
+def verdicts(
+    run: CollectiveRun,
+    *,
+    backend: str,
+    nodes: Sequence[str],
+    intra_limit: Mapping[str, tuple[float, str] | None],
+    join_timeout_s: float,
+) -> list[CheckResult]:
+    """PASS / WARN / FAIL rows: every node that could not take part, wrong sums, and for each
+    group its largest size's bus bandwidth against what the links allow.
+
+    `intra_limit[node]`: what that node's GPU links allow (None: no expectation, e.g. PCIe).
+    """
+    results = _join_failures(run, nodes, join_timeout_s)
+    wrong = [m for m in run.measurements if not m.correct]
+    results += [
+        CheckResult(
+            NAME,
+            Status.FAIL,
+            f"{m.scope} ({m.group}): the all-reduce of {_size(m.size)} gave wrong sums",
+            m.node,
+            "a GPU or a link corrupts data: check ECC errors (nvidia-smi -q), run "
+            "dcgmi diag, and take the node out until it is fixed",
+        )
+        for m in wrong
+    ]
+    if results:
+        return results
+    inter_limit = None if backend == "gloo" else nic_bandwidth(run)
+    for (scope, group), largest in _largest(run.measurements).items():
+        figures = [m for m in run.measurements if (m.scope, m.group) == (scope, group)]
+        if scope == "intra" or (scope == "all" and len(nodes) == 1):
+            limit = intra_limit.get(largest.node)
+        elif scope == "inter" or (scope == "all" and largest.ranks == len(nodes)):
+            limit = inter_limit
+        else:
+            limit = None  # `all` across GPUs and nodes: the `intra` and `inter` rows judge it
+        row = _bandwidth_row(largest, limit, backend)
+        results.append(dataclasses.replace(row, data=_figures(figures, limit)))
+    return results
+
+
+def _join_failures(run: CollectiveRun, nodes: Sequence[str], timeout_s: float) -> list[CheckResult]:
+    joined = {e.node for e in run.joined}
+    failed = [n for n in nodes if n not in joined]
+    head = nodes[0] if nodes else None
+    waited = [e for e in run.errors if e.node == head and e.rank == 0 and e.stage == "join"]
+    if head in failed and len(failed) > 1 and waited:
+        # the head only waited for the others: they are the ones to name
+        failed.remove(head)
+    rows = []
+    for node in failed:
+        own = [e for e in run.errors if e.node == node]
+        if node in run.silent:
+            detail = f"the check did not start there: {run.notes.get(node, 'no output')}"
+            fix = "run `vcluster up` first (the check runs in the cluster's containers), then again"
+        elif own:
+            first = own[0]
+            detail = (
+                f"rank {first.rank} could not join the all-reduce ({first.stage}) at "
+                f"{first.master or 'the head'} over {first.interface or 'the default route'} "
+                f"({first.address or 'address unknown'}) within {timeout_s:g} s: {first.error}"
+            )
+            fix = (
+                f"check the route from {node} to the head and that TCP {(first.master or ':?').split(':')[-1]} "
+                "and NCCL's ports are open between the nodes (`vcluster check`: reach head); "
+                f"{first.interface or 'the interface'} must be the one that reaches the other nodes "
+                "(network.interface)"
+            )
+        else:
+            detail = "it said nothing about joining before the time limit"
+            fix = "read `vcluster logs --component container` on it and run the check again"
+        rows.append(CheckResult(NAME, Status.FAIL, detail, node, fix))
+    return rows
+
+
+def _largest(measurements: Sequence[Measurement]) -> dict[tuple[str, str], Measurement]:
+    largest: dict[tuple[str, str], Measurement] = {}
+    for m in measurements:
+        key = (m.scope, m.group)
+        if key not in largest or m.size > largest[key].size:
+            largest[key] = m
+    return largest
+
+
+def _bandwidth_row(m: Measurement, limit: tuple[float, str] | None, backend: str) -> CheckResult:
+    figure = f"{m.scope} ({m.group}, {m.ranks} ranks): {_size(m.size)} busbw {_gbs(m.busbw)}"
+    if limit is None:
+        why = "gloo on CPUs" if backend == "gloo" else "link speed unknown"
+        return CheckResult(
+            NAME, Status.PASS, f"{figure}; sums right ({why}: no expectation)", m.node
+        )
+    allowed, basis = limit
+    detail = f"{figure} of {_gbs(allowed)} the links allow ({basis}); sums right"
+    if m.busbw >= WARN_BELOW * allowed:
+        return CheckResult(NAME, Status.PASS, detail, m.node)
+    fix = (
+        "check NVLink (nvidia-smi nvlink --status), that NCCL_P2P_DISABLE is not set and the GPUs "
+        "are not throttled (nvidia-smi -q -d PERFORMANCE)"
+        if m.scope == "intra" or (m.ranks > 1 and "NV" in basis)
+        else "check the NIC's speed and that NCCL uses the right interface (NCCL_SOCKET_IFNAME, "
+        "network.interface) or InfiniBand (NCCL_IB_HCA); a busy or shaped link shows here too"
+    )
+    return CheckResult(NAME, Status.WARN, f"{detail}: below half", m.node, fix)
+
+
+def _figures(group: Sequence[Measurement], limit: tuple[float, str] | None) -> dict:
+    first = group[0]
+    return {
+        "scope": first.scope,
+        "group": first.group,
+        "ranks": first.ranks,
+        "expected_busbw": limit[0] if limit else None,
+        "sizes": [
+            {
+                "size": m.size,
+                "seconds": m.seconds,
+                "algbw": m.algbw,
+                "busbw": m.busbw,
+                "correct": m.correct,
+            }
+            for m in sorted(group, key=lambda m: m.size)
+        ],
+    }
+
+
+def figures_table(run: CollectiveRun) -> Table:
+    """The measurements as nccl-tests prints them: size, time, algbw, busbw, correct."""
+    table = Table(title="all-reduce (float32, sum)")
+    for column in ("size", "scope", "group", "ranks", "time", "algbw", "busbw", "sums"):
+        table.add_column(column, justify="right" if column in ("size", "ranks", "time") else "left")
+    for m in sorted(run.measurements, key=lambda m: (m.scope, m.group, m.size)):
+        table.add_row(_size(m.size), m.scope, m.group, str(m.ranks), f"{m.seconds * 1e6:.0f} us",
+                      _gbs(m.algbw), _gbs(m.busbw), "ok" if m.correct else "WRONG")  # fmt: skip
+    return table
+
+
+def summary(run: CollectiveRun) -> list[dict]:
+    """The largest size's figures per group: what the exporter's gauges show."""
+    return [
+        {
+            "scope": m.scope,
+            "group": m.group,
+            "node": m.node,
+            "size": m.size,
+            "busbw": m.busbw,
+            "correct": m.correct,
+        }
+        for m in _largest(run.measurements).values()
+    ]
+
+
+def _blackwell(name: str) -> bool:
+    return any(model in name for model in ("B100", "B200", "GB200", "B300"))
+
+
+def _size(size: int) -> str:
+    return f"{size // (1024 * MIB)} GiB" if size >= 1024 * MIB else f"{size // MIB} MiB"
+
+
+def _gbs(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:.1f} GB/s"
