@@ -28,7 +28,7 @@ from cluster.steps.context import UpContext
 SSH_GRACE_S = 30.0
 """Beyond the check's own time limit, for the nodes' alarms to fire and their lines to arrive."""
 STOP_SCRIPT = (
-    f'f={PID_FILE}; [ -f "$f" ] && kill -KILL -- "-$(cat "$f")" 2>/dev/null; rm -f "$f"; true'
+    f'f={PID_FILE}; [ -f "$f" ] && kill -s KILL -- "-$(cat "$f")" 2>/dev/null; rm -f "$f"; true'
 )
 """Kill the check's process group in a container, if one is left (constant: no user value)."""
 

@@ -21,7 +21,7 @@ from cluster.collective_report import (
 from cluster.facts.gpu import parse_topology
 from cluster.inventory import Inventory
 from cluster.plan import NodeFacts, build_plan
-from cluster.steps.collective import STOP_SCRIPT, node_configs, sizes
+from cluster.steps.collective import node_configs, sizes
 
 REPO = Path(__file__).resolve().parents[2]
 H200X2 = REPO / "tests" / "fixtures" / "collective" / "h200x2"
@@ -175,8 +175,3 @@ def test_every_node_gets_its_rank_and_the_heads_rendezvous_in_gpu_and_cpu_mode()
     cpu_facts = {n.node_name: NodeFacts(n.address, 0) for n in cpu.nodes}
     configs = node_configs(cpu, build_plan(cpu, cpu_facts))
     assert {(c["backend"], c["local_size"]) for c in configs.values()} == {("gloo", 1)}
-
-
-def test_the_stop_script_is_a_constant_that_kills_the_checks_process_group():
-    assert STOP_SCRIPT.startswith("f=/tmp/vcluster-collective.pid;")
-    assert 'kill -KILL -- "-$(cat "$f")"' in STOP_SCRIPT
