@@ -160,6 +160,7 @@ def verdicts(
     `intra_limit[node]`: what that node's GPU links allow (None: no expectation, e.g. PCIe).
     """
     results = _join_failures(run, nodes, join_timeout_s)
+    results += _stopped_after_joining(run)
     wrong = [m for m in run.measurements if not m.correct]
     results += [
         CheckResult(
@@ -174,16 +175,27 @@ def verdicts(
     ]
     if results:
         return results
+    if not run.measurements:
+        return [CheckResult(NAME, Status.FAIL, "every rank joined, but no figure came back",
+                            nodes[0] if nodes else None,
+                            "run `vcluster check --collective` again; if it repeats, run it with a "
+                            "smaller --max-size")]  # fmt: skip
     inter_limit = None if backend == "gloo" else nic_bandwidth(run)
+    # The inter-node groups (one per local GPU) run at once and share each node's NIC.
+    sharing = len({m.group for m in run.measurements if m.scope == "inter"}) or 1
+    if inter_limit is not None and sharing > 1:
+        allowed, basis = inter_limit
+        inter_limit = (allowed / sharing, f"{basis}, shared by {sharing} groups at once")
     for (scope, group), largest in _largest(run.measurements).items():
         figures = [m for m in run.measurements if (m.scope, m.group) == (scope, group)]
+        elsewhere = False
         if scope == "intra" or (scope == "all" and len(nodes) == 1):
             limit = intra_limit.get(largest.node)
         elif scope == "inter" or (scope == "all" and largest.ranks == len(nodes)):
             limit = inter_limit
-        else:
-            limit = None  # `all` across GPUs and nodes: the `intra` and `inter` rows judge it
-        row = _bandwidth_row(largest, limit, backend)
+        else:  # `all` across GPUs and nodes: the `intra` and `inter` rows judge it
+            limit, elsewhere = None, True
+        row = _bandwidth_row(largest, limit, backend, judged_elsewhere=elsewhere)
         results.append(dataclasses.replace(row, data=_figures(figures, limit)))
     return results
 
@@ -200,26 +212,56 @@ def _join_failures(run: CollectiveRun, nodes: Sequence[str], timeout_s: float) -
     for node in failed:
         own = [e for e in run.errors if e.node == node]
         if node in run.silent:
-            detail = f"the check did not start there: {run.notes.get(node, 'no output')}"
-            fix = "run `vcluster up` first (the check runs in the cluster's containers), then again"
+            detail = f"no result came back from it: {run.notes.get(node, 'no output')}"
+            fix = (
+                "check that the cluster's container runs there (`vcluster status`); if the check "
+                "outlived collective.time_limit_s, a rank hung inside NCCL or gloo: look at the "
+                "node's GPUs and links"
+            )
+        elif own and own[0].master is None:  # its time limit ended it before it could say more
+            first = own[0]
+            detail = f"rank {first.rank} stopped during the {first.stage}: {first.error}"
+            fix = "raise collective.time_limit_s (and keep join_timeout_s below it), then again"
         elif own:
             first = own[0]
+            port = first.master.rsplit(":", 1)[-1] if first.master else "?"
             detail = (
                 f"rank {first.rank} could not join the all-reduce ({first.stage}) at "
-                f"{first.master or 'the head'} over {first.interface or 'the default route'} "
+                f"{first.master} over {first.interface or 'the default route'} "
                 f"({first.address or 'address unknown'}) within {timeout_s:g} s: {first.error}"
             )
             fix = (
-                f"check the route from {node} to the head and that TCP {(first.master or ':?').split(':')[-1]} "
-                "and NCCL's ports are open between the nodes (`vcluster check`: reach head); "
-                f"{first.interface or 'the interface'} must be the one that reaches the other nodes "
-                "(network.interface)"
+                f"check that TCP {port} is free on {node} (the head) and that NCCL or gloo may bind "
+                f"on {first.interface or 'its interface'}"
+                if node == head
+                else f"check the route from {node} to the head and that TCP {port} and NCCL's "
+                "ports are open between the nodes; "
+                f"{first.interface or 'the interface'} must be the one that reaches the other "
+                "nodes (network.interface)"
             )
         else:
-            detail = "it said nothing about joining before the time limit"
-            fix = "read `vcluster logs --component container` on it and run the check again"
+            detail = "no word of it joining came back before the time limit"
+            fix = "run the check again; if it repeats, `vcluster exec --node NODE` and look there"
         rows.append(CheckResult(NAME, Status.FAIL, detail, node, fix))
     return rows
+
+
+def _stopped_after_joining(run: CollectiveRun) -> list[CheckResult]:
+    """Ranks that joined, then stopped on an error (a time limit, a collective that failed)."""
+    joined = {(e.node, e.rank) for e in run.joined}
+    return [
+        CheckResult(
+            NAME,
+            Status.FAIL,
+            f"rank {e.rank} stopped during the {e.stage}: {e.error}",
+            e.node,
+            "a rank that joined and then stopped: a GPU fault or a link that went down "
+            "(nvidia-smi -q, the kernel log); raise collective.time_limit_s if it was only "
+            "slow",
+        )
+        for e in run.errors
+        if (e.node, e.rank) in joined
+    ]
 
 
 def _largest(measurements: Sequence[Measurement]) -> dict[tuple[str, str], Measurement]:
@@ -231,10 +273,14 @@ def _largest(measurements: Sequence[Measurement]) -> dict[tuple[str, str], Measu
     return largest
 
 
-def _bandwidth_row(m: Measurement, limit: tuple[float, str] | None, backend: str) -> CheckResult:
+def _bandwidth_row(
+    m: Measurement, limit: tuple[float, str] | None, backend: str, *, judged_elsewhere: bool
+) -> CheckResult:
     figure = f"{m.scope} ({m.group}, {m.ranks} ranks): {_size(m.size)} busbw {_gbs(m.busbw)}"
     if limit is None:
         why = "gloo on CPUs" if backend == "gloo" else "link speed unknown"
+        if backend != "gloo" and judged_elsewhere:
+            why = "the intra and inter rows judge the links"
         return CheckResult(
             NAME, Status.PASS, f"{figure}; sums right ({why}: no expectation)", m.node
         )

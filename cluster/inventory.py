@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from cluster.errors import InventoryError, Problem
@@ -213,10 +214,18 @@ class CollectiveSettings(_Strict):
     """Run it in `up`, after the containers and before vLLM starts (a FAIL stops `up`)."""
     max_size_mib: int = Field(default=1024, ge=1, le=16384)
     """The largest all-reduce; sizes go from 1 MiB up, by 4."""
-    join_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    join_timeout_s: float = Field(default=60.0, ge=5, le=3600)
     """How long every rank may take to join; a rank not there by then is a FAIL."""
-    time_limit_s: float = Field(default=600.0, gt=0, le=7200)
+    time_limit_s: float = Field(default=600.0, ge=10, le=7200)
     """The whole check, on every node: past it every process of it is stopped."""
+
+    @model_validator(mode="after")
+    def _join_within_the_limit(self) -> CollectiveSettings:
+        if self.join_timeout_s >= self.time_limit_s:
+            raise ValueError(
+                "join_timeout_s must be below time_limit_s (the joining is part of it)"
+            )
+        return self
 
 
 class Secrets(_Strict):

@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster.checks import CheckResult, Status, failed
 from cluster.collective import MIB, PID_FILE
 from cluster.collective_report import CollectiveRun, nvlink_bandwidth, read_run, verdicts
-from cluster.collective_store import save_last_run
+from cluster.collective_store import load_last_run, save_last_run
 from cluster.containers import inspect_container
 from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
@@ -95,7 +95,9 @@ def run_collective(
             )
             for node, state in down.items()
         ]
-        return CollectiveOutcome(CollectiveRun(), rows, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        save_last_run(inventory.cluster, CollectiveRun(), rows, seconds)
+        return CollectiveOutcome(CollectiveRun(), rows, seconds)
     source = program_source()
     configs = node_configs(inventory, plan)
     limit = inventory.collective.time_limit_s + SSH_GRACE_S
@@ -158,8 +160,9 @@ def collective_step(context: UpContext) -> str:
     inventory = context.inventory
     if not inventory.collective.in_up:
         return "not asked for (collective.in_up: false; `vcluster check --collective` runs it)"
-    if not context.recreated:
-        return "containers unchanged, vLLM may be serving: run `vcluster check --collective`"
+    last = load_last_run(inventory.cluster)
+    if not context.recreated and last is not None and last.get("ok"):
+        return "containers unchanged and the last check passed (`vcluster check --collective`)"
     plan = context.require_plan()
     outcome = run_collective(inventory, context.session, plan, context.host_facts)
     problems = failed(outcome.results)

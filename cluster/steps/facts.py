@@ -20,9 +20,10 @@ def gather_facts(context: UpContext) -> str:
     outcome = context.session.on_each(probe)
     outcome.raise_if_failed("gathering facts")
     context.host_facts = outcome.succeeded
-    context.node_facts = {
+    context.node_facts = {  # `check` goes on without the nodes it could not reach
         node.node_name: node_facts(context.host_facts[node.node_name], node.address, inventory)
         for node in inventory.nodes
+        if node.node_name in context.host_facts
     }
     return ", ".join(
         f"{name}: {f.gpu_count} GPU(s)" if inventory.accelerator == "nvidia" else f"{name}: cpu"

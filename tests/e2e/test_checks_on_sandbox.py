@@ -73,6 +73,26 @@ def test_a_worker_cut_off_from_the_head_fails_the_check_by_name(sandbox_inventor
     assert code_after == 0
 
 
+def test_an_unreachable_node_is_its_own_fail_row_and_the_others_are_still_checked(
+    sandbox_inventory,
+):
+    inventory = load_inventory(sandbox_inventory)
+    worker = inventory.workers[0].node_name
+    local = ensure_local_docker()
+    container = f"vcluster-{inventory.cluster}-{worker}"
+    subprocess.run(local.argv("pause", container), check=True, capture_output=True)
+    try:
+        code, results = check_results(sandbox_inventory)
+    finally:
+        subprocess.run(local.argv("unpause", container), check=True, capture_output=True)
+    assert code == 1
+    assert [(r["name"], r["node"]) for r in results if r["status"] == "FAIL"][:1] == [
+        ("ssh", worker)
+    ]
+    head = inventory.head.node_name
+    assert any(r["node"] == head and r["name"] == "docker" for r in results)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

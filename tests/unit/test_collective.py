@@ -175,3 +175,54 @@ def test_every_node_gets_its_rank_and_the_heads_rendezvous_in_gpu_and_cpu_mode()
     cpu_facts = {n.node_name: NodeFacts(n.address, 0) for n in cpu.nodes}
     configs = node_configs(cpu, build_plan(cpu, cpu_facts))
     assert {(c["backend"], c["local_size"]) for c in configs.values()} == {("gloo", 1)}
+
+
+def _event(kind: str, node: str, rank: int, **more: object) -> str:
+    base = {"event": kind, "node": node, "rank": rank, "interface": "ens8f0",
+            "address": f"10.0.0.{rank + 1}", "speed_mbps": 100000}  # fmt: skip
+    return MARK + json.dumps({**base, **more}) + "\n"
+
+
+def test_a_rank_that_stops_after_joining_fails_by_name_with_its_stage():
+    stopped = _event(
+        "error", "node-2", 1, stage="all all-reduce of 1024 MiB", error="time limit passed"
+    )
+    run = read_run({"node-1": text("one-node-2-gpus.txt"),
+                    "node-2": _event("joined", "node-2", 1) + stopped})  # fmt: skip
+    rows = verdicts(run, backend="nccl", nodes=["node-1", "node-2"], intra_limit={},
+                    join_timeout_s=60)  # fmt: skip
+    assert [(r.status, r.node) for r in rows] == [(Status.FAIL, "node-2")]
+    assert "stopped during the all all-reduce of 1024 MiB: time limit passed" in rows[0].detail
+
+
+def test_every_rank_joined_but_no_figure_is_a_fail_not_an_empty_pass():
+    run = read_run({"node-1": _event("joined", "node-1", 0)})
+    [row] = verdicts(run, backend="nccl", nodes=["node-1"], intra_limit={}, join_timeout_s=60)
+    assert row.status is Status.FAIL and "no figure came back" in row.detail
+
+
+def test_inter_node_groups_that_run_at_once_share_the_nic_in_the_expectation():
+    inter = [
+        {
+            "event": "result",
+            "scope": "inter",
+            "group": f"local rank {g}",
+            "node": "node-1",
+            "size": 1 << 30,
+            "ranks": 2,
+            "seconds": 0.1,
+            "iterations": 2,
+            "algbw": 4e9,
+            "busbw": 4e9,
+            "correct": True,
+        }
+        for g in (0, 1)
+    ]
+    node_1 = "".join(_event("joined", "node-1", r) for r in (0, 1))
+    node_1 += "".join(MARK + json.dumps(e) + "\n" for e in inter)
+    node_2 = "".join(_event("joined", "node-2", r) for r in (2, 3))
+    rows = verdicts(read_run({"node-1": node_1, "node-2": node_2}), backend="nccl",
+                    nodes=["node-1", "node-2"], intra_limit={}, join_timeout_s=60)  # fmt: skip
+    # 100 Gb/s = 12.5 GB/s, shared by 2 groups: 6.25 GB/s each; 4 GB/s is above half of it
+    assert {r.status for r in rows} == {Status.PASS}
+    assert "shared by 2 groups at once" in rows[0].detail

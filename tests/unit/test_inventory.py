@@ -259,3 +259,8 @@ def test_an_index_url_that_would_add_to_the_recipe_or_carry_a_token_is_refused(
 ) -> None:
     text = MINIMAL + "ray:\n  index_url: " + json.dumps(url) + "\n"
     assert "ray.index_url" in only_problem(tmp_path, text)
+
+
+def test_the_collective_checks_join_time_must_fit_in_its_time_limit(tmp_path: Path) -> None:
+    text = MINIMAL + "collective:\n  join_timeout_s: 600\n  time_limit_s: 300\n"
+    assert "join_timeout_s must be below time_limit_s" in only_problem(tmp_path, text)
