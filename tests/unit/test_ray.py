@@ -43,3 +43,19 @@ def test_the_head_address_is_an_argument_not_part_of_the_script():
     argv = ray_nodes_argv("10.0.0.1", 6379)
     assert argv[-1] == "10.0.0.1:6379"
     assert "10.0.0.1" not in argv[2]
+
+
+def test_a_real_h200_node_is_read_with_its_two_gpus_and_agrees_with_nvidia_smi():
+    # vcluster's own query (RAY_NODES_SCRIPT) against Ray 2.60.0 with token authentication on a
+    # lent 2 x H200 machine (tests/fixtures/ray/capture-h200.sh)
+    from cluster.checks import Status, check_ray_nodes
+    from cluster.facts.host import parse_probe
+    from tests.support.probe_output import H200X2, read
+
+    [node] = parse_ray_nodes((FIXTURES / "h200x2" / "ray-nodes.txt").read_text())
+    assert (node.address, node.alive, node.gpus, node.cpus) == ("192.0.2.2", True, 2.0, 32.0)
+    facts = {"gpu-1": parse_probe(read(H200X2 / "probe.txt"))}  # nvidia-smi on the same machine
+    [agrees] = check_ray_nodes(facts, {"gpu-1": node.gpus})
+    assert agrees.status is Status.PASS and agrees.detail == "alive with 2 GPUs"
+    [wrong] = check_ray_nodes(facts, {"gpu-1": 1.0})
+    assert wrong.status is Status.FAIL and "Ray sees 1 GPUs, nvidia-smi 2" in wrong.detail
