@@ -180,7 +180,8 @@ def _synchronize(torch: Any, device: Any) -> None:
 
 def launch(config: dict[str, Any]) -> int:
     """The node's launcher: a process group of one rank per local GPU (or one rank)."""
-    os.setpgid(0, 0)
+    if os.getpgid(0) != os.getpid():  # `docker exec` may start it as a session leader already
+        os.setpgid(0, 0)
     with open(PID_FILE, "w") as handle:
         handle.write(str(os.getpid()))
     try:
