@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.inventory import load_inventory
+from cluster.inventory import Inventory, load_inventory
+from cluster.ray_image import SOURCE_ID_LABEL
 from cluster.sandbox.images import WHEELHOUSE, WORKLOAD_IMAGE_WITHOUT_RAY
 from cluster.session import Session
 from tests.support.cli import UP_TIMEOUT_S, vcluster
@@ -67,6 +68,17 @@ def containers(inventory: Path) -> dict[str, str | None]:
         return found
 
 
+def untag_ray_ready_images(inventory: Inventory) -> None:
+    """Take the Ray-ready images' tags off every node (a running container keeps its image)."""
+    with Session(inventory) as session:
+        session.open().raise_if_failed("connecting")
+        for node in inventory.nodes:
+            client = session.docker(node.node_name)
+            for image in client.images.list(filters={"label": SOURCE_ID_LABEL}):
+                for tag in image.tags:
+                    client.images.remove(tag, force=True)  # untags an image in use
+
+
 def answers_chat(inventory: Path) -> bool:
     loaded = load_inventory(inventory)
     return seconds_to_first_chat(loaded, time.monotonic(), CHAT_TIMEOUT_S) is not None
@@ -98,6 +110,11 @@ def test_without_a_wheelhouse_or_a_reachable_index_it_serves_in_vllms_own_mode_s
 ):
     inventory = variant(sandbox_inventory, variants, "fallback",
                         ray={"index_url": UNREACHABLE_INDEX})  # fmt: skip
+    reuse = vcluster("plan", str(inventory))  # the Ray-ready image of the test before is there
+    assert reuse.returncode == 0, reuse.stderr
+    assert "the cluster runs its Ray-ready vcluster/vllm-cpu-noray-ray:" in reuse.stdout
+    assert "built before (Ray cannot be added now: no ray.wheelhouse is set" in reuse.stdout
+    untag_ray_ready_images(load_inventory(inventory))  # as on a site that never built one
     plan = vcluster("plan", str(inventory))
     assert plan.returncode == 0, plan.stderr
     assert "has no Ray, and Ray cannot be added (no ray.wheelhouse is set and the head " \
