@@ -8,20 +8,25 @@ torch (every vLLM image has it): nothing new on the nodes.
 One process per GPU with NCCL, or one per node with gloo on CPUs. Rank 0 (the head's first)
 holds the rendezvous. For each size (doubling by 4) it reports, as nccl-tests does, the time of
 one all-reduce, the algorithm bandwidth (bytes / time) and the bus bandwidth (algbw x 2(n-1)/n),
-and whether the sum was right; with GPUs on several nodes, also within each node and across the
-nodes. Every line it means for vcluster starts with `MARK` and is one JSON event.
+and whether every rank got the right sum; with GPUs on several nodes, also within each node and
+across the nodes. Every line it means for vcluster starts with `MARK` and is one JSON event;
+every rank ends with a `done` event or an `error` event that says where it stopped.
 
-It never outlives its time limit: every process has an alarm, and the launcher is the leader of
-a process group that vcluster can kill as a whole (its PID is in `PID_FILE`).
+It never outlives its time limit, whatever a rank is blocked in: each rank has a watchdog thread
+(a signal handler would wait for a CUDA or NCCL call to return), and the launcher, which leads
+the process group, kills the whole group when a rank fails or the deadline passes. Its PID is in
+`PID_FILE` for vcluster's own stop script, the last resort.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -29,6 +34,12 @@ MARK = "VCLUSTER-COLLECTIVE "
 PID_FILE = "/tmp/vcluster-collective.pid"  # in the container; one check at a time
 MIB = 1 << 20
 WARMUP = 2
+PATTERN = 1024
+"""The sum check's values: position % PATTERN + rank + 1, exact in float32 for any world size
+vcluster plans (sums stay far below 2**24)."""
+LAUNCHER_GRACE_S = 5.0
+"""After the deadline, the ranks' watchdogs go first; then the launcher kills the group."""
+PR_SET_PDEATHSIG = 1
 
 
 def bus_bandwidth(algbw: float, ranks: int) -> float:
@@ -42,9 +53,9 @@ def iterations_for(size: int) -> int:
 
 
 def emit(event: dict[str, Any]) -> None:
-    """One event line, in one write: the ranks of a node share their stdout."""
-    sys.stdout.write(MARK + json.dumps(event, sort_keys=True) + "\n")
-    sys.stdout.flush()
+    """One event line in one write(2): ranks share a stdout, and a watchdog may write while
+    the rank's own thread is writing (Python's buffered stdout would refuse the reentry)."""
+    os.write(1, (MARK + json.dumps(event, sort_keys=True) + "\n").encode())
 
 
 def interface_facts() -> dict[str, Any]:
@@ -64,56 +75,70 @@ def interface_facts() -> dict[str, Any]:
     }
 
 
-def run_rank(config: dict[str, Any], local_rank: int) -> int:
-    """One rank: join, then all-reduce every size in every group it belongs to."""
-    import torch
-    import torch.distributed as dist
+class Watchdog:
+    """Ends this rank at the deadline, from a thread: the main thread may be stuck in C."""
 
-    nnodes, local_size = config["nnodes"], config["local_size"]
-    node_rank = config["node_rank"]
-    rank, world = node_rank * local_size + local_rank, nnodes * local_size
-    where = {"rank": rank, "node": config["node"], **interface_facts()}
-    stage = {"now": "join"}
+    def __init__(self, deadline: float, where: dict[str, Any]) -> None:
+        self.stage = "start"
+        self.where = where
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        timer.daemon = True
+        timer.start()
 
-    def on_alarm(signum: int, frame: object) -> None:
-        emit({"event": "error", "stage": stage["now"], "error": "time limit passed", **where})
+    def _expire(self) -> None:
+        emit({"event": "error", "stage": self.stage, "error": "time limit passed", **self.where})
         os._exit(3)
 
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(config["time_limit_s"]))
-    backend = config["backend"]
-    device = torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+
+def run_rank(config: dict[str, Any], local_rank: int, deadline: float) -> int:
+    """One rank: join, then all-reduce every size in every group it belongs to. Every way it
+    stops is an event: `done`, or `error` with the stage."""
+    nnodes, local_size = config["nnodes"], config["local_size"]
+    rank, world = config["node_rank"] * local_size + local_rank, nnodes * local_size
+    where = {"rank": rank, "node": config["node"], **interface_facts()}
+    watchdog = Watchdog(deadline, where)
     address, port = config["master"]
+    joined = False
     try:
+        watchdog.stage = "join"
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device("cpu")
+        if config["backend"] == "nccl":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        # The rendezvous waits `join_timeout_s`; every collective after it, the time limit.
+        store = dist.TCPStore(address, port, world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=config["join_timeout_s"]))  # fmt: skip
         dist.init_process_group(
-            backend,
-            init_method=f"tcp://{address}:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=config["join_timeout_s"]),
-        )
-        stage["now"] = "first all-reduce"
+            config["backend"], store=store, rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=config["time_limit_s"]),
+        )  # fmt: skip
+        watchdog.stage = "first all-reduce"
         probe = torch.ones(1, device=device)
         dist.all_reduce(probe)  # NCCL connects here, not in init
         _synchronize(torch, device)
-    except Exception as exc:  # every failure to join is reported, with where it was tried
-        emit({"event": "error", "stage": stage["now"], "error": f"{type(exc).__name__}: "
-              f"{str(exc)[:400]}", "master": f"{address}:{port}", **where})  # fmt: skip
+        joined = True
+        emit({"event": "joined", "world": world, **where})
+        watchdog.stage = "making the groups"
+        groups = _groups(dist, nnodes, local_size, rank)
+        for size in config["sizes"]:
+            for scope, label, group, members in groups:
+                watchdog.stage = f"{scope} all-reduce of {size // MIB} MiB"
+                result = _measure(torch, dist, device, size, group, members, rank)
+                if rank == members[0]:
+                    emit({"event": "result", "scope": scope, "group": label,
+                          "node": config["node"], **result})  # fmt: skip
+        watchdog.stage = "finish"
+        dist.destroy_process_group()
+    except Exception as exc:  # every way a rank stops is reported, with where it was
+        error = {"event": "error", "stage": watchdog.stage,
+                 "error": f"{type(exc).__name__}: {str(exc)[:400]}", **where}  # fmt: skip
+        if not joined:
+            error["master"] = f"{address}:{port}"
+        emit(error)
         return 2
-    emit({"event": "joined", "world": world, **where})
-    groups = _groups(dist, nnodes, local_size, rank)
-    for size in config["sizes"]:
-        for scope, label, group, members in groups:
-            stage["now"] = f"{scope} all-reduce of {size // MIB} MiB"
-            result = _measure(torch, dist, device, size, group, members, rank)
-            if result is not None and rank == members[0]:
-                emit({"event": "result", "scope": scope, "group": label, "node": config["node"],
-                      **result})  # fmt: skip
-    stage["now"] = "finish"
-    dist.destroy_process_group()
     emit({"event": "done", **where})
     return 0
 
@@ -144,16 +169,20 @@ def _groups(
     return mine
 
 
-def _measure(torch: Any, dist: Any, device: Any, size: int, group: Any, members: list[int],
-             rank: int) -> dict[str, Any] | None:  # fmt: skip
-    """One size in one group: the sum's correctness, then the mean time of timed iterations."""
+def _measure(
+    torch: Any, dist: Any, device: Any, size: int, group: Any, members: list[int], rank: int
+) -> dict[str, Any]:
+    """One size in one group: every rank's sums checked, then the mean time of timed runs."""
     ranks = len(members)
-    numel = size // 4  # float32: small integer sums stay exact
-    check = torch.full((numel,), float(rank + 1), dtype=torch.float32, device=device)
+    numel = size // 4  # float32
+    pattern = (torch.arange(numel, dtype=torch.int32, device=device) % PATTERN).float()
+    check = pattern + float(rank + 1)
     dist.all_reduce(check, group=group)
-    expected = float(sum(m + 1 for m in members))
-    correct = bool(torch.all(check == expected).item())
-    del check
+    check -= pattern * ranks  # what is left must be the sum of (rank + 1) over the group
+    wrong = (check != float(sum(m + 1 for m in members))).any().float().reshape(1)
+    del check, pattern
+    dist.all_reduce(wrong, op=dist.ReduceOp.MAX, group=group)  # any rank's wrong sum counts
+    correct = wrong.item() == 0.0
     data = torch.zeros(numel, dtype=torch.float32, device=device)  # stays zero: no overflow
     for _ in range(WARMUP):
         dist.all_reduce(data, group=group)
@@ -179,36 +208,57 @@ def _synchronize(torch: Any, device: Any) -> None:
 
 
 def launch(config: dict[str, Any]) -> int:
-    """The node's launcher: a process group of one rank per local GPU (or one rank)."""
+    """The node's launcher: the leader of a process group of one rank per local GPU (or one)."""
+    deadline = time.monotonic() + float(config["time_limit_s"])  # before torch is imported
     if os.getpgid(0) != os.getpid():  # `docker exec` may start it as a session leader already
         os.setpgid(0, 0)
     with open(PID_FILE, "w") as handle:
         handle.write(str(os.getpid()))
     try:
-        return _run_ranks(config)
+        return _run_ranks(config, deadline)
     finally:
         os.unlink(PID_FILE)
 
 
-def _run_ranks(config: dict[str, Any]) -> int:
-    signal.alarm(int(config["time_limit_s"]) + 10)  # the ranks' own alarms go first
+def _run_ranks(config: dict[str, Any], deadline: float) -> int:
     local_size = config["local_size"]
     if local_size == 1:
-        return run_rank(config, 0)
+        return run_rank(config, 0, deadline)
     import multiprocessing
+    from multiprocessing.connection import wait
 
     # fork: the launcher has not touched CUDA, and `python3 -c` has no module to re-import
     context = multiprocessing.get_context("fork")
-    ranks = [context.Process(target=_rank_exit, args=(config, n)) for n in range(local_size)]
+    ranks = [
+        context.Process(target=_rank_process, args=(config, n, deadline)) for n in range(local_size)
+    ]
     for process in ranks:
         process.start()
-    for process in ranks:
-        process.join()
+    running = {process.sentinel: n for n, process in enumerate(ranks)}
+    while running:
+        left = deadline + LAUNCHER_GRACE_S - time.monotonic()
+        ready = wait(list(running), timeout=max(0.0, left))
+        if not ready:
+            _stop_group("the ranks outlived the time limit", config)
+        for sentinel in ready:
+            local = running.pop(int(sentinel))  # type: ignore[arg-type]
+            ranks[local].join()
+            code = ranks[local].exitcode or 0
+            if code != 0 and running:  # the others would wait for it until the time limit
+                _stop_group(f"local rank {local} exited with code {code}", config)
     return max(abs(process.exitcode or 0) for process in ranks)
 
 
-def _rank_exit(config: dict[str, Any], local_rank: int) -> None:
-    sys.exit(run_rank(config, local_rank))
+def _rank_process(config: dict[str, Any], local_rank: int, deadline: float) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a launcher killed takes its ranks along
+    sys.exit(run_rank(config, local_rank, deadline))
+
+
+def _stop_group(why: str, config: dict[str, Any]) -> None:
+    emit({"event": "stopped", "node": config["node"], "error": why})
+    os.unlink(PID_FILE)
+    os.killpg(0, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,17 @@ from cluster.checks import CheckResult, Status
 from cluster.collective import MARK, MIB
 from cluster.facts.gpu import GpuTopology
 
-NVLINK_GBS_PER_LINK = 25.0
-"""One NVLink's bandwidth per direction in GB/s (NVLink 2, 3 and 4: V100, A100, H100, H200)."""
-NVLINK5_GBS_PER_LINK = 50.0
-"""NVLink 5 (Blackwell: B100, B200, GB200)."""
+NVLINK_GBS_PER_LINK: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("B100", "B200", "GB200", "B300"), 50.0),  # NVLink 5
+    (("V100", "A100", "A800", "H100", "H800", "H200", "H20", "GH200"), 25.0),  # NVLink 2 to 4
+)
+"""One NVLink's bandwidth per direction in GB/s, by datacenter GPU. Other GPUs (NVLink bridges
+of workstation boards, P100's 20 GB/s) have no expectation rather than a wrong one."""
 WARN_BELOW = 0.5
 """A figure below half of what the links allow is a WARN."""
 NAME = "collective"
+TIME_LIMIT = "time limit passed"
+"""What a rank's watchdog says when the deadline passes."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class CollectiveRun:
     measurements: tuple[Measurement, ...] = ()
     joined: tuple[RankEvent, ...] = ()
     errors: tuple[RankEvent, ...] = ()
+    done: tuple[RankEvent, ...] = ()
+    stopped: Mapping[str, str] = field(default_factory=dict)
+    """Per node: why its launcher stopped every rank there (a rank that failed, the deadline)."""
     silent: tuple[str, ...] = ()
     """Nodes that said nothing at all (the container is not running, docker exec failed)."""
     notes: Mapping[str, str] = field(default_factory=dict)
@@ -85,8 +92,10 @@ def parse_events(text: str) -> list[dict]:
 
 
 def read_run(outputs: Mapping[str, str]) -> CollectiveRun:
-    """The run from each node's output (node name -> text)."""
-    measurements, joined, errors, silent, notes = [], [], [], [], {}
+    """The run from each node's output (node name -> text); malformed events are passed over."""
+    measurements, silent, notes = [], [], {}
+    ranks: dict[str, list[RankEvent]] = {"joined": [], "error": [], "done": []}
+    stopped = {}
     for node, text in outputs.items():
         events = parse_events(text)
         if not events:
@@ -94,13 +103,19 @@ def read_run(outputs: Mapping[str, str]) -> CollectiveRun:
             notes[node] = " | ".join(text.strip().splitlines()[-3:])[:300] or "no output"
         for event in events:
             kind = event.get("event")
-            if kind == "result":
-                measurements.append(_measurement(event))
-            elif kind == "joined":
-                joined.append(_rank_event(event))
-            elif kind == "error":
-                errors.append(_rank_event(event))
-    return CollectiveRun(tuple(measurements), tuple(joined), tuple(errors), tuple(silent), notes)
+            try:
+                if kind == "result":
+                    measurements.append(_measurement(event))
+                elif kind in ranks:
+                    ranks[str(kind)].append(_rank_event(event))
+                elif kind == "stopped":
+                    stopped[node] = str(event.get("error"))
+            except (KeyError, TypeError, ValueError):
+                continue  # a line cut or mangled: the rest of the run still counts
+    return CollectiveRun(
+        tuple(measurements), tuple(ranks["joined"]), tuple(ranks["error"]), tuple(ranks["done"]),
+        stopped, tuple(silent), notes,
+    )  # fmt: skip
 
 
 def _measurement(event: Mapping) -> Measurement:
@@ -131,7 +146,16 @@ def nvlink_bandwidth(
     ]
     if not counts:
         return None
-    per_link = NVLINK5_GBS_PER_LINK if gpu_name and _blackwell(gpu_name) else NVLINK_GBS_PER_LINK
+    per_link = next(
+        (
+            gbs
+            for models, gbs in NVLINK_GBS_PER_LINK
+            if gpu_name and any(m in gpu_name for m in models)
+        ),
+        None,
+    )
+    if per_link is None:
+        return None
     links = min(counts)
     return links * per_link * 1e9, f"NV{links}: {links} x {per_link:g} GB/s"
 
@@ -204,7 +228,7 @@ def _join_failures(run: CollectiveRun, nodes: Sequence[str], timeout_s: float) -
     joined = {e.node for e in run.joined}
     failed = [n for n in nodes if n not in joined]
     head = nodes[0] if nodes else None
-    waited = [e for e in run.errors if e.node == head and e.rank == 0 and e.stage == "join"]
+    waited = [e for e in run.errors if e.node == head and e.rank == 0 and _waited(e)]
     if head in failed and len(failed) > 1 and waited:
         # the head only waited for the others: they are the ones to name
         failed.remove(head)
@@ -246,21 +270,53 @@ def _join_failures(run: CollectiveRun, nodes: Sequence[str], timeout_s: float) -
     return rows
 
 
+def _waited(event: RankEvent) -> bool:
+    """The rendezvous' own timeout: rank 0 waited for ranks that did not come."""
+    return event.stage == "join" and "waiting for clients" in (event.error or "")
+
+
 def _stopped_after_joining(run: CollectiveRun) -> list[CheckResult]:
-    """Ranks that joined, then stopped on an error (a time limit, a collective that failed)."""
+    """Ranks that joined and did not finish, blaming the cause before those that waited for it:
+    a rank's own error, then a launcher that stopped its node's ranks, then ranks that went
+    silent (killed), and only then the ranks whose time ran out while they waited."""
     joined = {(e.node, e.rank) for e in run.joined}
+    finished = {(e.node, e.rank) for e in run.done}
+    errors = [e for e in run.errors if (e.node, e.rank) in joined]
+    own = [e for e in errors if e.error != TIME_LIMIT]
+    said = {(e.node, e.rank) for e in errors}
+    silent = sorted(k for k in joined - finished - said if k[0] not in run.stopped)
+    fix = (
+        "a rank that joined and then stopped: a GPU fault, GPU memory taken by something else "
+        "(vLLM), or a link that went down (nvidia-smi -q, the kernel log)"
+    )
+    rows = [
+        CheckResult(
+            NAME, Status.FAIL, f"rank {e.rank} stopped during the {e.stage}: {e.error}", e.node, fix
+        )
+        for e in own
+    ]
+    rows += [
+        CheckResult(NAME, Status.FAIL, f"its ranks were stopped: {why}", node, fix)
+        for node, why in run.stopped.items()
+        if not any(e.node == node for e in own)
+    ]
+    rows += [
+        CheckResult(NAME, Status.FAIL, f"rank {rank} joined, then went silent (killed?)", node, fix)
+        for node, rank in silent
+    ]
+    if rows:
+        return rows
     return [
         CheckResult(
             NAME,
             Status.FAIL,
-            f"rank {e.rank} stopped during the {e.stage}: {e.error}",
+            f"rank {e.rank} waited past the time limit during the {e.stage}",
             e.node,
-            "a rank that joined and then stopped: a GPU fault or a link that went down "
-            "(nvidia-smi -q, the kernel log); raise collective.time_limit_s if it was only "
-            "slow",
+            "raise collective.time_limit_s (a slow link or large sizes), or lower "
+            "--max-size; if it repeats, a rank hangs: look at its node",
         )
-        for e in run.errors
-        if (e.node, e.rank) in joined
+        for e in errors
+        if e.error == TIME_LIMIT
     ]
 
 
@@ -286,8 +342,11 @@ def _bandwidth_row(
         )
     allowed, basis = limit
     detail = f"{figure} of {_gbs(allowed)} the links allow ({basis}); sums right"
+    node = None if m.scope == "inter" else m.node  # across nodes: not one node's figure
+    if m.busbw > allowed:
+        detail += " (faster than the interface: NCCL uses another transport, e.g. InfiniBand)"
     if m.busbw >= WARN_BELOW * allowed:
-        return CheckResult(NAME, Status.PASS, detail, m.node)
+        return CheckResult(NAME, Status.PASS, detail, node)
     fix = (
         "check NVLink (nvidia-smi nvlink --status), that NCCL_P2P_DISABLE is not set and the GPUs "
         "are not throttled (nvidia-smi -q -d PERFORMANCE)"
@@ -295,7 +354,7 @@ def _bandwidth_row(
         else "check the NIC's speed and that NCCL uses the right interface (NCCL_SOCKET_IFNAME, "
         "network.interface) or InfiniBand (NCCL_IB_HCA); a busy or shaped link shows here too"
     )
-    return CheckResult(NAME, Status.WARN, f"{detail}: below half", m.node, fix)
+    return CheckResult(NAME, Status.WARN, f"{detail}: below half", node, fix)
 
 
 def _figures(group: Sequence[Measurement], limit: tuple[float, str] | None) -> dict:
@@ -342,10 +401,6 @@ def summary(run: CollectiveRun) -> list[dict]:
         }
         for m in _largest(run.measurements).values()
     ]
-
-
-def _blackwell(name: str) -> bool:
-    return any(model in name for model in ("B100", "B200", "GB200", "B300"))
 
 
 def _size(size: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def save_last_run(
         "ok": not failed(rows),
         "groups": summary(run),
     }
-    partial = path.with_suffix(".partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two runs never share it
     partial.write_text(json.dumps(document, indent=2))
     partial.replace(path)
 

@@ -141,9 +141,12 @@ def _collective_metrics(status: ClusterStatus) -> list[Metric]:
         "All-reduce bus bandwidth of the last collective check, at its largest size",
         ["cluster", "scope", "group", "node"],
     )
-    for group in last.get("groups", []):
-        labels = [cluster, str(group["scope"]), str(group["group"]), str(group["node"])]
-        busbw.add_metric(labels, float(group["busbw"]))
+    for group in last.get("groups") or []:
+        try:
+            labels = [cluster, str(group["scope"]), str(group["group"]), str(group["node"])]
+            busbw.add_metric(labels, float(group["busbw"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # a hand-edited or damaged file: the other groups still count
     ok = _gauge(
         "vcluster_collective_ok", "1 when the last collective check had no FAIL", ["cluster"]
     )
@@ -153,5 +156,8 @@ def _collective_metrics(status: ClusterStatus) -> list[Metric]:
         "When the last collective check finished (Unix time)",
         ["cluster"],
     )
-    finished.add_metric([cluster], float(last.get("finished_at", 0.0)))
+    try:
+        finished.add_metric([cluster], float(last.get("finished_at", 0.0)))
+    except (TypeError, ValueError):
+        finished.add_metric([cluster], 0.0)
     return [busbw, ok, finished]

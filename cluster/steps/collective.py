@@ -24,6 +24,7 @@ from cluster.inventory import Inventory
 from cluster.plan import ClusterPlan
 from cluster.session import Session
 from cluster.steps.context import UpContext
+from cluster.transport.ssh import CommandTimeout
 
 SSH_GRACE_S = 30.0
 """Beyond the check's own time limit, for the nodes' alarms to fire and their lines to arrive."""
@@ -106,6 +107,8 @@ def run_collective(
         argv = ["docker", "exec", container, "python3", "-c", source, json.dumps(configs[name])]
         try:
             result = session.ssh(name).run(argv, timeout=limit)
+        except CommandTimeout:
+            return f"no answer within {limit:g} s (the check's time limit and {SSH_GRACE_S:g} s)"
         except VclusterError as error:
             return error.one_line()
         return result.stdout + result.stderr
@@ -161,8 +164,9 @@ def collective_step(context: UpContext) -> str:
     if not inventory.collective.in_up:
         return "not asked for (collective.in_up: false; `vcluster check --collective` runs it)"
     last = load_last_run(inventory.cluster)
-    if not context.recreated and last is not None and last.get("ok"):
-        return "containers unchanged and the last check passed (`vcluster check --collective`)"
+    if not context.recreated and (last is None or last.get("ok")):
+        # vLLM may be serving in them: it holds the GPUs' memory
+        return "containers unchanged, vLLM may be serving: `vcluster check --collective` runs it"
     plan = context.require_plan()
     outcome = run_collective(inventory, context.session, plan, context.host_facts)
     problems = failed(outcome.results)

@@ -6,8 +6,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.checks import CheckResult
+from cluster.checks import CheckResult, Status
+from cluster.collective_report import CollectiveRun
 from cluster.containers import inspect_container
+from cluster.errors import VclusterError
 from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
 from cluster.plan import ClusterPlan, build_plan, container_name
@@ -123,8 +125,18 @@ def _collective(context: UpContext) -> CollectiveOutcome:
     found: list[CollectiveOutcome] = []
 
     def step(context: UpContext) -> str:
-        plan = build_plan(context.inventory, context.node_facts, context.runtime)
-        outcome = run_collective(context.inventory, context.session, plan, context.host_facts)
+        head = context.inventory.head.node_name
+        try:
+            plan = build_plan(context.inventory, context.node_facts, context.runtime)
+            # one check at a time, and not while `up` or `down` changes the cluster
+            with ClusterLock(context.session.ssh(head), context.inventory.cluster, "check"):
+                outcome = run_collective(
+                    context.inventory, context.session, plan, context.host_facts
+                )
+        except VclusterError as error:  # a node unreachable, GPU counts that differ, a lock
+            row = CheckResult("collective", Status.FAIL, f"not run: {error.message}",
+                              error.where, error.fix)  # fmt: skip
+            outcome = CollectiveOutcome(CollectiveRun(), [row], 0.0)
         found.append(outcome)
         return f"{len(outcome.run.measurements)} measurement(s) in {outcome.seconds:.0f} s"
 

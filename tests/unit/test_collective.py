@@ -149,8 +149,11 @@ def test_gloo_on_cpus_passes_with_figures_and_no_expectation():
               "correct": True}  # fmt: skip
     joined = [{"event": "joined", "rank": r, "node": f"node-{r + 1}", "interface": "eth0",
                "address": f"172.30.0.1{r + 1}", "speed_mbps": 10000} for r in (0, 1)]  # fmt: skip
-    run = read_run({"node-1": MARK + json.dumps(joined[0]) + "\n" + MARK + json.dumps(result),
-                    "node-2": MARK + json.dumps(joined[1])})  # fmt: skip
+    done = [dict(j, event="done") for j in joined]
+    run = read_run({
+        "node-1": "".join(MARK + json.dumps(e) + "\n" for e in (joined[0], result, done[0])),
+        "node-2": MARK + json.dumps(joined[1]) + "\n" + MARK + json.dumps(done[1]),
+    })  # fmt: skip
     [row] = verdicts(run, backend="gloo", nodes=["node-1", "node-2"], intra_limit={},
                      join_timeout_s=60)  # fmt: skip
     assert row.status is Status.PASS and "gloo on CPUs: no expectation" in row.detail
@@ -183,20 +186,45 @@ def _event(kind: str, node: str, rank: int, **more: object) -> str:
     return MARK + json.dumps({**base, **more}) + "\n"
 
 
-def test_a_rank_that_stops_after_joining_fails_by_name_with_its_stage():
-    stopped = _event(
-        "error", "node-2", 1, stage="all all-reduce of 1024 MiB", error="time limit passed"
-    )
-    run = read_run({"node-1": text("one-node-2-gpus.txt"),
+def test_a_rank_that_stops_after_joining_fails_by_name_with_its_stage_and_error():
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB"
+    stopped = _event("error", "node-2", 1, stage="all all-reduce of 1024 MiB", error=oom)
+    waiting = _event("error", "node-1", 0, stage="all all-reduce of 1024 MiB",
+                     error="time limit passed")  # fmt: skip
+    run = read_run({"node-1": _event("joined", "node-1", 0) + waiting,
                     "node-2": _event("joined", "node-2", 1) + stopped})  # fmt: skip
     rows = verdicts(run, backend="nccl", nodes=["node-1", "node-2"], intra_limit={},
                     join_timeout_s=60)  # fmt: skip
-    assert [(r.status, r.node) for r in rows] == [(Status.FAIL, "node-2")]
-    assert "stopped during the all all-reduce of 1024 MiB: time limit passed" in rows[0].detail
+    assert [(r.status, r.node) for r in rows] == [(Status.FAIL, "node-2")]  # not the one waiting
+    assert f"stopped during the all all-reduce of 1024 MiB: {oom}" in rows[0].detail
+
+
+def test_a_rank_killed_after_joining_is_blamed_not_the_ones_that_waited_for_it():
+    waiting = _event("error", "node-1", 0, stage="all all-reduce of 16 MiB",
+                     error="time limit passed")  # fmt: skip
+    run = read_run(
+        {"node-1": _event("joined", "node-1", 0) + waiting, "node-2": _event("joined", "node-2", 1)}
+    )  # then nothing: SIGKILL
+    rows = verdicts(run, backend="gloo", nodes=["node-1", "node-2"], intra_limit={},
+                    join_timeout_s=60)  # fmt: skip
+    assert [(r.status, r.node, r.detail) for r in rows] == [
+        (Status.FAIL, "node-2", "rank 1 joined, then went silent (killed?)")
+    ]
+
+
+def test_a_launcher_that_stopped_its_node_says_which_local_rank_failed():
+    stopped = MARK + json.dumps({"event": "stopped", "node": "node-1",
+                                 "error": "local rank 1 exited with code -9"}) + "\n"  # fmt: skip
+    run = read_run(
+        {"node-1": _event("joined", "node-1", 0) + _event("joined", "node-1", 1) + stopped}
+    )
+    [row] = verdicts(run, backend="nccl", nodes=["node-1"], intra_limit={}, join_timeout_s=60)
+    assert (row.status, row.node) == (Status.FAIL, "node-1")
+    assert row.detail == "its ranks were stopped: local rank 1 exited with code -9"
 
 
 def test_every_rank_joined_but_no_figure_is_a_fail_not_an_empty_pass():
-    run = read_run({"node-1": _event("joined", "node-1", 0)})
+    run = read_run({"node-1": _event("joined", "node-1", 0) + _event("done", "node-1", 0)})
     [row] = verdicts(run, backend="nccl", nodes=["node-1"], intra_limit={}, join_timeout_s=60)
     assert row.status is Status.FAIL and "no figure came back" in row.detail
 
@@ -218,9 +246,9 @@ def test_inter_node_groups_that_run_at_once_share_the_nic_in_the_expectation():
         }
         for g in (0, 1)
     ]
-    node_1 = "".join(_event("joined", "node-1", r) for r in (0, 1))
+    node_1 = "".join(_event(kind, "node-1", r) for r in (0, 1) for kind in ("joined", "done"))
     node_1 += "".join(MARK + json.dumps(e) + "\n" for e in inter)
-    node_2 = "".join(_event("joined", "node-2", r) for r in (2, 3))
+    node_2 = "".join(_event(kind, "node-2", r) for r in (2, 3) for kind in ("joined", "done"))
     rows = verdicts(read_run({"node-1": node_1, "node-2": node_2}), backend="nccl",
                     nodes=["node-1", "node-2"], intra_limit={}, join_timeout_s=60)  # fmt: skip
     # 100 Gb/s = 12.5 GB/s, shared by 2 groups: 6.25 GB/s each; 4 GB/s is above half of it
