@@ -270,6 +270,13 @@ def _join_failures(run: CollectiveRun, nodes: Sequence[str], timeout_s: float) -
     return rows
 
 
+def _stopped_detail(why: str, seen: list[RankEvent]) -> str:
+    detail = f"its ranks were stopped: {why}"
+    if seen:
+        detail += f" (rank {seen[0].rank} then saw: {(seen[0].error or '')[:200]})"
+    return detail
+
+
 def _waited(event: RankEvent) -> bool:
     """The rendezvous' own timeout: rank 0 waited for ranks that did not come."""
     return event.stage == "join" and "waiting for clients" in (event.error or "")
@@ -289,16 +296,20 @@ def _stopped_after_joining(run: CollectiveRun) -> list[CheckResult]:
         "a rank that joined and then stopped: a GPU fault, GPU memory taken by something else "
         "(vLLM), or a link that went down (nvidia-smi -q, the kernel log)"
     )
+    # A launcher that stopped its node names the rank that failed first; the errors of the
+    # ranks it stopped (their peer gone) only follow from it.
     rows = [
+        CheckResult(
+            NAME, Status.FAIL, _stopped_detail(why, [e for e in own if e.node == node]), node, fix
+        )
+        for node, why in run.stopped.items()
+    ]
+    rows += [
         CheckResult(
             NAME, Status.FAIL, f"rank {e.rank} stopped during the {e.stage}: {e.error}", e.node, fix
         )
         for e in own
-    ]
-    rows += [
-        CheckResult(NAME, Status.FAIL, f"its ranks were stopped: {why}", node, fix)
-        for node, why in run.stopped.items()
-        if not any(e.node == node for e in own)
+        if e.node not in run.stopped
     ]
     rows += [
         CheckResult(NAME, Status.FAIL, f"rank {rank} joined, then went silent (killed?)", node, fix)
