@@ -23,6 +23,7 @@ from cluster.facts.gpu import GpuTopology
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
 from cluster.inventory import Inventory
+from cluster.python_packages import version_tuple
 from cluster.runtime import ADD_RAY_FIX, Runtime
 
 GIB = 1 << 30
@@ -193,16 +194,6 @@ def _docker_remedy(problem: str) -> str:
     return "start the daemon (`systemctl enable --now docker`) and check `docker info` on the host"
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split("."):
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_docker(given: CheckInput) -> list[CheckResult]:
     """The Docker daemon answers on every node, and is recent enough."""
     results = []
@@ -218,7 +209,7 @@ def check_docker(given: CheckInput) -> list[CheckResult]:
                     _docker_remedy(problem),
                 )
             )
-        elif _version_tuple(docker.server_version) < MIN_DOCKER_VERSION:
+        elif version_tuple(docker.server_version) < MIN_DOCKER_VERSION:
             results.append(
                 _fail(
                     "docker",

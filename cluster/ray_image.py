@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cluster.errors import VclusterError
 from cluster.facts.image import ImageFacts
+from cluster.python_packages import normalize_name, parse_wheel_name, version_tuple
 
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
 RECIPE_LABEL = "io.vcluster.ray-recipe"
@@ -36,11 +37,6 @@ RAY_FOR_VLLM: tuple[tuple[tuple[int, ...], str], ...] = (
 """The Ray requirement by the first vLLM version it applies to, newest first."""
 RAY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 """The Pythons Ray 2.60 publishes wheels for."""
-
-_WHEEL = re.compile(
-    r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<python>[^-]+)-(?P<abi>[^-]+)"
-    r"-(?P<platform>[^-]+)\.whl$"
-)
 
 
 class RayImageError(VclusterError):
@@ -93,7 +89,7 @@ def ray_requirement(vllm_version: str | None, override: str | None = None) -> st
     """The Ray requirement for an image of `vllm_version` (`override`: a Ray version to pin)."""
     if override:
         return f"ray[default]=={override}"
-    version = _version_tuple(vllm_version or "0")
+    version = version_tuple(vllm_version or "0")
     return next(req for first, req in RAY_FOR_VLLM if version >= first)
 
 
@@ -171,12 +167,12 @@ def recipe_for(
                 f"manylinux2014_{facts.machine} --dest {wheelhouse} 'ray[default]'",
             )
         # the newest Ray; of its wheels, a manylinux one before a plain linux one
-        ray_wheel = max(ray_wheels, key=lambda n: (_version_tuple(_parse(n)["version"]),
-                                                   "manylinux" in _parse(n)["platform"]))  # fmt: skip
-        version = _parse(ray_wheel)["version"]
+        ray_wheel = max(ray_wheels, key=lambda n: (version_tuple(parse_wheel_name(n)["version"]),
+                                                   "manylinux" in parse_wheel_name(n)["platform"]))  # fmt: skip
+        version = parse_wheel_name(ray_wheel)["version"]
         extra = [
             n for n in names
-            if _normalize(_parse(n).get("name", "ray")) != "ray"
+            if normalize_name(parse_wheel_name(n).get("name", "ray")) != "ray"
             and _fits(n, facts) and not _installed(n, facts)
         ]  # fmt: skip
         requirement = f"ray[default]=={version}"
@@ -194,7 +190,7 @@ def _constraints(facts: ImageFacts) -> tuple[str, ...]:
     return tuple(
         f"{name}=={version}"
         for name, version in sorted(facts.packages.items())
-        if _normalize(name) != "ray" and _PEP440.match(version)
+        if normalize_name(name) != "ray" and _PEP440.match(version)
     )
 
 
@@ -210,8 +206,8 @@ def index_address(index_url: str) -> tuple[str, int]:
 
 
 def _fits_ray(name: str, facts: ImageFacts, version: str | None) -> bool:
-    wheel = _parse(name)
-    if not wheel or _normalize(wheel["name"]) != "ray":
+    wheel = parse_wheel_name(name)
+    if not wheel or normalize_name(wheel["name"]) != "ray":
         return False
     if version and wheel["version"] != version:
         return False
@@ -220,7 +216,7 @@ def _fits_ray(name: str, facts: ImageFacts, version: str | None) -> bool:
 
 def _fits(name: str, facts: ImageFacts) -> bool:
     """A wheel that installs on the image's Python and machine (glibc Linux)."""
-    wheel = _parse(name)
+    wheel = parse_wheel_name(name)
     if not wheel:
         return False
     pythons = wheel["python"].split(".")
@@ -242,29 +238,10 @@ def _linux_platform(platform: str, machine: str) -> bool:
 
 
 def _installed(name: str, facts: ImageFacts) -> bool:
-    wheel = _parse(name)
+    wheel = parse_wheel_name(name)
     if not wheel:
         return True  # not a wheel: never sent
-    return facts.packages.get(_normalize(wheel["name"])) == wheel["version"]
-
-
-def _parse(name: str) -> dict[str, str]:
-    match = _WHEEL.match(name)
-    return match.groupdict() if match else {}
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    numbers = []
-    for part in version.split("+")[0].split("."):
-        digits = re.match(r"\d+", part)
-        if digits is None:
-            break
-        numbers.append(int(digits.group()))
-    return tuple(numbers)
+    return facts.packages.get(normalize_name(wheel["name"])) == wheel["version"]
 
 
 def _split_reference(image: str) -> tuple[str, str, str]:

@@ -23,7 +23,6 @@ import hashlib
 import http.server
 import importlib.metadata
 import os
-import re
 import selectors
 import shutil
 import subprocess
@@ -45,6 +44,7 @@ from cluster.build_progress import (
 )
 from cluster.errors import VclusterError
 from cluster.progress import board_for
+from cluster.python_packages import normalize_name
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
 
@@ -160,11 +160,6 @@ def read_lock(text: str) -> dict[str, str]:
             raise ValueError(f"not a `name==version` pin: {line!r}")
         pins[normalize_name(name.split("[", 1)[0])] = version.strip()
     return pins
-
-
-def normalize_name(name: str) -> str:
-    """PEP 503 normalization: `Typing_Extensions` and `typing-extensions` are one project."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def wheel_pin(filename: str) -> tuple[str, str]:
