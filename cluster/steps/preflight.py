@@ -26,20 +26,30 @@ class PreflightFailed(VclusterError):
         ]
 
 
-def run_preflight(context: UpContext) -> str:
+def context_preflight_results(context: UpContext) -> list[CheckResult]:
+    """Every preflight result for what `context` reaches: the image's facts and runtime are
+    learnt first (`up` keeps them), and a head whose cluster container runs may hold its ports."""
     inventory = context.inventory
+    session = context.session
     head = inventory.head.node_name
-    state = inspect_container(context.session.docker(head), container_name(inventory.cluster))
+    running = False
+    if head in session.connections:
+        state = inspect_container(session.docker(head), container_name(inventory.cluster))
+        running = state is not None and state.running
     learn_runtime(context)
-    results = preflight_results(
+    return preflight_results(
         inventory,
-        context.session,
+        session,
         context.host_facts,
-        cluster_running_on_head=state is not None and state.running,
+        cluster_running_on_head=running,
         image_facts=context.image_facts,
         runtime=context.runtime,
         probe_error=context.image_error,
     )
+
+
+def run_preflight(context: UpContext) -> str:
+    results = context_preflight_results(context)
     for warning in (r for r in results if r.status is Status.WARN):
         context.reporter.note(
             f"  WARN {warning.node or 'cluster'}: {warning.name}: {warning.detail}"

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 from cluster.checks import CheckResult, Status
 from cluster.collective_report import CollectiveRun
-from cluster.containers import inspect_container
 from cluster.errors import VclusterError
 from cluster.inventory import Inventory
 from cluster.lock import ClusterLock
-from cluster.plan import ClusterPlan, build_plan, container_name
-from cluster.preflight import port_results, preflight_results
+from cluster.plan import ClusterPlan, build_plan
+from cluster.preflight import port_results
 from cluster.runtime import assumed_runtime
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
@@ -24,7 +23,7 @@ from cluster.steps.context import UpContext, UpOptions
 from cluster.steps.facts import gather_facts
 from cluster.steps.image import ensure_image
 from cluster.steps.image_facts import learn_image, learn_runtime
-from cluster.steps.preflight import run_preflight
+from cluster.steps.preflight import context_preflight_results, run_preflight
 from cluster.steps.ray_cluster import check_ray_topology, wait_for_ray_head, wait_for_ray_nodes
 from cluster.steps.ray_image import ensure_ray_image
 from cluster.steps.ray_token import ensure_ray_token
@@ -98,21 +97,7 @@ def gather_checks(
         context = UpContext(inventory, session, reporter)
         run_steps([Step("Connecting to the hosts", _connect_reachable)], context, reporter)
         run_steps([STEPS[0]], context, reporter)
-        head = inventory.head.node_name
-        running = False
-        if head in session.connections:
-            state = inspect_container(session.docker(head), container_name(inventory.cluster))
-            running = state is not None and state.running
-        learn_runtime(context)
-        results = preflight_results(
-            inventory,
-            session,
-            context.host_facts,
-            cluster_running_on_head=running,
-            image_facts=context.image_facts,
-            runtime=context.runtime,
-            probe_error=context.image_error,
-        )
+        results = context_preflight_results(context)
         results += port_results(inventory, session)
         if not collective:
             return CheckReport(results)

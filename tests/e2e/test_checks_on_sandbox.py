@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.inventory import load_inventory
 from cluster.sandbox.dockerd import ensure_local_docker
+from tests.support.faults import link_cut
 
 pytestmark = pytest.mark.e2e
 
@@ -35,18 +34,6 @@ def check_results(inventory: Path) -> tuple[int, list[dict]]:
     result = vcluster("check", "--json", str(inventory))
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, json.loads(result.stdout)
-
-
-@contextmanager
-def link_cut(node_container: str, head_address: str) -> Iterator[None]:
-    """Reject everything the node sends to the head, inside the node's network namespace."""
-    local = ensure_local_docker()
-    rule = ["OUTPUT", "-d", head_address, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
-    subprocess.run(local.argv("exec", node_container, "iptables", "-I", *rule), check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(local.argv("exec", node_container, "iptables", "-D", *rule), check=True)
 
 
 def test_check_passes_on_the_sandbox_and_skips_gpu_rules_with_the_reason(sandbox_inventory):

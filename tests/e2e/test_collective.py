@@ -18,8 +18,8 @@ import yaml
 
 from cluster.inventory import Inventory
 from cluster.sandbox.dockerd import ensure_local_docker
-from tests.e2e.test_checks_on_sandbox import link_cut
 from tests.support.cli import UP_TIMEOUT_S, vcluster
+from tests.support.faults import link_cut
 
 pytestmark = pytest.mark.e2e
 

@@ -8,6 +8,7 @@ vcluster command, so what happens after a fault is the cluster's own doing.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import openai
 
 from cluster.inventory import Inventory
 from cluster.plan import SUPERVISOR_STATE_DIR, container_name
+from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.session import Session
 from cluster.supervisor import STATE_FILE
 
@@ -117,3 +119,15 @@ def seconds_to_first_chat(inventory: Inventory, started: float, timeout_s: float
             pass
         time.sleep(1)
     return None
+
+
+@contextmanager
+def link_cut(node_container: str, head_address: str) -> Iterator[None]:
+    """Reject everything the node sends to the head, inside the node's network namespace."""
+    local = ensure_local_docker()
+    rule = ["OUTPUT", "-d", head_address, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
+    subprocess.run(local.argv("exec", node_container, "iptables", "-I", *rule), check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(local.argv("exec", node_container, "iptables", "-D", *rule), check=True)
