@@ -22,7 +22,7 @@ from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuTopology
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
-from cluster.inventory import Inventory
+from cluster.inventory import Inventory, Model
 from cluster.python_packages import version_tuple
 from cluster.runtime import ADD_RAY_FIX, Runtime
 
@@ -313,13 +313,21 @@ def check_gpus(given: CheckInput) -> list[CheckResult]:
             detail = f"{gpu.problem.kind}: {gpu.problem.detail}"
             results.append(_fail("gpus", name, detail, gpu.problem.remedy))
         if gpu.gpus:
-            shapes[name] = (gpu.gpu_count, gpu.model_name)
+            chosen = _chosen_gpus(given.inventory, name, gpu.gpu_count)
+            if isinstance(chosen, str):
+                results.append(_fail("gpus", name, chosen, "list indices `nvidia-smi -L` shows"))
+                continue
+            shapes[name] = (chosen, gpu.model_name)
         elif gpu.problem is None:
             detail = "nvidia-smi listed no GPUs"
             results.append(_fail("gpus", name, detail, "run `nvidia-smi` on the host"))
     if not shapes:
         return results
-    declared = {n.node_name: n.gpus for n in given.inventory.nodes if n.gpus is not None}
+    declared = {
+        n.node_name: n.gpus
+        for n in given.inventory.nodes
+        if n.gpus is not None and n.gpu_ids is None
+    }
     common = _majority(shapes)
     for name, (count, model) in shapes.items():
         if (count, model) != common:
@@ -335,6 +343,17 @@ def check_gpus(given: CheckInput) -> list[CheckResult]:
         elif not any(r.node == name for r in results):
             results.append(_pass("gpus", name, f"{count} x {model}"))
     return results
+
+
+def _chosen_gpus(inventory: Inventory, node: str, found: int) -> int | str:
+    """How many GPUs the node gives the cluster (its `gpu_ids`, or all), or what is wrong."""
+    ids = next(n.gpu_ids for n in inventory.nodes if n.node_name == node)
+    if ids is None:
+        return found
+    absent = [i for i in ids if i >= found]
+    if absent:
+        return f"gpu_ids names GPU {', '.join(map(str, absent))}, but nvidia-smi lists {found}"
+    return len(ids)
 
 
 @gpu_mode_only
@@ -435,7 +454,7 @@ def check_gpus_idle(given: CheckInput) -> list[CheckResult]:
 
 def _tensor_parallel_groups(given: CheckInput, gpu_count: int) -> list[list[int]] | None:
     """The GPU indices each tensor-parallel group uses on a node; None when TP spans nodes."""
-    tensor_parallel = given.inventory.model.tensor_parallel
+    tensor_parallel = given.inventory.primary_model.tensor_parallel
     size = gpu_count if tensor_parallel == "auto" else tensor_parallel
     if size > gpu_count:
         return None
@@ -462,7 +481,7 @@ def check_topology(given: CheckInput) -> list[CheckResult]:
                 _warn(
                     "topology",
                     name,
-                    f"tensor parallel {given.inventory.model.tensor_parallel} spans nodes: "
+                    f"tensor parallel {given.inventory.primary_model.tensor_parallel} spans nodes: "
                     "its all-reduces cross the network",
                     "set tensor_parallel to the GPUs per node, pipeline_parallel to nodes",
                 )
@@ -671,9 +690,12 @@ def check_runtime(
     return [_pass("executor", None, detail)]
 
 
-def check_model_present(inventory: Inventory, present: Mapping[str, bool]) -> list[CheckResult]:
-    """The model in every node's cache: required for a local path, else downloaded at start."""
-    model = inventory.model.name
+def check_model_present(
+    inventory: Inventory, present: Mapping[str, bool], served: Model | None = None
+) -> list[CheckResult]:
+    """The model (the first by default) in every node's cache: required for a local path, else
+    downloaded at start."""
+    model = (served or inventory.primary_model).name
     local = model.startswith("/")
     missing = [name for name, found in present.items() if not found]
     if not missing:

@@ -81,9 +81,13 @@ def create_container(
     runs on `vllm/vllm-openai`, whose entrypoint is `vllm serve`.
     """
     environment = {**spec.environment, **secrets}
-    device_requests = (
-        [DeviceRequest(count=-1, capabilities=[["gpu"]])] if spec.gpus == "all" else None
-    )
+    if spec.gpus == "all":
+        device_requests = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    elif spec.gpus:
+        ids = [str(i) for i in spec.gpus]  # the container sees them as 0..n-1
+        device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    else:
+        device_requests = None
     argv = supervisor_argv(spec)
     try:
         client.containers.run(

@@ -117,6 +117,11 @@ class Node(_Strict):
     name: str | None = None
     role: Literal["head", "worker"] | None = None
     gpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    gpu_ids: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
+    """The GPUs vcluster may use (nvidia-smi's indices); the others stay untouched. On CPU
+    nodes: the device slots, one vLLM rank each (default: one)."""
     ssh: SshSettings = SshSettings()
 
     @field_validator("address")
@@ -131,6 +136,27 @@ class Node(_Strict):
             raise ValueError(f"{value!r} must be lowercase letters, digits and '-'")
         return value
 
+    @field_validator("gpu_ids")
+    @classmethod
+    def _unique_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"{value} names a GPU twice")
+        return value
+
+    @model_validator(mode="after")
+    def _ids_match_count(self) -> Node:
+        if self.gpus is not None and self.gpu_ids is not None and self.gpus != len(self.gpu_ids):
+            raise ValueError(
+                f"gpus: {self.gpus} but gpu_ids names {len(self.gpu_ids)}; drop gpus "
+                "(gpu_ids gives the count)"
+            )
+        return self
+
+    @property
+    def declared_gpus(self) -> int | None:
+        """The GPUs this node gives the cluster, when the inventory says."""
+        return len(self.gpu_ids) if self.gpu_ids is not None else self.gpus
+
     @property
     def node_name(self) -> str:
         """The node's name, or its address made into one."""
@@ -143,6 +169,19 @@ class Ports(_Strict):
     master: Port = 29501  # torch.distributed rendezvous of vLLM's own multi-node mode
     ray_metrics: Port = 8080  # Ray's Prometheus metrics on every node (random otherwise)
     collective: Port = 29512  # the collective check's rendezvous on the head, while it runs
+    agent: Port = 29513  # each node's model agent, with several models (token required)
+    models: Port = 30100
+    """With several models, model i's API server listens on models + 2i (with a key), its
+    ranks meet on models + 2i + 1."""
+
+
+class RouterSettings(_Strict):
+    """The endpoint in front of several models (`models:` with more than one, or on demand)."""
+
+    request_wait_s: float = Field(default=300.0, gt=0, le=86400)
+    """How long a request for a model that is starting waits before a 503 with Retry-After."""
+    start_timeout_s: float = Field(default=1800.0, gt=0, le=86400)
+    """A model not serving this long after its start counts as failed and is stopped."""
 
 
 class Network(_Strict):
@@ -254,6 +293,15 @@ class Model(_Strict):
     tensor_parallel: Annotated[int, Field(ge=1)] | Auto = "auto"
     pipeline_parallel: Annotated[int, Field(ge=1)] | Auto = "auto"
     args: list[str] = []
+    keep_loaded: bool | None = None
+    """Never unloaded (default: yes for a cluster with one model, no with several)."""
+    unload_after_s: Annotated[float, Field(gt=0)] | None = None
+    """Unloaded after this many seconds without a request (default: only to make room)."""
+
+    @property
+    def served(self) -> str:
+        """The name clients ask for (`served_name`, or the model's name)."""
+        return self.served_name or self.name
 
     @field_validator("args")
     @classmethod
@@ -287,7 +335,9 @@ class Inventory(_Strict):
     secrets: Secrets = Secrets()
     ray: RaySettings = RaySettings()
     collective: CollectiveSettings = CollectiveSettings()
-    model: Model
+    model: Model | None = None
+    models: list[Model] = []
+    router: RouterSettings = RouterSettings()
     source: str | None = Field(default=None, exclude=True)
 
     @field_validator("cluster")
@@ -321,13 +371,45 @@ class Inventory(_Strict):
                 raise ValueError(f"{name} is set by vcluster (secrets: or network: set it)")
         return value
 
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> Inventory:
+        if (self.model is None) == (not self.models):
+            raise ValueError(
+                "give either model: (one model) or models: (a list), not "
+                + ("both" if self.model is not None else "neither")
+            )
+        return self
+
+    @property
+    def model_list(self) -> tuple[Model, ...]:
+        """Every model the cluster serves, in the inventory's order."""
+        return (self.model,) if self.model is not None else tuple(self.models)
+
+    @property
+    def primary_model(self) -> Model:
+        """The first model: the only one, on a cluster that serves one."""
+        return self.model_list[0]
+
+    def keeps_loaded(self, model: Model) -> bool:
+        """Whether `model` is loaded by `up` and never unloaded."""
+        if model.keep_loaded is not None:
+            return model.keep_loaded
+        return len(self.model_list) == 1 and model.unload_after_s is None
+
+    @property
+    def routed(self) -> bool:
+        """Whether a router in front of the models serves the endpoint: with several models,
+        or one loaded on demand. One model always loaded is served by vLLM directly."""
+        return len(self.model_list) > 1 or not self.keeps_loaded(self.primary_model)
+
     @property
     def default_executor(self) -> Literal["ray", "mp"]:
         """`executor`, or the default: Ray on GPUs, vLLM's own mode on CPUs (vLLM's Ray
-        executor refuses the CPU platform)."""
+        executor refuses the CPU platform) and for routed models (each gets its GPUs by
+        CUDA_VISIBLE_DEVICES in vLLM's multi-node mode)."""
         if self.executor is not None:
             return self.executor
-        return "mp" if self.accelerator == "cpu" else "ray"
+        return "mp" if self.accelerator == "cpu" or self.routed else "ray"
 
     @property
     def head(self) -> Node:
@@ -349,11 +431,13 @@ class Inventory(_Strict):
     def ray_token_is_generated(self) -> bool:
         return self.secrets.ray_token is None
 
-    def container_model_path(self) -> str:
-        """The model as `vllm serve` inside the container sees it (host paths are mapped)."""
-        if not self.model.name.startswith("/"):
-            return self.model.name
-        relative = PurePosixPath(self.model.name).relative_to(self.model_cache)
+    def container_model_path(self, model: Model | None = None) -> str:
+        """The model (the first by default) as `vllm serve` inside the container sees it (host
+        paths are mapped)."""
+        name = (model or self.primary_model).name
+        if not name.startswith("/"):
+            return name
+        relative = PurePosixPath(name).relative_to(self.model_cache)
         return str(PurePosixPath(CONTAINER_CACHE_PATH) / relative)
 
 
@@ -440,19 +524,44 @@ def _cross_field_problems(document: PositionedDocument) -> list[Problem]:
     return problems
 
 
+def _model_entries(data: dict) -> list[tuple[KeyPath, dict]]:
+    """(key path, raw entry) of every model: `model:` or each of `models:`."""
+    if isinstance(data.get("model"), dict):
+        return [(("model",), data["model"])]
+    models = data.get("models")
+    if not isinstance(models, list):
+        return []
+    return [(("models", i), m) for i, m in enumerate(models) if isinstance(m, dict)]
+
+
+def _is_routed(data: dict, models: list[tuple[KeyPath, dict]]) -> bool:
+    """`Inventory.routed`, on the raw data."""
+    if len(models) != 1:
+        return len(models) > 1
+    only = models[0][1]
+    return only.get("keep_loaded") is False or (
+        only.get("keep_loaded") is None and only.get("unload_after_s") is not None
+    )
+
+
 def _parallelism_problems(
     document: PositionedDocument, entries: list[tuple[int, dict]]
 ) -> list[Problem]:
     data = document.data
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    models = _model_entries(data)
+    if _is_routed(data, models):
+        return _routed_problems(document, entries, models)
+    if not models:
+        return []
+    model = models[0][1]
     tp = model.get("tensor_parallel", "auto")
     pp = model.get("pipeline_parallel", "auto")
-    declared = [g for _, n in entries if isinstance(g := n.get("gpus"), int)]
+    declared = [g for _, n in entries if isinstance(g := _declared_gpus(n), int)]
     all_declared = bool(entries) and len(declared) == len(entries)
     if data.get("accelerator", "nvidia") == "cpu":
         if isinstance(pp, int) and pp > len(entries):
             message = f"pipeline_parallel {pp} is more than the {len(entries)} nodes"
-            return [document.problem(("model", "pipeline_parallel"), message)]
+            return [document.problem((*models[0][0], "pipeline_parallel"), message)]
         return []
     if not all_declared:
         return []
@@ -468,14 +577,68 @@ def _parallelism_problems(
             f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {tp * pp}, but the nodes "
             f"declare {total} GPUs; make them equal or use 'auto'"
         )
-        return [document.problem(("model", "tensor_parallel"), message)]
+        return [document.problem((*models[0][0], "tensor_parallel"), message)]
     return []
+
+
+def _declared_gpus(node: dict) -> int | None:
+    ids = node.get("gpu_ids")
+    if isinstance(ids, list):
+        return len(ids)
+    gpus = node.get("gpus")
+    return gpus if isinstance(gpus, int) else None
+
+
+def _routed_problems(
+    document: PositionedDocument,
+    entries: list[tuple[int, dict]],
+    models: list[tuple[KeyPath, dict]],
+) -> list[Problem]:
+    """Several models: unique served names, vLLM's own mode, and each model fits the nodes."""
+    data = document.data
+    problems: list[Problem] = []
+    if data.get("executor") == "ray":
+        message = (
+            "several models (or one on demand) run in vLLM's multi-node mode, each on its own "
+            "GPUs; remove executor: ray or set executor: mp"
+        )
+        problems.append(document.problem(("executor",), message))
+    seen: dict[str, KeyPath] = {}
+    for path, model in models:
+        served = model.get("served_name") or model.get("name")
+        if isinstance(served, str) and served in seen:
+            message = f"served name {served!r} is also {format_key_path(seen[served])}'s"
+            problems.append(document.problem((*path, "served_name"), message))
+        elif isinstance(served, str):
+            seen[served] = path
+    cpu = data.get("accelerator", "nvidia") == "cpu"
+    per_node = [1 if cpu and g is None else g for _, n in entries for g in [_declared_gpus(n)]]
+    for path, model in models:
+        pp = model.get("pipeline_parallel", "auto")
+        tp = model.get("tensor_parallel", "auto")
+        if isinstance(pp, int) and pp > len(entries):
+            message = (
+                f"pipeline_parallel {pp} is more than the {len(entries)} nodes: it can never load"
+            )
+            problems.append(document.problem((*path, "pipeline_parallel"), message))
+            continue
+        if not isinstance(tp, int) or None in per_node or not entries:
+            continue
+        nodes = len(entries) if pp == "auto" else pp
+        fitting = [g for g in per_node if g is not None and g >= tp]
+        if len(fitting) < nodes:
+            message = (
+                f"needs {nodes} node(s) with {tp} GPU(s) each; the nodes give "
+                f"{sorted(g for g in per_node if g is not None)}: it can never load"
+            )
+            problems.append(document.problem((*path, "tensor_parallel"), message))
+    return problems
 
 
 def _port_problems(document: PositionedDocument) -> list[Problem]:
     ports = document.data.get("ports")
     if not isinstance(ports, dict):
-        return []
+        ports = {}
     by_value: dict[int, str] = {}
     problems: list[Problem] = []
     for key, value in ports.items():
@@ -484,20 +647,37 @@ def _port_problems(document: PositionedDocument) -> list[Problem]:
             problems.append(document.problem(("ports", key), message))
         elif isinstance(value, int):
             by_value[value] = key
+    models = _model_entries(document.data)
+    count = len(models)
+    base = ports.get("models", Ports().models)
+    if isinstance(base, int) and _is_routed(document.data, models):
+        if base + 2 * count - 1 > 65535:
+            problems.append(document.problem(("ports", "models"), "the model ports pass 65535"))
+        taken = {v: k for k, v in Ports().model_dump().items()} | {
+            v: k for v, k in by_value.items()
+        }
+        for value, key in taken.items():
+            if key != "models" and base <= value < base + 2 * count:
+                message = (
+                    f"ports.models uses {base}-{base + 2 * count - 1}, which holds ports.{key}"
+                )
+                problems.append(document.problem(("ports", "models"), message))
     return problems
 
 
 def _model_path_problems(document: PositionedDocument) -> list[Problem]:
-    model, cache = document.data.get("model"), document.data.get("model_cache")
-    if not isinstance(model, dict) or not isinstance(cache, str) or not cache.startswith("/"):
+    cache = document.data.get("model_cache")
+    if not isinstance(cache, str) or not cache.startswith("/"):
         return []
-    name = model.get("name")
-    if not isinstance(name, str) or not name.startswith("/"):
-        return []
-    if not PurePosixPath(name).is_relative_to(cache):
-        message = (
-            f"a local model path must be inside model_cache ({cache}), which is what the "
-            "containers mount; move the model there or use a Hugging Face id"
-        )
-        return [document.problem(("model", "name"), message)]
-    return []
+    problems = []
+    for path, model in _model_entries(document.data):
+        name = model.get("name")
+        if not isinstance(name, str) or not name.startswith("/"):
+            continue
+        if not PurePosixPath(name).is_relative_to(cache):
+            message = (
+                f"a local model path must be inside model_cache ({cache}), which is what the "
+                "containers mount; move the model there or use a Hugging Face id"
+            )
+            problems.append(document.problem((*path, "name"), message))
+    return problems

@@ -63,6 +63,7 @@ def cluster_metrics(
     vllm_up.add_metric([cluster], float(status.vllm.health))
     families += [ray, expected, vllm_up] if status.ray_cluster else [vllm_up]
     families += _collective_metrics(status)
+    families += _model_metrics(status)
     for name, value, documentation in (
         ("vcluster_vllm_requests_running", status.vllm.requests_running, "Requests running"),
         ("vcluster_vllm_requests_waiting", status.vllm.requests_waiting, "Requests waiting"),
@@ -128,6 +129,35 @@ def _gpu_metrics(status: ClusterStatus) -> Iterable[Metric]:
                         [status.cluster, node.name, str(gpu.index), gpu.name or ""], float(value)
                     )
         yield family
+
+
+MODEL_STATES = ("unloaded", "loading", "loaded", "failed", "unloading")
+
+
+def _model_metrics(status: ClusterStatus) -> list[Metric]:
+    """With several models: each model's state, activations, start time and requests."""
+    if not status.models:
+        return []
+    labels = ["cluster", "model"]
+    state = _gauge("vcluster_model_state", "1 for the model's current state", [*labels, "state"])
+    activations = _gauge(
+        "vcluster_model_activations", "Times the router loaded the model since it started", labels
+    )
+    start = _gauge(
+        "vcluster_model_last_activation_seconds", "How long the model's last load took", labels
+    )
+    requests = _gauge("vcluster_model_requests", "Requests routed to the model", labels)
+    in_flight = _gauge("vcluster_model_requests_in_flight", "Requests in flight now", labels)
+    for model in status.models:
+        names = [status.cluster, model.name]
+        for name in MODEL_STATES:
+            state.add_metric([*names, name], float(model.state == name))
+        activations.add_metric(names, float(model.activations))
+        if model.last_activation_s is not None:
+            start.add_metric(names, model.last_activation_s)
+        requests.add_metric(names, float(model.requests))
+        in_flight.add_metric(names, float(model.in_flight))
+    return [state, activations, start, requests, in_flight]
 
 
 def _collective_metrics(status: ClusterStatus) -> list[Metric]:

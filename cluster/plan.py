@@ -16,8 +16,11 @@ from typing import Literal, TypedDict
 from cluster import __version__
 from cluster.errors import VclusterError
 from cluster.inventory import CONTAINER_CACHE_PATH, Inventory, Node
+from cluster.model_plan import ModelPlanError, node_devices, serving_argv, serving_config
 from cluster.runtime import Runtime, assumed_runtime
-from cluster.secrets import MASK, SecretRef
+from cluster.secrets import MASK, SecretRef, state_dir
+from cluster.serving.bundle import bundle_digest
+from cluster.serving.catalog import AGENT_TOKEN_ENV, ServingConfig
 
 LABEL_PREFIX = "vcluster"
 LABEL_CLUSTER = f"{LABEL_PREFIX}.cluster"
@@ -85,7 +88,8 @@ class ContainerSpec:
     secret_environment: dict[str, SecretRef]
     labels: dict[str, str]
     mounts: tuple[Mount, ...]
-    gpus: Literal["all"] | None
+    gpus: Literal["all"] | tuple[int, ...] | None
+    """Every GPU, the inventory's `gpu_ids`, or none (CPU)."""
     supervisor: SupervisorSpec
     network_mode: str = "host"
     ipc_mode: str = "host"
@@ -104,6 +108,9 @@ class ServeSpec:
     argv: tuple[str, ...]
     log_path: str = VLLM_LOG_PATH
     headless: bool = False
+    watch_titled: bool = True
+    """Restart it when one of its `VLLM::` processes dies: not for the router and agents,
+    whose model ranks come and go."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,12 @@ class ClusterPlan:
     served_model_name: str
     endpoint: str
     nodes: tuple[NodePlan, ...] = field(default_factory=tuple)
+    serving: ServingConfig | None = None
+    """With several models (or one on demand): what the router and the agents run on."""
+
+    @property
+    def routed(self) -> bool:
+        return self.serving is not None
 
     @property
     def head(self) -> NodePlan:
@@ -194,18 +207,45 @@ def build_plan(
     missing = [n.node_name for n in inventory.nodes if n.node_name not in facts]
     if missing:
         raise PlanError(f"no facts for node(s) {', '.join(missing)}")
-    tensor_parallel, pipeline_parallel = _parallelism(inventory, facts)
+    try:
+        devices = node_devices(inventory, {name: f.gpu_count for name, f in facts.items()})
+        serving = (
+            serving_config(
+                inventory,
+                {name: f.address for name, f in facts.items()},
+                devices,
+                SUPERVISOR_STATE_DIR,
+            )
+            if inventory.routed
+            else None
+        )
+    except ModelPlanError as exc:
+        raise PlanError(exc.message, fix=exc.fix) from None
+    if serving is None:
+        counts = {name: len(ids) for name, ids in devices.items()}
+        tensor_parallel, pipeline_parallel = _parallelism(inventory, counts)
+    else:
+        tensor_parallel = serving.models[0].tensor_parallel
+        pipeline_parallel = serving.models[0].pipeline_parallel
     head = inventory.head
     head_facts = facts[head.node_name]
-    served_name = inventory.model.served_name or inventory.model.name
     nodes = []
     for rank, node in enumerate(_head_first(inventory)):
         role: Role = "head" if node is head else "worker"
         node_facts = facts[node.node_name]
-        container = _container_spec(inventory, runtime, node, role, node_facts, facts)
-        serve = _serve_spec(
-            inventory, runtime.executor, role, rank, head_facts, tensor_parallel, pipeline_parallel
-        )
+        container = _container_spec(inventory, runtime, node, role, node_facts, facts, serving)
+        if serving is not None:
+            serve: ServeSpec | None = _serving_spec(serving, role, node.node_name)
+        else:
+            serve = _serve_spec(
+                inventory,
+                runtime.executor,
+                role,
+                rank,
+                head_facts,
+                tensor_parallel,
+                pipeline_parallel,
+            )
         nodes.append(NodePlan(node.node_name, role, node.address, node_facts, container, serve))
     return ClusterPlan(
         cluster=inventory.cluster,
@@ -218,9 +258,10 @@ def build_plan(
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
         model=inventory.container_model_path(),
-        served_model_name=served_name,
+        served_model_name=inventory.primary_model.served,
         endpoint=f"http://{head_facts.address}:{inventory.ports.vllm}/v1",
         nodes=tuple(nodes),
+        serving=serving,
     )
 
 
@@ -247,14 +288,13 @@ def _head_first(inventory: Inventory) -> list[Node]:
     return [inventory.head, *inventory.workers]
 
 
-def _parallelism(inventory: Inventory, facts: dict[str, NodeFacts]) -> tuple[int, int]:
+def _parallelism(inventory: Inventory, counts: dict[str, int]) -> tuple[int, int]:
     nodes = len(inventory.nodes)
-    model = inventory.model
+    model = inventory.primary_model
     if inventory.accelerator == "cpu":
         tensor = 1 if model.tensor_parallel == "auto" else model.tensor_parallel
         pipeline = nodes if model.pipeline_parallel == "auto" else model.pipeline_parallel
         return tensor, pipeline
-    counts = {name: f.gpu_count for name, f in facts.items()}
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{name}={count}" for name, count in counts.items())
         raise PlanError(
@@ -291,8 +331,15 @@ def _environment(inventory: Inventory, facts: NodeFacts, ray: bool) -> dict[str,
     return dict(sorted(environment.items()))
 
 
+def agent_token_path(cluster: str) -> Path:
+    """The token of the cluster's model agents (made by `up`, owner-only, on the controller)."""
+    return state_dir() / "clusters" / cluster / "agent-token"
+
+
 def _secret_environment(inventory: Inventory, role: Role, ray: bool) -> dict[str, SecretRef]:
     secrets: dict[str, SecretRef] = {"RAY_AUTH_TOKEN": inventory.ray_token} if ray else {}
+    if inventory.routed:
+        secrets[AGENT_TOKEN_ENV] = SecretRef("file", str(agent_token_path(inventory.cluster)))
     if inventory.secrets.hf_token is not None:
         secrets["HF_TOKEN"] = inventory.secrets.hf_token
     if inventory.secrets.api_key is not None and role == "head":
@@ -326,7 +373,8 @@ def _supervisor_spec(
     all_facts: dict[str, NodeFacts],
 ) -> SupervisorSpec:
     head = all_facts[inventory.head.node_name]
-    if runtime.executor != "mp":
+    if runtime.executor != "mp" or inventory.routed:
+        # With several models the router watches each model's ranks, and restarts them.
         # vLLM's Ray executor sees its own workers die; Ray's connections are not ranks.
         return SupervisorSpec(peers=(), wait_for=None)
     others = tuple(f.address for f in all_facts.values() if f.address != facts.address)
@@ -346,7 +394,7 @@ class _ContainerFields(TypedDict):
     environment: dict[str, str]
     secret_environment: dict[str, SecretRef]
     mounts: tuple[Mount, ...]
-    gpus: Literal["all"] | None
+    gpus: Literal["all"] | tuple[int, ...] | None
 
 
 def _container_spec(
@@ -356,6 +404,7 @@ def _container_spec(
     role: Role,
     facts: NodeFacts,
     all_facts: dict[str, NodeFacts],
+    serving: ServingConfig | None,
 ) -> ContainerSpec:
     head = all_facts[inventory.head.node_name]
     spec: _ContainerFields = {
@@ -366,7 +415,7 @@ def _container_spec(
         "environment": _environment(inventory, facts, runtime.ray),
         "secret_environment": _secret_environment(inventory, role, runtime.ray),
         "mounts": (Mount(inventory.model_cache, CONTAINER_CACHE_PATH),),
-        "gpus": "all" if inventory.accelerator == "nvidia" else None,
+        "gpus": _gpus(inventory, node),
     }
     digest_input = json.dumps(
         {
@@ -374,6 +423,7 @@ def _container_spec(
             "secret_environment": {n: str(r) for n, r in spec["secret_environment"].items()},
             "supervisor_code": hashlib.sha256(supervisor_source().encode()).hexdigest(),
             "restart_policy": RESTART_POLICY,
+            "serving_code": bundle_digest() if serving is not None else None,
         },
         default=lambda o: asdict(o),
         sort_keys=True,
@@ -388,6 +438,18 @@ def _container_spec(
         LABEL_EXECUTOR: runtime.executor,
     }
     return ContainerSpec(labels=labels, **spec)
+
+
+def _gpus(inventory: Inventory, node: Node) -> Literal["all"] | tuple[int, ...] | None:
+    if inventory.accelerator != "nvidia":
+        return None
+    return tuple(sorted(node.gpu_ids)) if node.gpu_ids is not None else "all"
+
+
+def _serving_spec(serving: ServingConfig, role: Role, node: str) -> ServeSpec:
+    """The router (head) or agent (other nodes) that the node's supervisor keeps running."""
+    argv = serving_argv(serving.state_dir, "router" if role == "head" else "agent", node)
+    return ServeSpec(argv=tuple(argv), headless=role == "worker", watch_titled=False)
 
 
 def _serve_spec(
@@ -417,10 +479,9 @@ def _serve_spec(
     if role == "worker":
         argv.append("--headless")
     else:
-        served = inventory.model.served_name or inventory.model.name
         argv += ["--host", "0.0.0.0", "--port", str(inventory.ports.vllm)]  # noqa: S104
-        argv += ["--served-model-name", served]
-    argv += inventory.model.args
+        argv += ["--served-model-name", inventory.primary_model.served]
+    argv += inventory.primary_model.args
     return ServeSpec(argv=tuple(argv), headless=role == "worker")
 
 

@@ -6,6 +6,7 @@ Used by the preflight step of `up` and by `vcluster check`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 
@@ -27,7 +28,7 @@ from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
 from cluster.images import image_id
-from cluster.inventory import Inventory
+from cluster.inventory import Inventory, Model
 from cluster.listeners import Listener, check_listeners, classify, listeners_argv, parse_listeners
 from cluster.plan import container_name
 from cluster.runtime import Runtime
@@ -64,23 +65,26 @@ def preflight_results(
     ids = session.on_each(lambda n: image_id(session.docker(n), inventory.image), reachable)
     results += check_image(inventory, ids.succeeded)
     results += check_runtime(inventory, image_facts, runtime, probe_error)
-    present = session.on_each(lambda n: _model_present(session, n, inventory), reachable)
-    results += check_model_present(inventory, present.succeeded)
+    for model in inventory.model_list:
+        present = session.on_each(
+            functools.partial(_model_present, session, inventory=inventory, model=model), reachable
+        )
+        results += check_model_present(inventory, present.succeeded, model)
     results += _reach_head(inventory, session, facts, runtime)
     return results
 
 
-def model_files(inventory: Inventory) -> str:
+def model_files(inventory: Inventory, model: Model) -> str:
     """The host path whose presence shows the model is in a node's cache."""
-    name = inventory.model.name
+    name = model.name
     if name.startswith("/"):
         return str(PurePosixPath(name) / "config.json")
     # Hugging Face's cache layout: <cache>/hub/models--ORG--NAME
     return str(PurePosixPath(inventory.model_cache) / "hub" / f"models--{name.replace('/', '--')}")
 
 
-def _model_present(session: Session, node: str, inventory: Inventory) -> bool:
-    return session.ssh(node).run(["test", "-e", model_files(inventory)]).ok
+def _model_present(session: Session, node: str, inventory: Inventory, model: Model) -> bool:
+    return session.ssh(node).run(["test", "-e", model_files(inventory, model)]).ok
 
 
 def _reach_head(

@@ -9,18 +9,22 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 
+import docker
 from rich.table import Table
 
 from cluster.collective_store import load_last_run
 from cluster.containers import ContainerState, inspect_container
+from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
 from cluster.facts.image import ImageFacts
 from cluster.facts.probe import probe_argv
 from cluster.image_cache import image_facts_cache
 from cluster.inventory import Inventory
+from cluster.model_admin import models_report
 from cluster.plan import SUPERVISOR_STATE_DIR, container_name
 from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
+from cluster.router_client import ModelStatus
 from cluster.session import Session
 from cluster.vllm import (
     SupervisedVllm,
@@ -92,6 +96,9 @@ class ClusterStatus:
     """What the head's image holds, when the controller has probed it (`up` does)."""
     collective: dict | None = None
     """The last collective check's figures on this controller (`finished_at`, `ok`, `groups`)."""
+    models: tuple[ModelStatus, ...] = ()
+    """With several models: each as the router reports it."""
+    models_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -100,6 +107,8 @@ class ClusterStatus:
             and (not self.ray_cluster or self.ray_nodes_alive == self.ray_nodes_expected)
             and self.vllm.health
             and self.served_model_name in self.vllm.models
+            and all(m.state == "loaded" for m in self.models if m.keep_loaded)
+            and self.models_error is None
         )
 
     def to_dict(self) -> dict:
@@ -165,8 +174,9 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
                 ),
             )
         )
-    served = inventory.model.served_name or inventory.model.name
+    served = inventory.primary_model.served
     head_address = inventory.head.address
+    models, models_error = _models_view(inventory, session)
     return ClusterStatus(
         cluster=inventory.cluster,
         endpoint=f"http://{head_address}:{inventory.ports.vllm}/v1",
@@ -181,7 +191,20 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
         ray_cluster=ray_cluster,
         image=image_facts_cache().get(head_state.image_id) if head_state else None,
         collective=load_last_run(inventory.cluster),
+        models=models,
+        models_error=models_error,
     )
+
+
+def _models_view(
+    inventory: Inventory, session: Session
+) -> tuple[tuple[ModelStatus, ...], str | None]:
+    if not inventory.routed:
+        return (), None
+    try:
+        return models_report(inventory, session), None
+    except (VclusterError, KeyError, docker.errors.DockerException) as exc:
+        return (), str(exc)
 
 
 def _node_state(
@@ -325,8 +348,19 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
     if gpu_table is not None:
         parts.append(gpu_table)
     image_line = [f"image: {status.image.summary()}"] if status.image else []
+    models_lines = [
+        f"model {m.name}: {m.state}"
+        + (f" on {m.where}" if m.placement else "")
+        + f", {m.requests} request(s), {m.activations} activation(s)"
+        + (f", last start {m.last_activation_s:g} s" if m.last_activation_s is not None else "")
+        + (f" ({m.failure})" if m.failure and m.state != "loaded" else "")
+        for m in status.models
+    ]
+    if status.models_error:
+        models_lines.append(f"models: the router did not answer ({status.models_error})")
     return [
-        *parts, *image_line, ray_line, vllm_line, *problems, f"cluster {status.cluster}: {verdict}"
+        *parts, *image_line, ray_line, vllm_line, *models_lines, *problems,
+        f"cluster {status.cluster}: {verdict}",
     ]  # fmt: skip
 
 

@@ -188,6 +188,8 @@ def reachable(address: str, port: int, timeout_s: float = 2.0) -> bool:
 @dataclass
 class VllmRun:
     spec_id: str
+    watch_titled: bool
+    """Whether a `VLLM::` process of the run that dies ends the run (not for the router)."""
     launch: str | None
     """Which request of `vcluster up` started it: a new one restarts vLLM with the same spec."""
     process: subprocess.Popen[bytes]
@@ -289,6 +291,8 @@ class Supervisor:
         """Why this run of vLLM must be restarted, or None while every part of it lives."""
         members = session_members(run.process.pid)
         for pid, cmdline in members.items():
+            if not run.watch_titled:
+                break
             if cmdline.startswith(TITLE_PREFIX) and pid not in run.titled:
                 run.titled[pid] = cmdline.split()[0]
         # Everything found dead at this poll is named: which went first is not known here.
@@ -327,7 +331,13 @@ class Supervisor:
             process = subprocess.Popen(
                 desired["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.vllm = VllmRun(desired["spec_id"], desired.get("launch"), process, time.monotonic())
+        self.vllm = VllmRun(
+            desired["spec_id"],
+            bool(desired.get("watch_titled", True)),
+            desired.get("launch"),
+            process,
+            time.monotonic(),
+        )
         ray_pid = self.ray.pid if self.ray else None
         self.exits = {pid: s for pid, s in self.exits.items() if pid == ray_pid}  # old news
         self.state = "running"

@@ -92,7 +92,9 @@ main.add_command(logs)
 main.add_command(exporter)
 
 from cluster.cli.image import image  # noqa: E402
+from cluster.cli.models import models  # noqa: E402
 from cluster.cli.sandbox import sandbox  # noqa: E402
 
 main.add_command(image)
+main.add_command(models)
 main.add_command(sandbox)

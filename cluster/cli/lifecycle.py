@@ -251,7 +251,7 @@ def down(inventory: Path, remove_images: bool) -> None:
     click.echo(f"cluster {loaded.cluster} is down")
 
 
-def _one_node_session(loaded: Inventory, node: str) -> Session:
+def one_node_session(loaded: Inventory, node: str) -> Session:
     session = Session(loaded)
     outcome = session.open([n for n in loaded.nodes if n.node_name == node])
     if outcome.failed:
@@ -270,7 +270,7 @@ def exec_(inventory: Path, node: str | None, command: tuple[str, ...]) -> None:
     loaded = load_inventory(inventory)
     name = _node_name(loaded, node)
     argv = exec_argv(container_name(loaded.cluster), list(command))
-    with _one_node_session(loaded, name) as session:
+    with one_node_session(loaded, name) as session:
         ssh = session.ssh(name)
         if command:
             code = stream(ssh.open_channel(argv), sys.stdout.buffer, sys.stderr.buffer)
@@ -293,7 +293,7 @@ def logs(inventory: Path, node: str | None, component: Component, follow: bool, 
     name = _node_name(loaded, node)
     container = container_name(loaded.cluster)
     argv = logs_argv(container, component, tail=tail, follow=follow)
-    with _one_node_session(loaded, name) as session:
+    with one_node_session(loaded, name) as session:
         state = inspect_container(session.docker(name), container)
         if component == "ray" and state is not None and not state.ray:
             raise UsageError(

@@ -30,7 +30,7 @@ from cluster.sandbox.images import (
     image_id,
 )
 from cluster.sandbox.inventory_file import inventory_text, write_inventory
-from cluster.sandbox.model import TINY_MODEL_NAME, ensure_tiny_model
+from cluster.sandbox.model import TINY_MODEL_SEEDS, ensure_tiny_model
 from cluster.sandbox.nodes import (
     NODE_LABEL,
     NODE_MODEL_CACHE,
@@ -150,9 +150,12 @@ def sandbox_up(
         local = _docker_step(steps)
         workload = _images_step(steps, local)
         workload_id = workload.image_id
-        with steps.step("tiny model") as done:
-            model_dir = ensure_tiny_model(docker=local, progress=steps.detail)
-            done.append(f"model {TINY_MODEL_NAME} ready in {model_dir}")
+        with steps.step("tiny models") as done:
+            model_dirs = [
+                ensure_tiny_model(docker=local, progress=steps.detail, name=name)
+                for name in TINY_MODEL_SEEDS
+            ]
+            done.append(f"models {', '.join(TINY_MODEL_SEEDS)} ready in {model_dirs[0].parent}")
         storage = choose_node_storage(
             node_storage,
             nodes,
@@ -173,8 +176,12 @@ def sandbox_up(
                 how = f"streamed to {sent}" if sent else "already on every node"
                 done.append(f"{WORKLOAD_IMAGE} {workload_id[7:19]} on every node ({how})")
             with steps.step("model on every node") as done:
-                copied = fan_out(connections, lambda c: model_to_node(c, model_dir), name=_name)
-                count = sum(copied.values())
+                copied = fan_out(
+                    connections,
+                    lambda c: sum(model_to_node(c, d) for d in model_dirs),
+                    name=_name,
+                )
+                count = sum(1 for n in copied.values() if n)
                 done.append(f"model in {NODE_MODEL_CACHE} on every node (copied to {count})")
         finally:
             for connection in connections:

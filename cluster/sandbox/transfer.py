@@ -22,7 +22,7 @@ from cluster.progress import ProgressBoard, board_for, format_bytes, metered
 from cluster.sandbox.dockerd import LocalDocker
 from cluster.sandbox.filelock import file_lock
 from cluster.sandbox.images import CACHE_DIR
-from cluster.sandbox.model import RECIPE_FILE, TINY_MODEL_NAME
+from cluster.sandbox.model import RECIPE_FILE
 from cluster.sandbox.nodes import NODE_MODEL_CACHE, SandboxError
 from cluster.transport.fanout import fan_out
 from cluster.transport.ssh import SshConnection
@@ -143,18 +143,19 @@ def model_to_node(connection: SshConnection, model_dir: Path) -> bool:
 
     Returns True when it was copied.
     """
-    target = f"{NODE_MODEL_CACHE}/models/{TINY_MODEL_NAME}"
+    name = model_dir.name
+    target = f"{NODE_MODEL_CACHE}/models/{name}"
     recipe = (model_dir / RECIPE_FILE).read_text().strip()
     present = connection.run(["cat", f"{target}/{RECIPE_FILE}"])
     if present.ok and present.stdout.strip() == recipe:
         return False
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
-        tar.add(model_dir, arcname=TINY_MODEL_NAME)
+        tar.add(model_dir, arcname=name)
     # The script is constant; the folder and the model name come in as $0 and $1.
     unpack = 'rm -rf "$0/$1" && mkdir -p "$0" && tar -x --no-same-owner -C "$0"'
     connection.run(
-        ["sh", "-c", unpack, f"{NODE_MODEL_CACHE}/models", TINY_MODEL_NAME],
+        ["sh", "-c", unpack, f"{NODE_MODEL_CACHE}/models", name],
         stdin=archive.getvalue(),
         check=True,
         fix="check free disk space on this machine",

@@ -15,13 +15,15 @@ import uuid
 
 from cluster.errors import VclusterError
 from cluster.plan import NodePlan
+from cluster.serving.bundle import bundle_digest
+from cluster.serving.catalog import ServingConfig
+from cluster.serving.failures import error_lines, likely_cause
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
+from cluster.steps.router import put_serving_files, wait_for_router
 from cluster.vllm import (
     SupervisedVllm,
-    error_lines,
     http_get,
-    likely_cause,
     log_tail_argv,
     parse_supervisor_state,
     request_serve_argv,
@@ -40,10 +42,12 @@ class VllmFailed(VclusterError):
     """vLLM exited or did not become ready."""
 
 
-def spec_id(node: NodePlan) -> str:
-    """Identifies what vLLM runs on a node: its argv and its container's spec."""
+def spec_id(node: NodePlan, serving: ServingConfig | None = None) -> str:
+    """Identifies what vLLM runs on a node: its argv and its container's spec (and, for the
+    router and agents, their code and configuration)."""
     assert node.serve is not None
-    text = json.dumps([node.container.spec_hash, node.serve.argv])
+    routed = [bundle_digest(), serving.to_json()] if serving is not None else []
+    text = json.dumps([node.container.spec_hash, node.serve.argv, *routed])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -65,6 +69,7 @@ def supervised(context: UpContext, node: NodePlan) -> SupervisedVllm | None:
 
 
 def launch_vllm(context: UpContext) -> str:
+    plan = context.require_plan()
     nodes = serving_nodes(context)
     names = [n.name for n in nodes]
     reports = context.session.on_each(lambda name: supervised(context, _node(context, name)), names)
@@ -75,7 +80,9 @@ def launch_vllm(context: UpContext) -> str:
         name: (report.restarts if report is not None else 0) for name, report in before.items()
     }
     unchanged = all(
-        (report := before[n.name]) is not None and report.running and report.spec_id == spec_id(n)
+        (report := before[n.name]) is not None
+        and report.running
+        and report.spec_id == spec_id(n, plan.serving)
         for n in nodes
     ) and not any(n.name in context.recreated for n in nodes)
     if unchanged:
@@ -85,8 +92,10 @@ def launch_vllm(context: UpContext) -> str:
     context.session.on_each(
         lambda name: _request(context, _node(context, name)), names
     ).raise_if_failed("asking the supervisors for vLLM")
+    if plan.serving is not None:
+        context.changes.append("router and agents (re)started")
+        return f"router on {plan.head.name}, model agents on " + ", ".join(names)
     context.changes.append("vLLM (re)started")
-    plan = context.require_plan()
     return (
         f"vllm serve on {', '.join(names)}: TP {plan.tensor_parallel} x PP "
         f"{plan.pipeline_parallel}, executor {plan.executor}; restarted by its supervisor if it dies"
@@ -98,7 +107,11 @@ def _request(context: UpContext, node: NodePlan) -> None:
     assert node.serve is not None
     assert context.launch_id is not None
     state_dir = node.container.supervisor.state_dir
-    argv = request_serve_argv(state_dir, node.serve, spec_id(node), context.launch_id)
+    serving = context.require_plan().serving
+    if serving is not None:
+        container = context.session.docker(node.name).containers.get(node.container.name)
+        put_serving_files(container, serving)
+    argv = request_serve_argv(state_dir, node.serve, spec_id(node, serving), context.launch_id)
     result = _exec(context, node, argv)
     if result.exit_code != 0:
         raise VllmFailed(
@@ -138,6 +151,8 @@ def _node(context: UpContext, name: str) -> NodePlan:
 
 def wait_for_vllm(context: UpContext) -> str:
     plan = context.require_plan()
+    if plan.serving is not None:
+        return wait_for_router(context)
     head = plan.head
     api_key = context.inventory.secrets.api_key
     key = api_key.resolve() if api_key is not None else None
@@ -179,7 +194,8 @@ def wait_for_vllm(context: UpContext) -> str:
 
 def _runs_this_request(context: UpContext, node: NodePlan, report: SupervisedVllm | None) -> bool:
     """The supervisor's report says vLLM runs the planned spec, from this `up`'s request."""
-    if report is None or not report.running or report.spec_id != spec_id(node):
+    serving = context.require_plan().serving
+    if report is None or not report.running or report.spec_id != spec_id(node, serving):
         return False
     return context.launch_id is None or report.launch == context.launch_id
 

@@ -15,6 +15,7 @@ from cluster.plan import ClusterPlan, build_plan
 from cluster.preflight import port_results
 from cluster.runtime import assumed_runtime
 from cluster.session import Session
+from cluster.steps.agent_token import ensure_agent_token
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.collective import CollectiveOutcome, collective_step, run_collective
 from cluster.steps.connect import connect_to_hosts
@@ -63,6 +64,7 @@ STEPS: list[Step[UpContext]] = [
     Step("Image facts", learn_image),
     Step("Ray-ready image", ensure_ray_image),
     Step("Ray token", _with_ray(ensure_ray_token)),
+    Step("Agent token", ensure_agent_token),
     Step("Head container and Ray head", start_head),
     Step("Waiting for the Ray head", _with_ray(wait_for_ray_head)),
     Step("Worker containers", start_workers),

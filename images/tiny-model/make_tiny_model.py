@@ -4,7 +4,7 @@ Runs inside the workload image (it has torch, transformers and tokenizers; the c
 not need them), called by cluster/sandbox/model.py:
 
     docker run --rm --entrypoint python3 -v THIS_FILE:/opt/vcluster/make_tiny_model.py:ro \
-        -v CACHE/models:/out vcluster/vllm-cpu:0.32.0 /opt/vcluster/make_tiny_model.py /out/DIR
+        -v CACHE/models:/out vcluster/vllm-cpu:0.32.0 /opt/vcluster/make_tiny_model.py /out/DIR [SEED]
 
 Deterministic: a fixed seed and fixed training sentences give the same files on every run.
 Shape: hidden 256, 4 layers, 4 attention heads of 64 (vLLM's CPU attention rejects a head size
@@ -71,12 +71,12 @@ def train_tokenizer():
     return wrapped
 
 
-def make_model(tokenizer):
+def make_model(tokenizer, seed: int):
     """A randomly initialized Llama with the sandbox's shape, in bfloat16."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN_SIZE,
@@ -95,14 +95,15 @@ def make_model(tokenizer):
     return model.to(torch.bfloat16)
 
 
-def main(out: Path) -> None:
+def main(out: Path, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    model = make_model(tokenizer)
+    model = make_model(tokenizer, seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"tiny-llama: vocab {len(tokenizer)}, {model.num_parameters()} parameters, in {out}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    # A second model is the same recipe with another seed: other weights, the same shape.
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else SEED)

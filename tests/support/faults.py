@@ -107,7 +107,7 @@ def seconds_to_first_chat(inventory: Inventory, started: float, timeout_s: float
         timeout=30,
         max_retries=0,
     )
-    served = inventory.model.served_name or inventory.model.name
+    served = inventory.primary_model.served
     while time.monotonic() < started + timeout_s:
         try:
             reply = client.chat.completions.create(

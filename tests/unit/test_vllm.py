@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from cluster.plan import ServeSpec
+from cluster.serving.failures import error_lines, likely_cause
 from cluster.vllm import (
-    error_lines,
-    likely_cause,
     parse_supervisor_state,
     request_serve_argv,
     served_models,
@@ -65,6 +64,7 @@ def test_the_serve_request_passes_every_value_as_an_argument():
         "launch": "launch7",
         "argv": ["vllm", "serve", "/m; reboot", "--port", "8000"],
         "log": serve.log_path,
+        "watch_titled": True,
     }
 
 

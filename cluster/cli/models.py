@@ -1,0 +1,106 @@
+"""`vcluster models`: each model's state; `models load` / `models unload` one by hand."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cluster.cli.common import INVENTORY, JSON, reports_errors
+from cluster.cli.lifecycle import one_node_session
+from cluster.inventory import load_inventory
+from cluster.model_admin import load_model, models_report, unload_model
+from cluster.router_client import ModelStatus
+
+
+class _ListByDefault(click.Group):
+    """`vcluster models INVENTORY` lists; `vcluster models load INVENTORY NAME` acts."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["list", *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_ListByDefault)
+def models() -> None:
+    """Several models on one endpoint: list them, load or unload one."""
+
+
+@models.command(name="list")
+@INVENTORY
+@JSON
+@reports_errors
+def list_(inventory: Path, as_json: bool) -> None:
+    """Each model's state, GPUs and nodes, last use, requests and activations."""
+    loaded = load_inventory(inventory)
+    with one_node_session(loaded, loaded.head.node_name) as session:
+        report = models_report(loaded, session)
+    if as_json:
+        click.echo(json.dumps({"models": [asdict(m) for m in report]}, indent=2))
+        return
+    Console().print(models_table(report))
+    for model in report:
+        if model.state == "failed" or (model.failure and model.state != "loaded"):
+            click.echo(f"{model.name}: {model.failure}")
+
+
+@models.command()
+@INVENTORY
+@click.argument("name")
+@click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for the model to serve.")  # fmt: skip
+@reports_errors
+def load(inventory: Path, name: str, wait_s: float) -> None:
+    """Load NAME now (idle models give way if its GPUs are taken)."""
+    loaded = load_inventory(inventory)
+    with one_node_session(loaded, loaded.head.node_name) as session:
+        model = load_model(loaded, session, name, wait_s)
+    click.echo(f"{model.name}: {model.state} on {model.where}")
+
+
+@models.command()
+@INVENTORY
+@click.argument("name")
+@reports_errors
+def unload(inventory: Path, name: str) -> None:
+    """Unload NAME now (requests in flight to it fail)."""
+    loaded = load_inventory(inventory)
+    with one_node_session(loaded, loaded.head.node_name) as session:
+        model = unload_model(loaded, session, name)
+    click.echo(f"{model.name}: {model.state}")
+
+
+def models_table(report: tuple[ModelStatus, ...]) -> Table:
+    table = Table(title="models")
+    for column in ("model", "state", "TP x PP", "GPUs", "last used", "in flight", "requests",
+                   "activations", "last start"):  # fmt: skip
+        table.add_column(column)
+    for model in report:
+        state = model.state + (" (kept)" if model.keep_loaded else "")
+        table.add_row(
+            model.name,
+            state if model.state != "failed" else "FAILED (below)",
+            f"{model.tensor_parallel} x {model.pipeline_parallel}",
+            model.where,
+            _ago(model.last_used),
+            str(model.in_flight),
+            str(model.requests),
+            str(model.activations),
+            "-" if model.last_activation_s is None else f"{model.last_activation_s:g} s",
+        )
+    return table
+
+
+def _ago(epoch: float | None) -> str:
+    if epoch is None:
+        return "never"
+    seconds = int(dt.datetime.now(dt.UTC).timestamp() - epoch)
+    return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago"

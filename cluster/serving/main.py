@@ -1,0 +1,76 @@
+"""The entry point in the containers: `python3 serving.pyz router|agent CONFIG NODE`.
+
+`router` (the head) serves the endpoint and runs the head's agent; `agent` (every other node)
+runs the node's agent only. Both stop every rank they started when they are stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from cluster.serving.agent import Agent, agent_app
+from cluster.serving.catalog import AGENT_TOKEN_ENV, API_KEY_ENV, ROUTER_SOCKET, ServingConfig
+from cluster.serving.router import Router, router_app
+
+
+async def serve(role: str, config: ServingConfig, node: str) -> None:
+    token = os.environ.get(AGENT_TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(f"{AGENT_TOKEN_ENV} is not set: the agents would be open to anyone")
+    agent = Agent(config, node, dict(os.environ))
+    runners = []
+    agent_runner = web.AppRunner(agent_app(agent, token), access_log=None)
+    await agent_runner.setup()
+    runners.append(agent_runner)
+    await web.TCPSite(agent_runner, config.node(node).address, config.agent_port).start()
+    router = None
+    if role == "router":
+        router = Router(config, token)
+        await router.start()
+        api_key = os.environ.get(API_KEY_ENV) or None
+        public = web.AppRunner(router_app(router, api_key), access_log=None)
+        local = web.AppRunner(router_app(router, None), access_log=None)
+        for runner in (public, local):
+            await runner.setup()
+            runners.append(runner)
+        await web.TCPSite(public, "0.0.0.0", config.port).start()  # noqa: S104 (the endpoint)
+        socket_path = Path(config.state_dir) / ROUTER_SOCKET
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        await web.UnixSite(local, str(socket_path)).start()
+        os.chmod(socket_path, stat.S_IRUSR | stat.S_IWUSR)
+    logging.getLogger("vcluster").info("%s on %s ready", role, node)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        if router is not None:
+            await router.close()
+        for runner in runners:
+            await runner.cleanup()
+        await asyncio.to_thread(agent.stop_all)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("router", "agent"):
+        print("usage: serving.pyz router|agent CONFIG_PATH NODE_NAME", file=sys.stderr)
+        return 2
+    role, config_path, node = argv
+    logging.basicConfig(
+        level=logging.INFO, format=f"vcluster-{role}: %(asctime)s %(levelname)s %(message)s"
+    )
+    config = ServingConfig.from_json(Path(config_path).read_text())
+    asyncio.run(serve(role, config, node))
+    return 0

@@ -1,0 +1,497 @@
+"""The router: one OpenAI endpoint for every configured model, each loaded when asked for.
+
+It routes by the request's `model`. A request for a model that is not loaded starts it (one
+activation, however many requests ask meanwhile) and waits for it, up to `request_wait_s`;
+past that it gets a 503 with Retry-After while the start goes on. Placement and eviction are
+`cluster.serving.placement`'s; the ranks are started by each node's agent. Responses, SSE
+streams included, pass through chunk by chunk as vLLM produces them.
+
+The users' API key (VLLM_API_KEY, as for vLLM itself) is checked here; the models' own API
+servers take the cluster's agent token instead, so they are not usable from outside without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from cluster.serving.agent import api_host
+from cluster.serving.catalog import ModelEntry, ServingConfig
+from cluster.serving.placement import Activation, Placement, Resident, plan_activation
+
+log = logging.getLogger("vcluster.router")
+
+POLL_S = 1.0
+RETRY_FAILED_AFTER_S = 30.0
+"""A model whose start failed is tried again by a request only after this (a load at once)."""
+RETRY_AFTER_S = 10
+AGENT_TIMEOUT_S = 30.0
+AGENT_MISSES_ALLOWED = 3
+"""An agent that does not answer this many polls in a row counts as gone with its ranks."""
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "host", "authorization",
+}  # fmt: skip
+
+UNLOADED, LOADING, LOADED, FAILED, UNLOADING = (
+    "unloaded",
+    "loading",
+    "loaded",
+    "failed",
+    "unloading",
+)
+
+
+class Unavailable(Exception):
+    """A request cannot be served now: its status, message and headers."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class ModelState:
+    entry: ModelEntry
+    state: str = UNLOADED
+    placement: Placement | None = None
+    launch: str | None = None
+    last_used: float = 0.0
+    in_flight: int = 0
+    requests: int = 0
+    activations: int = 0
+    last_activation_s: float | None = None
+    failure: str | None = None
+    failed_at: float = 0.0
+    started_at: float = 0.0
+    ready: asyncio.Future[None] | None = None
+    events: list[str] = field(default_factory=list)
+
+    def resident(self) -> Resident | None:
+        if self.placement is None or self.state not in (LOADING, LOADED, UNLOADING):
+            return None
+        return Resident(
+            self.entry.served,
+            self.placement,
+            self.last_used,
+            self.in_flight,
+            self.entry.keep_loaded,
+            loading=self.state != LOADED,
+        )
+
+    def report(self, config: ServingConfig) -> dict[str, Any]:
+        return {
+            "name": self.entry.served,
+            "state": self.state,
+            "placement": [[n, list(d)] for n, d in self.placement] if self.placement else None,
+            "tensor_parallel": self.entry.tensor_parallel,
+            "pipeline_parallel": self.entry.pipeline_parallel,
+            "keep_loaded": self.entry.keep_loaded,
+            "unload_after_s": self.entry.unload_after_s,
+            "last_used": _wall(self.last_used) if self.last_used else None,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "activations": self.activations,
+            "last_activation_s": self.last_activation_s,
+            "failure": self.failure,
+        }
+
+
+def _wall(monotonic: float) -> float:
+    return round(time.time() - (time.monotonic() - monotonic), 3)
+
+
+class Router:
+    """The models' states and the decisions on them; HTTP is in `router_app`."""
+
+    def __init__(self, config: ServingConfig, agent_token: str) -> None:
+        self.config = config
+        self.agent_token = agent_token
+        self.models = {m.served: ModelState(m) for m in config.models}
+        self.placing = asyncio.Lock()
+        self.http: aiohttp.ClientSession | None = None
+        self.agent_misses: dict[str, int] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        self.http = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
+        )
+        # A restarted router starts from a clean slate: no rank of an earlier run survives.
+        await asyncio.gather(*(self._agent("DELETE", n.name, "/ranks") for n in self.config.nodes),
+                             return_exceptions=True)  # fmt: skip
+        self._spawn(self._watch())
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.http is not None:
+            await self.http.close()
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # activation
+
+    async def ensure_loaded(self, served: str, wait_s: float) -> ModelState:
+        """The model, loaded: started if need be, waited for up to `wait_s`."""
+        model = self.models[served]
+        if model.state == LOADED:
+            return model
+        if model.state == FAILED and time.monotonic() - model.failed_at < RETRY_FAILED_AFTER_S:
+            raise Unavailable(502, f"model {served!r} failed to start: {model.failure}")
+        ready = self.activate(model)
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout=wait_s)
+        except TimeoutError:
+            raise Unavailable(
+                503, f"model {served!r} is still loading after {wait_s:g} s", RETRY_AFTER_S
+            ) from None
+        return model
+
+    def activate(self, model: ModelState) -> asyncio.Future[None]:
+        """The future of the model's start: the running one, or a new one."""
+        if model.ready is None or model.ready.done():
+            if model.state == LOADED:
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
+            model.ready = asyncio.get_running_loop().create_future()
+            model.ready.add_done_callback(_retrieve)
+            self._spawn(self._load(model, model.ready))
+        return model.ready
+
+    async def _load(self, model: ModelState, ready: asyncio.Future[None]) -> None:
+        entry = model.entry
+        async with self.placing:
+            decision = plan_activation(
+                self.config.nodes,
+                [r for m in self.models.values() if (r := m.resident()) is not None],
+                entry.tensor_parallel,
+                entry.pipeline_parallel,
+            )
+            if not isinstance(decision, Activation):
+                message = f"no room for model {entry.served!r}: {decision.reason}"
+                ready.set_exception(Unavailable(503, message, RETRY_AFTER_S))
+                return
+            for served in decision.evict:
+                await self.unload(self.models[served], why=f"to make room for {entry.served}")
+            model.state, model.placement = LOADING, decision.placement
+            model.launch = uuid.uuid4().hex[:12]
+            model.started_at = time.monotonic()
+            model.failure = None
+        log.info("loading %s on %s", entry.served, _where(decision.placement))
+        try:
+            await self._start_ranks(model)
+            await self._wait_serving(model)
+        except Unavailable as exc:
+            failure = exc
+        except Exception as exc:  # an agent's or the network's: the model did not start
+            failure = Unavailable(502, f"{type(exc).__name__}: {exc}")
+        else:
+            model.state = LOADED
+            model.activations += 1
+            model.last_activation_s = round(time.monotonic() - model.started_at, 2)
+            model.last_used = time.monotonic()
+            log.info("%s serves (started in %.1f s)", entry.served, model.last_activation_s)
+            ready.set_result(None)
+            return
+        await self._stop_ranks(model)
+        model.state, model.placement = FAILED, None
+        model.failure, model.failed_at = failure.message, time.monotonic()
+        log.warning("%s failed to start: %s", entry.served, failure.message)
+        message = f"model {entry.served!r} failed to start: {failure.message}"
+        ready.set_exception(Unavailable(failure.status, message))
+
+    async def _start_ranks(self, model: ModelState) -> None:
+        assert model.placement is not None
+        placement = [[n, list(d)] for n, d in model.placement]
+
+        async def start(rank: int, node: str) -> None:
+            body = {"launch": model.launch, "rank": rank, "placement": placement}
+            reply = await self._agent("PUT", node, f"/ranks/{model.entry.served}", body)
+            if reply[0] != 200:
+                raise Unavailable(502, f"the agent on {node} refused rank {rank}: {reply[1]}")
+
+        await asyncio.gather(*(start(r, n) for r, (n, _) in enumerate(model.placement)))
+
+    async def _wait_serving(self, model: ModelState) -> None:
+        """Until the model's API server answers, a rank dies, or the start timeout passes."""
+        assert model.placement is not None
+        deadline = model.started_at + self.config.start_timeout_s
+        while True:
+            death = await self._rank_death(model)
+            if death is not None:
+                raise Unavailable(502, death)
+            if await self._serves(model):
+                return
+            if time.monotonic() > deadline:
+                limit = self.config.start_timeout_s
+                raise Unavailable(503, f"not serving after {limit:g} s (router.start_timeout_s)")
+            await asyncio.sleep(POLL_S)
+
+    async def _serves(self, model: ModelState) -> bool:
+        assert self.http is not None and model.placement is not None
+        url = f"{self._backend(model)}/health"
+        try:
+            async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as reply:
+                return reply.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _rank_death(self, model: ModelState) -> str | None:
+        """Why a rank of the model is gone, or None while all run."""
+        assert model.placement is not None
+        for rank, (node, _) in enumerate(model.placement):
+            try:
+                status, reports = await self._agent("GET", node, "/ranks")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                misses = self.agent_misses[node] = self.agent_misses.get(node, 0) + 1
+                if misses >= AGENT_MISSES_ALLOWED:
+                    return f"the agent on {node} does not answer ({exc or type(exc).__name__})"
+                continue
+            self.agent_misses[node] = 0
+            report = reports.get(model.entry.served) if status == 200 else None
+            if report is None or report.get("launch") != model.launch:
+                return f"rank {rank} on {node} is not running"
+            if not report["running"]:
+                cause = report.get("cause")
+                likely = f"; likely cause: {cause['summary']}; fix: {cause['fix']}" if cause else ""
+                errors = " | ".join(report.get("errors") or []) or "(empty log)"
+                return f"rank {rank} on {node} {report['exit']}{likely}; errors: {errors}"
+        return None
+
+    async def unload(self, model: ModelState, *, why: str) -> None:
+        if model.state in (UNLOADED, FAILED) and model.placement is None:
+            return
+        log.info("unloading %s: %s", model.entry.served, why)
+        model.state = UNLOADING
+        await self._stop_ranks(model)
+        model.state, model.placement, model.launch = UNLOADED, None, None
+
+    async def _stop_ranks(self, model: ModelState) -> None:
+        if model.placement is None:
+            return
+        nodes = {n for n, _ in model.placement}
+        await asyncio.gather(
+            *(self._agent("DELETE", n, f"/ranks/{model.entry.served}") for n in nodes),
+            return_exceptions=True,
+        )
+
+    # the watch: idle unloads, dead ranks, models kept loaded
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            for model in list(self.models.values()):
+                try:
+                    await self._watch_one(model)
+                except Exception:  # one model's trouble must not stop the watch
+                    log.exception("watching %s", model.entry.served)
+
+    async def _watch_one(self, model: ModelState) -> None:
+        entry, now = model.entry, time.monotonic()
+        if model.state == LOADED:
+            idle = now - model.last_used
+            if (
+                entry.unload_after_s is not None
+                and not model.in_flight
+                and idle > entry.unload_after_s
+            ):
+                await self.unload(model, why=f"idle for {idle:.0f} s")
+                return
+            death = await self._rank_death(model)
+            if death is not None:
+                log.warning("%s went down: %s", entry.served, death)
+                await self._stop_ranks(model)
+                model.state, model.placement = UNLOADED, None
+                model.failure = death  # the next request starts it again
+        retry = model.state == UNLOADED or (
+            model.state == FAILED and now - model.failed_at > RETRY_FAILED_AFTER_S
+        )
+        if entry.keep_loaded and retry:
+            self.activate(model)
+
+    # proxying
+
+    def _backend(self, model: ModelState) -> str:
+        assert model.placement is not None
+        return f"http://{api_host(self.config, model.placement)}:{model.entry.api_port}"
+
+    async def forward(
+        self, request: web.Request, model: ModelState, body: bytes
+    ) -> web.StreamResponse:
+        """Pass the request to the model's API server and its answer back as it comes."""
+        assert self.http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["Authorization"] = f"Bearer {self.agent_token}"
+        url = f"{self._backend(model)}{request.rel_url}"
+        model.in_flight += 1
+        model.requests += 1
+        model.last_used = time.monotonic()
+        try:
+            async with self.http.request(
+                request.method, url, data=body, headers=headers
+            ) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in HOP_BY_HOP and name.lower() != "content-encoding":
+                        response.headers.add(name, value)
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except aiohttp.ClientConnectionError as exc:
+            raise Unavailable(502, f"model {model.entry.served!r} did not answer: {exc}") from None
+        finally:
+            model.in_flight -= 1
+            model.last_used = time.monotonic()
+
+    # agents
+
+    async def _agent(
+        self, method: str, node: str, path: str, body: object | None = None
+    ) -> tuple[int, Any]:
+        assert self.http is not None
+        address = self.config.node(node).address
+        url = f"http://{address}:{self.config.agent_port}{path}"
+        headers = {"Authorization": f"Bearer {self.agent_token}"}
+        timeout = aiohttp.ClientTimeout(total=AGENT_TIMEOUT_S)
+        async with self.http.request(
+            method, url, json=body, headers=headers, timeout=timeout
+        ) as reply:
+            text = await reply.text()
+            try:
+                return reply.status, json.loads(text)
+            except ValueError:
+                return reply.status, text
+
+    def report(self) -> list[dict[str, Any]]:
+        return [m.report(self.config) for m in self.models.values()]
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Marks a start's failure as seen when no request waited for it (no asyncio warning)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _where(placement: Placement) -> str:
+    return ", ".join(f"{n} [{','.join(map(str, d))}]" for n, d in placement)
+
+
+def openai_error(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             502: "BadGatewayError"}  # fmt: skip
+    response = web.json_response(
+        {"error": {"message": message, "type": kinds.get(status, "ServiceUnavailableError"),
+                   "param": None, "code": status}},
+        status=status,
+    )  # fmt: skip
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def api_key_required(
+    api_key: str | None,
+) -> Middleware:
+    """Middleware: with a key, every path but /health needs `Authorization: Bearer KEY`."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if api_key and request.path != "/health":
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")
+        return await handler(request)
+
+    return check
+
+
+def router_app(router: Router, api_key: str | None) -> web.Application:
+    """The endpoint: OpenAI's /v1 routes, /health, and /vcluster/models for the CLI."""
+    middlewares = [api_key_required(api_key)] if api_key else []
+    app = web.Application(middlewares=middlewares, client_max_size=256 * 1024**2)
+    config = router.config
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def list_models(request: web.Request) -> web.Response:
+        created = int(time.time())
+        data = [
+            {"id": m["name"], "object": "model", "created": created, "owned_by": "vcluster",
+             "vcluster": {"state": m["state"], "failure": m["failure"]}}
+            for m in router.report()
+        ]  # fmt: skip
+        return web.json_response({"object": "list", "data": data})
+
+    async def openai_call(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            served = json.loads(body)["model"]
+        except (ValueError, KeyError, TypeError):
+            return openai_error(400, "the request needs a JSON body with a `model`")
+        if not isinstance(served, str) or served not in router.models:
+            known = ", ".join(m.served for m in config.models)
+            return openai_error(404, f"model {served!r} is not served here; known: {known}")
+        try:
+            model = await router.ensure_loaded(served, config.request_wait_s)
+            return await router.forward(request, model, body)
+        except Unavailable as exc:
+            return openai_error(exc.status, exc.message, exc.retry_after)
+
+    async def models_report(request: web.Request) -> web.Response:
+        return web.json_response({"models": router.report()})
+
+    def named(request: web.Request) -> ModelState | None:
+        return router.models.get(request.query.get("model", ""))
+
+    async def load(request: web.Request) -> web.Response:
+        model = named(request)
+        if model is None:
+            return openai_error(404, f"no model {request.query.get('model')!r}")
+        model.failed_at = 0.0  # asked for by a person: no waiting after a failure
+        wait = float(request.query.get("wait", config.request_wait_s))
+        try:
+            await router.ensure_loaded(model.entry.served, wait)
+        except Unavailable as exc:
+            return openai_error(exc.status, exc.message, exc.retry_after)
+        return web.json_response(model.report(config))
+
+    async def unload(request: web.Request) -> web.Response:
+        model = named(request)
+        if model is None:
+            return openai_error(404, f"no model {request.query.get('model')!r}")
+        async with router.placing:
+            await router.unload(model, why="asked for")
+        return web.json_response(model.report(config))
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/{tail:.*}", openai_call)
+    app.router.add_get("/vcluster/models", models_report)
+    app.router.add_post("/vcluster/load", load)  # ?model=NAME[&wait=SECONDS]
+    app.router.add_post("/vcluster/unload", unload)  # ?model=NAME
+    return app
