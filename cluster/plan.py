@@ -19,7 +19,6 @@ from cluster.inventory import CONTAINER_CACHE_PATH, Inventory, Node
 from cluster.model_plan import ModelPlanError, node_devices, serving_argv, serving_config
 from cluster.runtime import Runtime, assumed_runtime
 from cluster.secrets import MASK, SecretRef, state_dir
-from cluster.serving.bundle import bundle_digest
 from cluster.serving.catalog import AGENT_TOKEN_ENV, ServingConfig
 
 LABEL_PREFIX = "vcluster"
@@ -270,9 +269,11 @@ def declared_facts(inventory: Inventory) -> dict[str, NodeFacts]:
     problems = []
     facts = {}
     for node in inventory.nodes:
-        if inventory.accelerator == "nvidia" and node.gpus is None:
+        # with gpu_ids only, the node has at least the GPUs they name
+        found = node.gpus or (max(node.gpu_ids) + 1 if node.gpu_ids else None)
+        if inventory.accelerator == "nvidia" and found is None:
             problems.append(node.node_name)
-        gpus = (node.gpus or 0) if inventory.accelerator == "nvidia" else 0
+        gpus = (found or 0) if inventory.accelerator == "nvidia" else 0
         facts[node.node_name] = NodeFacts(
             address=node.address, gpu_count=gpus, interface=inventory.network.interface
         )
@@ -423,7 +424,6 @@ def _container_spec(
             "secret_environment": {n: str(r) for n, r in spec["secret_environment"].items()},
             "supervisor_code": hashlib.sha256(supervisor_source().encode()).hexdigest(),
             "restart_policy": RESTART_POLICY,
-            "serving_code": bundle_digest() if serving is not None else None,
         },
         default=lambda o: asdict(o),
         sort_keys=True,
@@ -485,16 +485,39 @@ def _serve_spec(
     return ServeSpec(argv=tuple(argv), headless=role == "worker")
 
 
+def _gpus_flag(gpus: Literal["all"] | tuple[int, ...]) -> str:
+    return gpus if gpus == "all" else "device=" + ",".join(map(str, gpus))
+
+
 def render_text(plan: ClusterPlan) -> str:
     """A human-readable plan; secrets appear as references, never values."""
     lines = [
         f"cluster {plan.cluster}: {len(plan.nodes)} node(s), {plan.accelerator}, executor {plan.executor}",
-        f"model {plan.model} as {plan.served_model_name!r}: "
-        f"tensor parallel {plan.tensor_parallel} x pipeline parallel {plan.pipeline_parallel}",
+        (
+            f"models {', '.join(m.served for m in plan.serving.models)}, behind a router"
+            if plan.serving is not None
+            else f"model {plan.model} as {plan.served_model_name!r}: tensor parallel "
+            f"{plan.tensor_parallel} x pipeline parallel {plan.pipeline_parallel}"
+        ),
         f"endpoint {plan.endpoint}",
         f"image {plan.image}: {plan.runtime_reason}",
         f"image facts: {plan.image_facts or 'not gathered'}",
     ]
+    if plan.serving is not None:
+        lines += ["", f"router on {plan.head.name}: {len(plan.serving.models)} model(s), each "
+                  "loaded when a request asks for it, unless kept loaded"]  # fmt: skip
+        for model in plan.serving.models:
+            when = "kept loaded" if model.keep_loaded else "on demand"
+            idle = (
+                f", unloaded after {model.unload_after_s:g} s idle" if model.unload_after_s else ""
+            )
+            lines.append(
+                f"  model {model.served!r}: TP {model.tensor_parallel} x PP "
+                f"{model.pipeline_parallel}, {when}{idle}; ports {model.api_port}/{model.master_port}"
+            )
+            lines.append(f"    {shlex.join(model.argv)}")
+        devices = "; ".join(f"{n.name} {list(n.devices)}" for n in plan.serving.nodes)
+        lines.append(f"  devices: {devices}")
     for node in plan.nodes:
         c = node.container
         lines.append("")
@@ -502,7 +525,7 @@ def render_text(plan: ClusterPlan) -> str:
         lines.append(f"  container {c.name}  image {c.image}  spec {c.spec_hash}")
         lines.append(
             f"  --network {c.network_mode} --ipc {c.ipc_mode}"
-            + (f" --gpus {c.gpus}" if c.gpus else "")
+            + (f" --gpus {_gpus_flag(c.gpus)}" if c.gpus else "")
             + "".join(f" -v {m.source}:{m.target}" for m in c.mounts)
         )
         for name, value in c.environment.items():
@@ -511,7 +534,9 @@ def render_text(plan: ClusterPlan) -> str:
             lines.append(f"  env {name}={MASK} (from {ref})")
         lines.append(f"  ray: {shlex.join(c.command)}" if c.command else "  ray: none")
         lines.append(
-            f"  supervisor: restart policy {c.restart_policy}, vLLM restarted when it dies"
+            f"  supervisor: restart policy {c.restart_policy}, "
+            + ("the router/agent" if plan.routed else "vLLM")
+            + " restarted when it dies"
             + (f"; ranks on {', '.join(c.supervisor.peers)}" if c.supervisor.peers else "")
         )
         if node.serve is not None:

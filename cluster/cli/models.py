@@ -46,7 +46,10 @@ def list_(inventory: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"models": [asdict(m) for m in report]}, indent=2))
         return
-    Console().print(models_table(report))
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200  # whole cells in a log or a pipe
+    console.print(models_table(report))
     for model in report:
         if model.state == "failed" or (model.failure and model.state != "loaded"):
             click.echo(f"{model.name}: {model.failure}")
@@ -82,7 +85,7 @@ def models_table(report: tuple[ModelStatus, ...]) -> Table:
     table = Table(title="models")
     for column in ("model", "state", "TP x PP", "GPUs", "last used", "in flight", "requests",
                    "activations", "last start"):  # fmt: skip
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("model", "state"))
     for model in report:
         state = model.state + (" (kept)" if model.keep_loaded else "")
         table.add_row(

@@ -37,6 +37,8 @@ RETRY_FAILED_AFTER_S = 30.0
 """A model whose start failed is tried again by a request only after this (a load at once)."""
 RETRY_AFTER_S = 10
 AGENT_TIMEOUT_S = 30.0
+AGENT_CONNECT_WAIT_S = 60.0
+"""How long a start waits for an agent that does not accept connections yet."""
 AGENT_MISSES_ALLOWED = 3
 """An agent that does not answer this many polls in a row counts as gone with its ranks."""
 HOP_BY_HOP = {
@@ -225,7 +227,15 @@ class Router:
 
         async def start(rank: int, node: str) -> None:
             body = {"launch": model.launch, "rank": rank, "placement": placement}
-            reply = await self._agent("PUT", node, f"/ranks/{model.entry.served}", body)
+            deadline = time.monotonic() + AGENT_CONNECT_WAIT_S
+            while True:  # an agent may still be starting (its container starts after ours)
+                try:
+                    reply = await self._agent("PUT", node, f"/ranks/{model.entry.served}", body)
+                    break
+                except aiohttp.ClientConnectorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(POLL_S)
             if reply[0] != 200:
                 raise Unavailable(502, f"the agent on {node} refused rank {rank}: {reply[1]}")
 

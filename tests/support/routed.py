@@ -20,7 +20,9 @@ MODEL_A = f"{NODE_MODEL_CACHE}/models/{TINY_MODEL_NAME}"
 MODEL_B = f"{NODE_MODEL_CACHE}/models/{SECOND_MODEL_NAME}"
 
 
-def write_routed_inventory(base: Path, target: Path, models: list[dict[str, Any]], **extra: Any) -> Path:
+def write_routed_inventory(
+    base: Path, target: Path, models: list[dict[str, Any]], **extra: Any
+) -> Path:
     """`base` (a sandbox's inventory) with `models:` instead of `model:`; written to `target`."""
     document = yaml.safe_load(base.read_text())
     document.pop("model")

@@ -23,7 +23,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--headless", action="store_true")
     parser.add_argument("--start-s", type=float, default=0.2)
-    for flag in ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--served-model-name"):
+    for flag in (
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+        "--served-model-name",
+    ):
         parser.add_argument(flag)
     args = parser.parse_args()  # an unknown flag: exit 2 with "unrecognized arguments", as vLLM
     time.sleep(args.start_s)

@@ -44,7 +44,7 @@ def only_problem(tmp_path: Path, text: str) -> str:
     return found[0]
 
 
-@pytest.mark.parametrize("name", ["gpu-2x8.yaml", "gpu-4x8.yaml", "cpu-2.yaml"])
+@pytest.mark.parametrize("name", ["gpu-2x8.yaml", "gpu-4x8.yaml", "cpu-2.yaml", "gpu-models.yaml"])
 def test_every_example_inventory_is_valid(name: str) -> None:
     assert load_inventory(REPO / "inventory" / name).nodes
 
@@ -264,3 +264,100 @@ def test_an_index_url_that_would_add_to_the_recipe_or_carry_a_token_is_refused(
 def test_the_collective_checks_join_time_must_fit_in_its_time_limit(tmp_path: Path) -> None:
     text = MINIMAL + "collective:\n  join_timeout_s: 600\n  time_limit_s: 300\n"
     assert "join_timeout_s must be below time_limit_s" in only_problem(tmp_path, text)
+
+
+SEVERAL = """\
+cluster: demo
+image: vllm/vllm-openai:v0.11.0
+nodes:
+  - {name: a, address: 10.0.0.1, gpus: 8}
+  - {name: b, address: 10.0.0.2, gpus: 8}
+model_cache: /data/hf
+models:
+  - name: meta-llama/Llama-3.1-70B-Instruct
+    tensor_parallel: 8
+    pipeline_parallel: 2
+    keep_loaded: true
+  - name: Qwen/Qwen2.5-7B-Instruct
+    served_name: qwen
+    tensor_parallel: 4
+    pipeline_parallel: 1
+    unload_after_s: 600
+"""
+
+
+def test_several_models_are_routed_with_their_own_parallelism(tmp_path: Path) -> None:
+    inventory = load_inventory(write(tmp_path, SEVERAL))
+    assert [m.served for m in inventory.model_list] == ["meta-llama/Llama-3.1-70B-Instruct", "qwen"]
+    assert inventory.routed
+    assert inventory.default_executor == "mp"
+    assert [inventory.keeps_loaded(m) for m in inventory.model_list] == [True, False]
+
+
+def test_one_model_is_kept_loaded_and_served_by_vllm_itself(tmp_path: Path) -> None:
+    inventory = load_inventory(write(tmp_path, MINIMAL))
+    assert inventory.model_list == (inventory.model,)
+    assert not inventory.routed and inventory.default_executor == "ray"
+
+
+def test_one_model_in_a_list_loaded_on_demand_is_routed(tmp_path: Path) -> None:
+    text = MINIMAL.replace("model:\n  name:", "models:\n  - unload_after_s: 60\n    name:")
+    assert load_inventory(write(tmp_path, text)).routed
+
+
+def test_model_and_models_together_or_neither_is_an_error(tmp_path: Path) -> None:
+    both = SEVERAL + "model:\n  name: x\n"
+    assert "give either model: (one model) or models: (a list), not both" in only_problem(
+        tmp_path, both
+    )
+    neither = MINIMAL.replace("model:\n  name: meta-llama/Llama-3.1-70B-Instruct\n", "")
+    assert "not neither" in only_problem(tmp_path, neither)
+
+
+def test_two_models_with_one_served_name_are_an_error_on_the_second(tmp_path: Path) -> None:
+    text = SEVERAL.replace(
+        "    served_name: qwen\n", "    served_name: meta-llama/Llama-3.1-70B-Instruct\n"
+    )
+    problem = only_problem(tmp_path, text)
+    assert ":13: models[1].served_name:" in problem
+    assert "also models[0]'s" in problem
+
+
+def test_a_model_that_can_never_fit_is_refused_before_any_host_is_contacted(tmp_path: Path) -> None:
+    text = SEVERAL.replace("    tensor_parallel: 4\n", "    tensor_parallel: 16\n")
+    problem = only_problem(tmp_path, text)
+    assert "models[1].tensor_parallel" in problem and "it can never load" in problem
+    text = SEVERAL.replace("    pipeline_parallel: 1\n", "    pipeline_parallel: 3\n")
+    assert "pipeline_parallel 3 is more than the 2 nodes" in only_problem(tmp_path, text)
+
+
+def test_several_models_with_the_ray_executor_are_refused(tmp_path: Path) -> None:
+    problem = only_problem(tmp_path, SEVERAL + "executor: ray\n")
+    assert "executor:" in problem and "set executor: mp" in problem
+
+
+def test_gpu_ids_give_the_count_and_must_agree_with_gpus(tmp_path: Path) -> None:
+    text = SEVERAL.replace(
+        "{name: b, address: 10.0.0.2, gpus: 8}",
+        "{name: b, address: 10.0.0.2, gpu_ids: [0, 1, 2, 3, 4, 5, 6, 7]}",
+    )
+    inventory = load_inventory(write(tmp_path, text))
+    assert inventory.nodes[1].declared_gpus == 8
+    clash = SEVERAL.replace("gpus: 8}\n  - {name: b", "gpus: 8, gpu_ids: [0, 1]}\n  - {name: b")
+    assert "nodes[0]: gpus: 8 but gpu_ids names 2" in problems(tmp_path, clash)[0]
+    twice = SEVERAL.replace("gpus: 8}\n  - {name: b", "gpu_ids: [1, 1]}\n  - {name: b")
+    assert "nodes[0].gpu_ids: [1, 1] names a GPU twice" in problems(tmp_path, twice)[0]
+
+
+def test_a_gpu_subset_too_small_for_a_model_is_refused(tmp_path: Path) -> None:
+    text = SEVERAL.replace(
+        "{name: b, address: 10.0.0.2, gpus: 8}",
+        "{name: b, address: 10.0.0.2, gpu_ids: [0, 1, 2, 3]}",
+    )
+    problem = only_problem(tmp_path, text)
+    assert "models[0].tensor_parallel" in problem and "[4, 8]" in problem
+
+
+def test_the_model_ports_must_not_hold_another_port(tmp_path: Path) -> None:
+    problem = only_problem(tmp_path, SEVERAL + "ports: {models: 7999}\n")
+    assert "ports.models uses 7999-8002, which holds ports.vllm" in problem

@@ -1,0 +1,131 @@
+"""The plan of a cluster with several models: the router's configuration, each rank's argv
+and environment, and the errors for GPUs that are not there or models that cannot fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.inventory import load_inventory
+from cluster.plan import NodeFacts, PlanError, build_plan, render_text
+from cluster.serving.agent import api_host, rank_argv, rank_environment
+from cluster.serving.catalog import ServingConfig
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "inventory" / "gpu-models.yaml"
+
+
+def facts(gpus: dict[str, int]) -> dict[str, NodeFacts]:
+    return {
+        name: NodeFacts(address=f"10.0.0.{11 + i}", gpu_count=count, gpu_model="NVIDIA H200")
+        for i, (name, count) in enumerate(gpus.items())
+    }
+
+
+@pytest.fixture
+def plan():
+    return build_plan(load_inventory(EXAMPLE), facts({"gpu-1": 8, "gpu-2": 8}))
+
+
+def test_the_router_runs_on_the_head_and_an_agent_on_every_other_node(plan):
+    assert plan.routed
+    head, worker = plan.nodes
+    assert head.serve.argv[-3:] == ("router", "/var/lib/vcluster/serving.json", "gpu-1")
+    assert worker.serve.argv[-3:] == ("agent", "/var/lib/vcluster/serving.json", "gpu-2")
+    assert not head.serve.watch_titled  # models' processes come and go under the router
+    assert head.container.supervisor.peers == ()
+    assert "VCLUSTER_AGENT_TOKEN" in head.container.secret_environment
+    assert "VCLUSTER_AGENT_TOKEN" in worker.container.secret_environment
+
+
+def test_each_model_gets_its_parallelism_ports_and_argv(plan):
+    serving = plan.serving
+    assert [(m.served, m.tensor_parallel, m.pipeline_parallel, m.keep_loaded)
+            for m in serving.models] == [
+        ("llama-70b", 4, 2, True), ("qwen-7b", 1, 1, False), ("mistral-24b", 2, 1, False)
+    ]  # fmt: skip
+    assert [(m.api_port, m.master_port) for m in serving.models] == [
+        (30100, 30101), (30102, 30103), (30104, 30105)
+    ]  # fmt: skip
+    mistral = serving.models[2]
+    assert mistral.argv[:3] == ("vllm", "serve", "mistralai/Mistral-Small-24B-Instruct-2501")
+    assert mistral.argv[-2:] == ("--max-model-len", "16384")
+    assert "--distributed-executor-backend" in mistral.argv
+
+
+def test_a_gpu_subset_is_the_containers_gpus_and_the_placements_devices(plan):
+    worker = plan.node("gpu-2")
+    assert worker.container.gpus == (0, 1, 2, 3, 4, 5)
+    assert plan.head.container.gpus == "all"
+    assert [n.devices for n in plan.serving.nodes] == [tuple(range(8)), tuple(range(6))]
+
+
+def test_the_configuration_reads_back_as_written(plan):
+    assert ServingConfig.from_json(plan.serving.to_json()) == plan.serving
+
+
+def test_rank_0_on_the_head_listens_on_loopback_and_other_ranks_are_headless(plan):
+    serving = plan.serving
+    llama = serving.models[0]
+    placement = (("gpu-1", (0, 1, 2, 3)), ("gpu-2", (2, 3, 4, 5)))
+    first = rank_argv(serving, llama, placement, 0)
+    second = rank_argv(serving, llama, placement, 1)
+    assert first[-12:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.11",
+                           "--master-port", "30101", "--host", "127.0.0.1", "--port", "30100"]  # fmt: skip
+    assert second[-9:] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.11",
+                           "--master-port", "30101", "--headless"]  # fmt: skip
+    assert api_host(serving, placement) == "127.0.0.1"
+
+
+def test_a_one_node_model_off_the_head_listens_on_its_node_with_no_rendezvous(plan):
+    serving = plan.serving
+    qwen = serving.models[1]
+    placement = (("gpu-2", (5,)),)
+    argv = rank_argv(serving, qwen, placement, 0)
+    assert "--nnodes" not in argv and "--headless" not in argv
+    assert argv[-4:] == ["--host", "10.0.0.12", "--port", "30102"]
+
+
+def test_a_rank_sees_its_gpus_and_serves_with_the_agent_token_as_its_key(plan):
+    serving = plan.serving
+    environment = rank_environment(
+        serving,
+        (("gpu-2", (4, 5)),),
+        0,
+        {"VCLUSTER_AGENT_TOKEN": "t0ken", "VLLM_API_KEY": "users-key", "PATH": "/bin"},
+    )
+    assert environment["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert environment["VLLM_API_KEY"] == "t0ken"
+    assert "VCLUSTER_AGENT_TOKEN" not in environment
+    assert environment["PATH"] == "/bin"
+
+
+def test_inside_a_subset_container_the_gpus_are_numbered_from_0(tmp_path):
+    text = EXAMPLE.read_text().replace("gpu_ids: [0, 1, 2, 3, 4, 5]", "gpu_ids: [2, 3, 6, 7]")
+    (tmp_path / "inventory.yaml").write_text(text)
+    inventory = load_inventory(tmp_path / "inventory.yaml")
+    serving = build_plan(inventory, facts({"gpu-1": 8, "gpu-2": 8})).serving
+    environment = rank_environment(serving, (("gpu-2", (6, 7)),), 0, {})
+    assert environment["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_gpu_ids_a_node_does_not_have_are_a_plan_error_naming_it():
+    inventory = load_inventory(EXAMPLE)
+    with pytest.raises(PlanError) as error:
+        build_plan(inventory, facts({"gpu-1": 8, "gpu-2": 4}))
+    assert "gpu-2 has no GPU 4, 5 (it has 4)" in error.value.message
+
+
+def test_a_model_the_found_gpus_cannot_hold_is_a_plan_error():
+    inventory = load_inventory(EXAMPLE)
+    with pytest.raises(PlanError) as error:
+        build_plan(inventory, facts({"gpu-1": 2, "gpu-2": 8}))
+    assert "model 'llama-70b' needs 2 node(s) with 4 device(s) each" in error.value.message
+
+
+def test_the_plan_text_lists_the_models_and_the_devices(plan):
+    text = render_text(plan)
+    assert "models llama-70b, qwen-7b, mistral-24b, behind a router" in text
+    assert "model 'qwen-7b': TP 1 x PP 1, on demand, unloaded after 900 s idle" in text
+    assert "--gpus device=0,1,2,3,4,5" in text

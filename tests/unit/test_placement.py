@@ -1,0 +1,135 @@
+"""Placement and eviction of models on GPU layouts read from real nvidia-smi captures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cluster.facts.gpu import parse_query_gpu
+from cluster.serving.catalog import NodeDevices
+from cluster.serving.placement import (
+    Activation,
+    NoRoom,
+    Resident,
+    free_devices,
+    place,
+    plan_activation,
+)
+
+GPU_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+
+
+def gpu_indices(machine: str) -> tuple[int, ...]:
+    gpus, _ = parse_query_gpu(
+        (GPU_FIXTURES / machine / "query-gpu-noheader-nounits.csv").read_text()
+    )
+    return tuple(g.index for g in gpus)
+
+
+H200X8 = gpu_indices("h200x8")
+H200X2 = gpu_indices("h200x2")
+
+
+def cluster(*devices: tuple[int, ...]) -> list[NodeDevices]:
+    return [
+        NodeDevices(f"node-{i + 1}", f"10.0.0.{i + 1}", d, head=i == 0)
+        for i, d in enumerate(devices)
+    ]
+
+
+def resident(served: str, placement, last_used: float, **keys) -> Resident:
+    return Resident(served, placement, last_used, **keys)
+
+
+def test_the_fixtures_are_the_machines_they_are_named_after():
+    assert tuple(range(8)) == H200X8
+    assert H200X2 == (0, 1)
+
+
+def test_two_tp4_models_share_an_eight_gpu_server_side_by_side():
+    nodes = cluster(H200X8)
+    first = place(nodes, free_devices(nodes, []), tensor=4, pipeline=1)
+    assert first == (("node-1", (0, 1, 2, 3)),)
+    second = place(nodes, free_devices(nodes, [first]), tensor=4, pipeline=1)
+    assert second == (("node-1", (4, 5, 6, 7)),)
+    assert place(nodes, free_devices(nodes, [first, second]), tensor=1, pipeline=1) is None
+
+
+def test_a_model_over_every_node_takes_tp_gpus_on_each_with_rank_0_on_the_head():
+    nodes = cluster(H200X8, H200X8, H200X8, H200X8)
+    placement = place(nodes, free_devices(nodes, []), tensor=8, pipeline=4)
+    assert placement == tuple((f"node-{i}", tuple(range(8))) for i in (1, 2, 3, 4))
+
+
+def test_the_fullest_nodes_that_fit_are_taken_first_so_large_holes_stay():
+    nodes = cluster(H200X8, H200X8)
+    half = (("node-2", (0, 1, 2, 3)),)
+    placement = place(nodes, free_devices(nodes, [half]), tensor=2, pipeline=1)
+    assert placement == (("node-2", (4, 5)),)  # node-1 stays whole for an 8-GPU model
+
+
+def test_rank_0_goes_to_the_head_when_the_head_is_one_of_the_nodes():
+    nodes = cluster(H200X2, H200X2, H200X2)
+    held = (("node-3", (0, 1)),)
+    placement = place(nodes, free_devices(nodes, [held]), tensor=2, pipeline=2)
+    assert placement is not None and placement[0][0] == "node-1"
+
+
+def test_a_gpu_subset_is_all_the_placement_sees():
+    nodes = cluster((2, 3, 6, 7), (0, 1, 2, 3))
+    placement = place(nodes, free_devices(nodes, []), tensor=4, pipeline=2)
+    assert placement == (("node-1", (2, 3, 6, 7)), ("node-2", (0, 1, 2, 3)))
+    assert nodes[0].visible_index(6) == 2  # the container sees the subset as 0..3
+
+
+def test_a_model_that_fits_needs_no_eviction():
+    nodes = cluster(H200X8)
+    loaded = resident("a", (("node-1", (0, 1, 2, 3)),), last_used=10.0)
+    decision = plan_activation(nodes, [loaded], tensor=4, pipeline=1)
+    assert decision == Activation((("node-1", (4, 5, 6, 7)),), evict=())
+
+
+def test_the_least_recently_used_idle_model_gives_way():
+    nodes = cluster(H200X8)
+    old = resident("old", (("node-1", (0, 1, 2, 3)),), last_used=1.0)
+    recent = resident("recent", (("node-1", (4, 5, 6, 7)),), last_used=9.0)
+    decision = plan_activation(nodes, [recent, old], tensor=4, pipeline=1)
+    assert decision == Activation((("node-1", (0, 1, 2, 3)),), evict=("old",))
+
+
+def test_a_model_not_in_the_way_is_kept_even_when_it_is_older():
+    nodes = cluster(H200X2, H200X2)
+    oldest = resident("oldest", (("node-2", (0,)),), last_used=1.0)
+    blocking = resident("blocking", (("node-1", (0, 1)),), last_used=5.0)
+    newest = resident("newest", (("node-2", (1,)),), last_used=9.0)
+    decision = plan_activation(nodes, [oldest, blocking, newest], tensor=2, pipeline=1)
+    assert decision == Activation((("node-1", (0, 1)),), evict=("blocking",))
+
+
+def test_busy_loading_and_kept_models_never_give_way():
+    nodes = cluster(H200X2, H200X2)
+    residents = [
+        resident("busy", (("node-1", (0, 1)),), 1.0, in_flight=3),
+        resident("starting", (("node-2", (0,)),), 2.0, loading=True),
+        resident("pinned", (("node-2", (1,)),), 3.0, keep_loaded=True),
+    ]
+    decision = plan_activation(nodes, residents, tensor=1, pipeline=1)
+    assert isinstance(decision, NoRoom)
+    assert decision.holders == ("busy", "starting", "pinned")
+    assert "busy (3 request(s) in flight)" in decision.reason
+    assert "starting (loading)" in decision.reason
+    assert "pinned (keep_loaded)" in decision.reason
+
+
+def test_a_model_larger_than_the_cluster_has_no_room_and_no_holders():
+    nodes = cluster(H200X2, H200X2)
+    decision = plan_activation(nodes, [], tensor=4, pipeline=1)
+    assert isinstance(decision, NoRoom) and decision.holders == ()
+
+
+def test_eviction_across_nodes_frees_a_model_over_every_node():
+    nodes = cluster(H200X8, H200X8)
+    small = resident("small", (("node-1", (0,)),), 1.0)
+    wide = resident("wide", (("node-1", (4, 5, 6, 7)), ("node-2", (4, 5, 6, 7))), 2.0)
+    decision = plan_activation(nodes, [small, wide], tensor=8, pipeline=2)
+    assert isinstance(decision, Activation)
+    assert decision.evict == ("small", "wide")
