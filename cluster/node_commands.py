@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from cluster.model_plan import MODEL_LOG_DIR
 from cluster.plan import VLLM_LOG_PATH
 
-Component = Literal["vllm", "ray", "container"]
-COMPONENTS: tuple[Component, ...] = ("vllm", "ray", "container")
+Component = Literal["vllm", "models", "ray", "container"]
+COMPONENTS: tuple[Component, ...] = ("vllm", "models", "ray", "container")
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 # Picks bash when the image has it; a constant script, no user value inside.
 _LOGIN_SHELL = "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"
@@ -21,12 +22,17 @@ def exec_argv(container: str, command: list[str]) -> list[str]:
 
 
 def logs_argv(container: str, component: Component, *, tail: int, follow: bool) -> list[str]:
-    """Show a component's log: vLLM's log file, Ray's raylet/GCS logs, or the container's."""
+    """Show a component's log: vLLM's log file (the router's or agent's with several models),
+    the models' logs (several models), Ray's raylet/GCS logs, or the container's."""
     follow_flag = ["-f"] if follow else []
     if component == "container":
         return ["docker", "logs", "--tail", str(tail), *follow_flag, container]
     if component == "vllm":
         return ["docker", "exec", container, "tail", "-n", str(tail), *follow_flag, VLLM_LOG_PATH]
+    if component == "models":  # one file per model that ran on the node
+        script = f'tail "$@" {MODEL_LOG_DIR}/*.log 2>/dev/null || echo "no model ran on this node"'
+        tail_args = ["-n", str(tail), *follow_flag]
+        return ["docker", "exec", container, "sh", "-c", script, "tail", *tail_args]
     # Ray: the raylet everywhere, the GCS server on the head only (its file is absent on workers).
     files = [f"{RAY_LOGS}/raylet.out", f"{RAY_LOGS}/gcs_server.out"]
     script = 'tail "$@" 2>/dev/null; true'

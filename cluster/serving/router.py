@@ -33,6 +33,9 @@ from cluster.serving.placement import Activation, Placement, Resident, plan_acti
 log = logging.getLogger("vcluster.router")
 
 POLL_S = 1.0
+START_POLL_S = 0.2
+"""While a model starts: how often its API server is asked whether it serves (each poll
+also asks its agents whether every rank still runs)."""
 RETRY_FAILED_AFTER_S = 30.0
 """A model whose start failed is tried again by a request only after this (a load at once)."""
 RETRY_AFTER_S = 10
@@ -254,7 +257,7 @@ class Router:
             if time.monotonic() > deadline:
                 limit = self.config.start_timeout_s
                 raise Unavailable(503, f"not serving after {limit:g} s (router.start_timeout_s)")
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(START_POLL_S)
 
     async def _serves(self, model: ModelState) -> bool:
         assert self.http is not None and model.placement is not None

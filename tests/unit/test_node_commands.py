@@ -32,3 +32,10 @@ def test_ray_logs_pass_the_line_count_as_an_argument_not_inside_the_script():
     script = argv[argv.index("-c") + 1]
     assert "7" not in script
     assert argv[argv.index("-n") + 1] == "7"
+
+
+def test_models_logs_tail_every_models_log_with_the_count_as_an_argument():
+    argv = logs_argv("c", "models", tail=7, follow=True)
+    assert argv[:6] == ["docker", "exec", "c", "sh", "-c", argv[5]]
+    assert "/var/log/vcluster-models/*.log" in argv[5] and "7" not in argv[5]
+    assert argv[6:] == ["tail", "-n", "7", "-f"]
