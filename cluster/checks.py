@@ -328,11 +328,18 @@ def check_gpus(given: CheckInput) -> list[CheckResult]:
         for n in given.inventory.nodes
         if n.gpus is not None and n.gpu_ids is None
     }
-    common = _majority(shapes)
+    # Several models are placed on whatever each node gives: only the GPU model must agree.
+    routed = given.inventory.routed
+    compared = {name: (0 if routed else count, model) for name, (count, model) in shapes.items()}
+    common = _majority(compared)
     for name, (count, model) in shapes.items():
-        if (count, model) != common:
-            detail = f"{count} x {model}, but other nodes have {common[0]} x {common[1]}"
-            remedy = "tensor parallel = GPUs per node needs identical nodes: fix this node or leave it out"
+        if compared[name] != common:
+            if routed:
+                detail = f"{model}, but other nodes have {common[1]}"
+                remedy = "a model's ranks need one GPU model: fix this node or leave it out"
+            else:
+                detail = f"{count} x {model}, but other nodes have {common[0]} x {common[1]}"
+                remedy = "tensor parallel = GPUs per node needs identical nodes: fix this node or leave it out"
             results.append(_fail("gpus", name, detail, remedy))
         elif name in declared and declared[name] != count:
             detail = f"the inventory declares {declared[name]} GPUs, nvidia-smi lists {count}"

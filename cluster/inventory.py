@@ -298,6 +298,14 @@ class Model(_Strict):
     unload_after_s: Annotated[float, Field(gt=0)] | None = None
     """Unloaded after this many seconds without a request (default: only to make room)."""
 
+    @model_validator(mode="after")
+    def _kept_is_never_idle(self) -> Model:
+        if self.keep_loaded and self.unload_after_s is not None:
+            raise ValueError(
+                "keep_loaded: true is never unloaded; drop unload_after_s, or keep_loaded"
+            )
+        return self
+
     @property
     def served(self) -> str:
         """The name clients ask for (`served_name`, or the model's name)."""

@@ -56,7 +56,7 @@ class Listener:
     port: int
     process: str
     component: str
-    protection: str  # localhost only, Ray token, API key, none, none (read-only), not vcluster's
+    protection: str  # localhost only, Ray token, API key, agent token, none, none (read-only), not vcluster's
 
     @property
     def open_to_anyone(self) -> bool:
@@ -97,8 +97,10 @@ def classify(address: str, port: int, process: str, inventory: Inventory) -> Lis
         protection = "none (read-only)"
     elif component.startswith("Ray"):
         protection = "Ray token"
-    elif component == "vLLM API":
+    elif component in ("vLLM API", "router (the endpoint)"):
         protection = "API key" if inventory.secrets.api_key is not None else "none"
+    elif component in ("model agent", "a model's own API server"):
+        protection = "agent token"
     else:
         protection = "none"
     return Listener(address, port, _short(process), component, protection)
@@ -107,6 +109,13 @@ def classify(address: str, port: int, process: str, inventory: Inventory) -> Lis
 def _component(port: int, process: str, inventory: Inventory) -> str:
     if process == HOST_PROCESS:
         return "sshd" if port == 22 else "a host process, outside the container"
+    serving = "serving.pyz" in process
+    if port == inventory.ports.vllm and serving:
+        return "router (the endpoint)"
+    if port == inventory.ports.agent and serving:
+        return "model agent"
+    if inventory.routed and _is_model_api_port(port, inventory) and "vllm" in process.lower():
+        return "a model's own API server"
     if port == inventory.ports.vllm and ("vllm" in process.lower() or "VLLM" in process):
         return "vLLM API"
     if port == inventory.ports.master:
@@ -129,6 +138,12 @@ def _component(port: int, process: str, inventory: Inventory) -> str:
         if needle in process:
             return name
     return "other"
+
+
+def _is_model_api_port(port: int, inventory: Inventory) -> bool:
+    """Model i listens on ports.models + 2i (its rendezvous is the next port)."""
+    offset = port - inventory.ports.models
+    return 0 <= offset < 2 * len(inventory.model_list) and offset % 2 == 0
 
 
 def _short(process: str) -> str:

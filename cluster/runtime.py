@@ -96,6 +96,12 @@ def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runti
         return Runtime(
             image, False, "mp", f"{named} has no Ray and executor: mp needs none: no Ray cluster"
         )
+    if inventory.routed:
+        return Runtime(
+            image, False, "mp",
+            f"{named} has no Ray, and several models need none (each runs in vLLM's own "
+            "multi-node mode): no Ray cluster",
+        )  # fmt: skip
     if supply.recipe is not None:
         return ray_ready(inventory, facts, supply.recipe)
     if supply.built is not None:

@@ -48,6 +48,8 @@ MODEL = "tiny-a"
 TIMEOUT_S = 900.0
 COLD_RUNS = 2
 BASELINE_PORT_OFFSET = 1000
+STOP_GROUP = 'kill -s TERM -- "-$0"; sleep 5; kill -s KILL -- "-$0" 2>/dev/null; true'
+"""Stop a process group: `kill -s SIGNAL` (dash, the images' sh, refuses `kill -TERM --`)."""
 LOAD_SOURCE = (Path(__file__).parent / "load.py").read_text()
 
 
@@ -105,15 +107,7 @@ def vllm_alone_cold_start(
                     time.sleep(0.2)
         finally:
             for node, pid in pids.items():
-                nodes.in_container(
-                    node,
-                    [
-                        "sh",
-                        "-c",
-                        'kill -TERM -- "-$0"; sleep 5; kill -KILL -- "-$0" 2>/dev/null; true',
-                        pid,
-                    ],
-                )
+                nodes.in_container(node, ["sh", "-c", STOP_GROUP, pid])
 
 
 def in_head(inventory: Inventory, argv: list[str]) -> str:

@@ -214,7 +214,7 @@ def token_required(token: str) -> Middleware:
 
 
 def agent_app(agent: Agent, token: str) -> web.Application:
-    """The agent's HTTP API: GET /ranks, PUT and DELETE /ranks/{served}."""
+    """The agent's HTTP API: GET and DELETE /ranks, PUT and DELETE /ranks/{served}."""
     app = web.Application(middlewares=[token_required(token)])
 
     async def ranks(request: web.Request) -> web.Response:
@@ -240,7 +240,12 @@ def agent_app(agent: Agent, token: str) -> web.Application:
         await asyncio.to_thread(agent.stop, request.match_info["served"])
         return web.json_response({})
 
+    async def stop_all(request: web.Request) -> web.Response:
+        await asyncio.to_thread(agent.stop_all)
+        return web.json_response({})
+
     app.router.add_get("/ranks", ranks)
     app.router.add_put("/ranks/{served}", start)
     app.router.add_delete("/ranks/{served}", stop)
+    app.router.add_delete("/ranks", stop_all)
     return app

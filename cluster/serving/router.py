@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -83,7 +83,6 @@ class ModelState:
     failed_at: float = 0.0
     started_at: float = 0.0
     ready: asyncio.Future[None] | None = None
-    events: list[str] = field(default_factory=list)
 
     def resident(self) -> Resident | None:
         if self.placement is None or self.state not in (LOADING, LOADED, UNLOADING):
@@ -97,7 +96,7 @@ class ModelState:
             loading=self.state != LOADED,
         )
 
-    def report(self, config: ServingConfig) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         return {
             "name": self.entry.served,
             "state": self.state,
@@ -397,7 +396,7 @@ class Router:
                 return reply.status, text
 
     def report(self) -> list[dict[str, Any]]:
-        return [m.report(self.config) for m in self.models.values()]
+        return [m.report() for m in self.models.values()]
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -491,7 +490,7 @@ def router_app(router: Router, api_key: str | None) -> web.Application:
             await router.ensure_loaded(model.entry.served, wait)
         except Unavailable as exc:
             return openai_error(exc.status, exc.message, exc.retry_after)
-        return web.json_response(model.report(config))
+        return web.json_response(model.report())
 
     async def unload(request: web.Request) -> web.Response:
         model = named(request)
@@ -499,7 +498,7 @@ def router_app(router: Router, api_key: str | None) -> web.Application:
             return openai_error(404, f"no model {request.query.get('model')!r}")
         async with router.placing:
             await router.unload(model, why="asked for")
-        return web.json_response(model.report(config))
+        return web.json_response(model.report())
 
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)

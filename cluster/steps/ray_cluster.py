@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cluster.containers import container_logs, inspect_container
 from cluster.errors import VclusterError
+from cluster.plan import NodePlan
 from cluster.ray import RayNode, RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
@@ -98,10 +99,12 @@ def check_ray_topology(context: UpContext) -> str:
     if isinstance(nodes, str):
         raise RayNotReady(nodes, where=plan.head.name)
     alive = alive_by_address(nodes)
+    given = {n.name: _gpus_given(n) for n in plan.nodes}
     wrong = [
-        f"{n.name}: Ray sees {alive[n.facts.address].gpus:g} GPUs, nvidia-smi {n.facts.gpu_count}"
+        f"{n.name}: Ray sees {alive[n.facts.address].gpus:g} GPUs, the container has {given[n.name]}"
+        f" (nvidia-smi on the host: {n.facts.gpu_count})"
         for n in plan.nodes
-        if n.facts.address in alive and alive[n.facts.address].gpus != n.facts.gpu_count
+        if n.facts.address in alive and alive[n.facts.address].gpus != given[n.name]
     ]
     if wrong:
         raise RayNotReady(
@@ -109,11 +112,19 @@ def check_ray_topology(context: UpContext) -> str:
             where=", ".join(w.split(":")[0] for w in wrong),
             fix="check the NVIDIA container toolkit and CUDA_VISIBLE_DEVICES on those nodes",
         )
-    total = sum(n.facts.gpu_count for n in plan.nodes)
+    total = sum(given.values())
+    if plan.routed:
+        return f"{total} GPUs for the models; Ray agrees with nvidia-smi on every node"
     return (
         f"{total} GPUs = TP {plan.tensor_parallel} x PP {plan.pipeline_parallel}; "
         "Ray agrees with nvidia-smi on every node"
     )
+
+
+def _gpus_given(node: NodePlan) -> int:
+    """The GPUs the node's container has: its `gpu_ids`, or every one the host has."""
+    gpus = node.container.gpus
+    return len(gpus) if isinstance(gpus, tuple) else node.facts.gpu_count
 
 
 def _not_ready(context: UpContext, nodes: list[str], still: str) -> RayNotReady:

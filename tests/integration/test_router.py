@@ -274,3 +274,13 @@ def test_a_model_whose_rank_dies_is_started_again_by_the_next_request(start):
     assert "rank 1 on worker killed by SIGKILL" in cluster.models()["a"]["failure"]
     assert chat("a")[0] == 200
     assert cluster.models()["a"]["activations"] == 2
+
+
+def test_an_agent_asked_to_stop_everything_ends_every_ranks_process(start):
+    start(model("a", 0))
+    assert chat("a")[0] == 200
+    agent = f"http://127.0.0.2:{AGENT_PORT}"
+    _, ranks = request("GET", "/ranks", key=TOKEN, base=agent)
+    assert request("DELETE", "/ranks", key=TOKEN, base=agent)[0] == 200  # a new router does it
+    assert request("GET", "/ranks", key=TOKEN, base=agent)[1] == {}
+    assert not Path(f"/proc/{ranks['a']['pid']}").exists()

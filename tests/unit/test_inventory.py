@@ -361,3 +361,10 @@ def test_a_gpu_subset_too_small_for_a_model_is_refused(tmp_path: Path) -> None:
 def test_the_model_ports_must_not_hold_another_port(tmp_path: Path) -> None:
     problem = only_problem(tmp_path, SEVERAL + "ports: {models: 7999}\n")
     assert "ports.models uses 7999-8002, which holds ports.vllm" in problem
+
+
+def test_a_model_kept_loaded_cannot_also_be_unloaded_when_idle(tmp_path: Path) -> None:
+    text = SEVERAL.replace(
+        "    keep_loaded: true\n", "    keep_loaded: true\n    unload_after_s: 60\n"
+    )
+    assert "keep_loaded: true is never unloaded" in only_problem(tmp_path, text)
