@@ -114,8 +114,9 @@ def _component(port: int, process: str, inventory: Inventory) -> str:
         return "router (the endpoint)"
     if port == inventory.ports.agent and serving:
         return "model agent"
-    if inventory.routed and _is_model_api_port(port, inventory) and "vllm" in process.lower():
-        return "a model's own API server"
+    model_port = _model_port(port, inventory)
+    if model_port is not None and ("vllm" in process.lower() or "VLLM" in process):
+        return model_port
     if port == inventory.ports.vllm and ("vllm" in process.lower() or "VLLM" in process):
         return "vLLM API"
     if port == inventory.ports.master:
@@ -140,10 +141,16 @@ def _component(port: int, process: str, inventory: Inventory) -> str:
     return "other"
 
 
-def _is_model_api_port(port: int, inventory: Inventory) -> bool:
-    """Model i listens on ports.models + 2i (its rendezvous is the next port)."""
+def _model_port(port: int, inventory: Inventory) -> str | None:
+    """With several models, model i listens on ports.models + 2i, its ranks meet on the next."""
     offset = port - inventory.ports.models
-    return 0 <= offset < 2 * len(inventory.model_list) and offset % 2 == 0
+    if not inventory.routed or not 0 <= offset < 2 * len(inventory.model_list):
+        return None
+    return (
+        "a model's own API server"
+        if offset % 2 == 0
+        else "a model's rendezvous (torch.distributed store)"
+    )
 
 
 def _short(process: str) -> str:

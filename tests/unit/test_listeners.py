@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from cluster.checks import Status
-from cluster.inventory import Inventory
+from cluster.inventory import Inventory, load_inventory
 from cluster.listeners import Listener, check_listeners, classify, parse_listeners
 from tests.unit.test_plan import example
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "listeners"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "listeners"
 
 
 def listeners(name: str, inventory: Inventory) -> list[Listener]:
@@ -66,3 +69,26 @@ def test_a_cluster_with_only_authenticated_ports_passes():
     safe = [e for e in listeners("sandbox-head.txt", inventory) if not e.open_to_anyone]
     (result,) = check_listeners(inventory, {"node-1": safe})
     assert result.status is Status.PASS and "6379 Ray GCS (Ray token)" in result.detail
+
+
+def routed_inventory(tmp_path: Path) -> Inventory:
+    """The sandbox's inventory (inventory/cpu-2.yaml) with the two tiny models of the capture."""
+    document = yaml.safe_load((REPO / "inventory" / "cpu-2.yaml").read_text())
+    del document["model"]
+    document["models"] = [
+        {"name": "/data/hf/models/tiny-llama", "served_name": "tiny-a"},
+        {"name": "/data/hf/models/tiny-llama-b", "served_name": "tiny-b"},
+    ]
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(document))
+    return load_inventory(tmp_path / "inventory.yaml")
+
+
+def test_with_several_models_the_router_agents_and_models_servers_are_named(tmp_path):
+    inventory = routed_inventory(tmp_path)
+    head = by_port(listeners("routed-head.txt", inventory))
+    assert head[8000] == {("router (the endpoint)", "API key")}
+    assert head[29513] == {("model agent", "agent token")}
+    assert head[30100] == {("a model's own API server", "localhost only")}
+    assert head[30101] == {("a model's rendezvous (torch.distributed store)", "none")}
+    worker = by_port(listeners("routed-worker.txt", inventory))
+    assert worker[29513] == {("model agent", "agent token")}
