@@ -1,0 +1,271 @@
+"""Running the chain over SSH: check the nodes, start one relay per node, stream the items once.
+
+The controller starts the relays from the last node of the chain to the first: each listens on
+its node's address, says on which port, and the one before it connects there with the round's
+token. The first relay reads the stream from its SSH channel. Every relay reports on its own
+SSH channel (progress, each item, a lost neighbour), so the controller sees every node at once.
+
+A round ends when the stream has passed; nodes whose relay died or could not write are failed
+(named with the item); nodes cut off behind them are served by the next round, without them.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from cluster.distribution.chain import Routed, chain_order, lacking, require_room, routed_items
+from cluster.distribution.manifest import Item
+from cluster.errors import VclusterError
+from cluster.progress import Meter, ProgressBoard, describe_transfer
+from cluster.transport.ssh import SshConnection
+
+CHUNK = 1 << 20
+RELAY_SOURCE = (Path(__file__).with_name("relay.py")).read_text()
+STARTUP_TIMEOUT_S = 60.0
+
+Chunks = Callable[[Item], Iterator[bytes]]
+"""The bytes of an item, from wherever the controller reads them."""
+
+
+class DistributionError(VclusterError):
+    """Some nodes did not receive everything."""
+
+
+def relay_argv() -> list[str]:
+    return ["python3", "-c", RELAY_SOURCE]
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+@dataclass
+class NodeReport:
+    """What one node's relay said in a round."""
+
+    done: set[str] = field(default_factory=set)
+    errors: dict[str, str] = field(default_factory=dict)
+    item: str | None = None
+    received: int = 0
+    finished: bool = False
+    upstream_lost: bool = False
+    exit_status: int | None = None
+
+    def failure(self) -> str | None:
+        """Why the node failed itself (not cut off by another), or None."""
+        if self.errors:
+            path, error = next(iter(self.errors.items()))
+            return f"could not write {path}: {error}"
+        if not self.finished and not self.upstream_lost:
+            where = f" during {self.item}" if self.item else ""
+            return f"its relay ended{where} (exit {self.exit_status})"
+        return None
+
+
+@dataclass(frozen=True)
+class ChainNode:
+    """A node as the chain sees it: its address for the node before it, its folder for files."""
+
+    name: str
+    address: str
+    connection: SshConnection
+    root: str
+
+
+def check_node(node: ChainNode, items: Sequence[Item]) -> tuple[dict[str, str], int]:
+    """The node's state of every item (`ok`, `missing`, `size`, `sha256`) and its free bytes."""
+    config = {"mode": "check", "root": node.root, "entries": [i.wire() for i in items]}
+    result = node.connection.run(
+        relay_argv(), stdin=(json.dumps(config) + "\n").encode(), timeout=3600
+    )
+    event = _last_event(result.stdout, "check")
+    if not result.ok or event is None:
+        raise DistributionError(
+            f"checking the files failed: {result.stderr.strip()[-300:] or 'no report'}",
+            where=node.name,
+            fix="the host needs python3 (any 3.8 or later) for vcluster's relay",
+        )
+    return event["files"], int(event["free"])
+
+
+def _last_event(output: str, name: str) -> dict | None:
+    found = None
+    for line in output.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == name:
+            found = event
+    return found
+
+
+def run_round(
+    chain: Sequence[ChainNode],
+    stream: Sequence[Routed],
+    chunks: Chunks,
+    board: ProgressBoard | None = None,
+) -> tuple[dict[str, NodeReport], int]:
+    """Send `stream` once through `chain`; every node's report, and the bytes sent."""
+    token = secrets.token_hex(16)
+    reports = {node.name: NodeReport() for node in chain}
+    total = sum(r.item.size for r in stream)
+    channels: list[tuple[ChainNode, paramiko.Channel]] = []
+    readers: list[threading.Thread] = []
+    following: dict | None = None
+    try:
+        for index in range(len(chain) - 1, -1, -1):
+            node = chain[index]
+            config = {"mode": "relay", "root": node.root, "node": node.name, "token": token,
+                      "next": following, "listen": node.address if index else None}  # fmt: skip
+            channel = node.connection.open_channel(relay_argv())
+            channel.sendall((json.dumps(config) + "\n").encode())
+            lines = channel.makefile("r")
+            if index:
+                port = _listening_port(lines, node.name)
+                following = {"name": node.name, "address": node.address, "port": port}
+            reader = threading.Thread(
+                target=_read_events, args=(lines, reports[node.name], board, node.name, total),
+                daemon=True,
+            )  # fmt: skip
+            reader.start()
+            channels.append((node, channel))
+            readers.append(reader)
+        first = channels[-1][1]
+        sent = _send(first, stream, chunks)
+        for node, channel in channels:
+            reports[node.name].exit_status = channel.recv_exit_status()
+        for reader in readers:
+            reader.join(timeout=30)
+    finally:
+        for _, channel in channels:
+            channel.close()
+    return reports, sent
+
+
+def _listening_port(lines: Iterator[str], node: str) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    for line in lines:
+        event = json.loads(line)
+        if event.get("event") == "listening":
+            return int(event["port"])
+        if time.monotonic() > deadline:
+            break
+    raise DistributionError(
+        "the relay did not start listening",
+        where=node,
+        fix="the host needs python3; see that no firewall rule blocks ports between the nodes",
+    )
+
+
+def _send(channel: paramiko.Channel, stream: Sequence[Routed], chunks: Chunks) -> int:
+    """Write the stream into the first relay; the bytes written (stops when it is gone)."""
+    sent = 0
+    try:
+        for routed in stream:
+            header = {**routed.item.wire(), "sinks": list(routed.sinks)}
+            channel.sendall(frame(json.dumps(header).encode()))
+            if routed.item.kind == "link":
+                continue
+            for data in chunks(routed.item):
+                channel.sendall(frame(data))
+                sent += len(data)
+            channel.sendall(frame(b""))
+        channel.sendall(frame(json.dumps({"kind": "end"}).encode()))
+        channel.shutdown_write()
+    except OSError:
+        pass  # the first relay is gone: its report says so
+    return sent
+
+
+def _read_events(
+    lines: Iterator[str], report: NodeReport, board: ProgressBoard | None, node: str, total: int
+) -> None:
+    meter = Meter(time.monotonic(), total or None)
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        kind = event.get("event")
+        if kind == "progress":
+            report.item = event["path"]
+            meter.set(time.monotonic(), float(event["bytes"]))
+        elif kind == "item":
+            report.item = event["path"]
+            meter.set(time.monotonic(), float(event.get("bytes", meter.done)))
+            if event["error"]:
+                report.errors[event["path"]] = event["error"]
+            else:
+                report.done.add(event["path"])
+        elif kind == "upstream-lost":
+            report.upstream_lost = True
+        elif kind == "done":
+            report.finished = True
+        if board is not None and kind in ("progress", "item"):
+            board.update(node, f"{node}: " + describe_transfer(meter, time.monotonic()))
+
+
+def file_chunks(item: Item) -> Iterator[bytes]:
+    """An item's bytes from the controller: its file, or the content made here."""
+    if item.content is not None:
+        yield item.content
+        return
+    assert item.source is not None
+    with open(item.source, "rb") as handle:
+        yield from iter(lambda: handle.read(CHUNK), b"")
+
+
+@dataclass
+class Outcome:
+    """How the distribution ended: nodes that have everything, failed ones with why, bytes sent."""
+
+    complete: list[str]
+    failed: dict[str, str]
+    bytes_sent: int
+    rounds: int
+
+
+def distribute(
+    nodes: Sequence[ChainNode],
+    items: Sequence[Item],
+    chunks: Chunks = file_chunks,
+    board: ProgressBoard | None = None,
+) -> Outcome:
+    """Every item on every node, through a chain, in rounds until no node lacks one it can take.
+
+    Refused before anything is sent when a node lacks the disk space for what it lacks.
+    """
+    failed: dict[str, str] = {}
+    sent, rounds = 0, 0
+    while True:
+        checked = {n.name: check_node(n, items) for n in nodes if n.name not in failed}
+        needs = lacking(items, {name: found for name, (found, _) in checked.items()})
+        if rounds == 0:
+            require_room(needs, {name: free for name, (_, free) in checked.items()})
+        chain_names = chain_order([n.name for n in nodes], needs)
+        if not chain_names or rounds == len(nodes):
+            break
+        chain = [n for n in nodes if n.name in chain_names]
+        reports, round_sent = run_round(
+            chain, routed_items(items, needs, chain_names), chunks, board
+        )
+        sent += round_sent
+        rounds += 1
+        for name, report in reports.items():
+            why = report.failure()
+            if why is not None:
+                failed[name] = why
+    for name in chain_names:
+        failed.setdefault(name, "still lacks files after every round")
+    complete = [n.name for n in nodes if n.name not in failed]
+    return Outcome(complete, failed, sent, rounds)
