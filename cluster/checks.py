@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from rich.markup import escape
 from rich.table import Table
 
+from cluster.distribution.manifest import Item
 from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuTopology
 from cluster.facts.host import HostFacts
@@ -732,6 +733,33 @@ def check_model_present(
         )
         for name in missing
     ]
+
+
+def check_model_files(
+    served: str, items: Sequence[Item], states: Mapping[str, Mapping[str, str]]
+) -> list[CheckResult]:
+    """Per node, the files of a model with a `source`: all there and verified, or which lack.
+
+    A WARN, not a FAIL: `up` sends what lacks before vLLM starts (`vcluster models pull` too).
+    """
+    files = [item for item in items if item.kind == "file"]
+    results = []
+    for node, found in states.items():
+        bad = [item.path.rsplit("/", 1)[-1] for item in files if found.get(item.path) != "ok"]
+        if not bad:
+            results.append(_pass("model files", node, f"{served}: {len(files)} file(s) verified"))
+            continue
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        changed = [p for p, state in found.items() if state in ("size", "sha256")]
+        what = f"{len(changed)} differ from the source, " if changed else ""
+        results.append(
+            _warn(
+                "model files", node,
+                f"{served}: {len(bad)} of {len(files)} file(s) missing or wrong ({what}{shown})",
+                "`vcluster up` or `vcluster models pull` sends them (only those)",
+            )
+        )  # fmt: skip
+    return results
 
 
 def uses_ray(inventory: Inventory, runtime: Runtime | None) -> tuple[bool, str]:

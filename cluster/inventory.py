@@ -293,10 +293,18 @@ class Model(_Strict):
     tensor_parallel: Annotated[int, Field(ge=1)] | Auto = "auto"
     pipeline_parallel: Annotated[int, Field(ge=1)] | Auto = "auto"
     args: list[str] = []
+    source: str | None = None
+    """A folder on this machine with the model's files: `up` and `models pull` send it to every
+    node (once, passed on from node to node), checked file by file."""
     keep_loaded: bool | None = None
     """Never unloaded (default: yes for a cluster with one model, no with several)."""
     unload_after_s: Annotated[float, Field(gt=0)] | None = None
     """Unloaded after this many seconds without a request (default: only to make room)."""
+
+    @field_validator("source")
+    @classmethod
+    def _source_absolute(cls, value: str | None) -> str | None:
+        return _absolute(value, "source")
 
     @model_validator(mode="after")
     def _kept_is_never_idle(self) -> Model:

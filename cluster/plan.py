@@ -319,6 +319,10 @@ def _parallelism(inventory: Inventory, counts: dict[str, int]) -> tuple[int, int
 def _environment(inventory: Inventory, facts: NodeFacts, ray: bool) -> dict[str, str]:
     environment = dict(inventory.env)
     environment["VLLM_HOST_IP"] = facts.address
+    hub_models = [m for m in inventory.model_list if not m.name.startswith("/")]
+    if hub_models and all(m.source for m in hub_models):
+        # every hub model is sent from its source into the cache: vLLM must not ask the hub
+        environment.setdefault("HF_HUB_OFFLINE", "1")
     if ray:
         # what vLLM's run_cluster.sh sets for multi-NIC hosts, so Ray and vLLM agree on it
         environment["RAY_NODE_IP_ADDRESS"] = facts.address

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import paramiko
 
@@ -17,6 +17,7 @@ from cluster.checks import (
     CheckResult,
     Status,
     check_image,
+    check_model_files,
     check_model_present,
     check_runtime,
     check_workers_reach_head,
@@ -24,6 +25,8 @@ from cluster.checks import (
     run_checks,
 )
 from cluster.containers import inspect_container
+from cluster.distribution.manifest import SourceError, model_items
+from cluster.distribution.transfer import check_node
 from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
@@ -33,6 +36,7 @@ from cluster.listeners import Listener, check_listeners, classify, listeners_arg
 from cluster.plan import container_name
 from cluster.runtime import Runtime
 from cluster.session import Session
+from cluster.steps.model_files import chain_nodes
 
 REACH_TIMEOUT_S = 5.0
 
@@ -66,6 +70,9 @@ def preflight_results(
     results += check_image(inventory, ids.succeeded)
     results += check_runtime(inventory, image_facts, runtime, probe_error)
     for model in inventory.model_list:
+        if model.source:
+            results += _model_file_results(inventory, session, model, reachable)
+            continue
         present = session.on_each(
             functools.partial(_model_present, session, inventory=inventory, model=model), reachable
         )
@@ -81,6 +88,22 @@ def model_files(inventory: Inventory, model: Model) -> str:
         return str(PurePosixPath(name) / "config.json")
     # Hugging Face's cache layout: <cache>/hub/models--ORG--NAME
     return str(PurePosixPath(inventory.model_cache) / "hub" / f"models--{name.replace('/', '--')}")
+
+
+def _model_file_results(
+    inventory: Inventory, session: Session, model: Model, nodes: list[str]
+) -> list[CheckResult]:
+    """Which of the model's files each node has, verified (by size and sha256)."""
+    assert model.source is not None
+    try:
+        items = model_items(Path(model.source).expanduser(), model.name, inventory.model_cache)
+    except SourceError as error:
+        return [CheckResult("model files", Status.FAIL, error.message, None, error.fix)]
+    chain = chain_nodes(inventory, session)
+    states = session.on_each(
+        lambda name: check_node(next(n for n in chain if n.name == name), items)[0], nodes
+    )
+    return check_model_files(model.served, items, states.succeeded)
 
 
 def _model_present(session: Session, node: str, inventory: Inventory, model: Model) -> bool:

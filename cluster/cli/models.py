@@ -11,11 +11,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli.common import INVENTORY, JSON, reports_errors
-from cluster.cli.lifecycle import one_node_session
+from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
+from cluster.cli.lifecycle import ConsoleReporter, one_node_session
+from cluster.errors import UsageError
 from cluster.inventory import load_inventory
 from cluster.model_admin import load_model, models_report, unload_model
 from cluster.router_client import ModelStatus
+from cluster.session import Session
+from cluster.steps.model_files import models_with_source, send_models
+from cluster.transport.fanout import FanOutError
 
 
 class _ListByDefault(click.Group):
@@ -67,6 +71,33 @@ def load(inventory: Path, name: str, wait_s: float) -> None:
     with one_node_session(loaded, loaded.head.node_name) as session:
         model = load_model(loaded, session, name, wait_s)
     click.echo(f"{model.name}: {model.state} on {model.where}")
+
+
+@models.command()
+@INVENTORY
+@click.argument("names", nargs=-1)
+@reports_errors
+def pull(inventory: Path, names: tuple[str, ...]) -> None:
+    """Send each model's source folder (or the NAMES) to every node, once, through the nodes."""
+    loaded = load_inventory(inventory)
+    chosen = models_with_source(loaded, names)
+    unknown = sorted(set(names) - {m.served for m in loaded.model_list})
+    if unknown or not chosen:
+        with_source = [m.served for m in models_with_source(loaded)]
+        raise UsageError(
+            f"no model {', '.join(unknown)} in {inventory}" if unknown
+            else f"no model in {inventory} has a source folder",
+            fix=f"models with a source: {', '.join(with_source)}" if with_source
+            else "add source: /folder/on/this/machine to a model",
+        )  # fmt: skip
+    with Session(loaded) as session:
+        outcome = session.open()
+        if outcome.failed:
+            raise FanOutError(outcome.failed, "connecting")
+        reporter = ConsoleReporter(stderr_console())
+        lines = send_models(loaded, session, reporter, chosen)
+    for line in lines:
+        click.echo(line)
 
 
 @models.command()

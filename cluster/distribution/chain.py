@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from cluster.distribution.manifest import Item
 from cluster.errors import VclusterError
@@ -80,5 +81,5 @@ def routed_items(
     order = {"file": 0, "link": 1}
     return sorted(
         (r for r in routed if r.sinks),
-        key=lambda r: (("/refs/" in r.item.path), order.get(r.item.kind, 0)),
+        key=lambda r: ("refs" in PurePosixPath(r.item.path).parts, order.get(r.item.kind, 0)),
     )

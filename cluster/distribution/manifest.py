@@ -32,7 +32,7 @@ class SourceError(VclusterError):
 class Item:
     """One thing to place on the nodes, under the model cache (`path` is relative to it)."""
 
-    kind: str  # file | link
+    kind: str  # file | link | image (`path` is then the image's name)
     path: str
     size: int = 0
     sha256: str = ""

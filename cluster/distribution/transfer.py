@@ -175,7 +175,7 @@ def _send(channel: paramiko.Channel, stream: Sequence[Routed], chunks: Chunks) -
             header = {**routed.item.wire(), "sinks": list(routed.sinks)}
             channel.sendall(frame(json.dumps(header).encode()))
             if routed.item.kind == "link":
-                continue
+                continue  # a header only
             for data in chunks(routed.item):
                 channel.sendall(frame(data))
                 sent += len(data)
@@ -269,3 +269,34 @@ def distribute(
         failed.setdefault(name, "still lacks files after every round")
     complete = [n.name for n in nodes if n.name not in failed]
     return Outcome(complete, failed, sent, rounds)
+
+
+def send_image(
+    nodes: Sequence[ChainNode],
+    image: str,
+    save: Callable[[], Iterator[bytes]],
+    lacks: Callable[[str], bool],
+    board: ProgressBoard | None = None,
+) -> Outcome:
+    """`docker save` of `image` (read once per round) into `docker load` on every node that
+    lacks it, through a chain; rounds as for files, around the nodes that failed."""
+    item = Item("image", image)
+    failed: dict[str, str] = {}
+    sent, rounds = 0, 0
+    chain: list[ChainNode] = []
+    while rounds < len(nodes):
+        chain = [n for n in nodes if n.name not in failed and lacks(n.name)]
+        if not chain:
+            break
+        stream = [Routed(item, tuple(n.name for n in chain))]
+        reports, round_sent = run_round(chain, stream, lambda _: save(), board)
+        sent += round_sent
+        rounds += 1
+        for name, report in reports.items():
+            why = report.failure()
+            if why is not None:
+                failed[name] = why
+    for node in chain:
+        if node.name not in failed and lacks(node.name):
+            failed[node.name] = "still lacks the image after every round"
+    return Outcome([n.name for n in nodes if n.name not in failed], failed, sent, rounds)

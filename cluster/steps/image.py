@@ -1,31 +1,35 @@
 """Step: the inventory's image on every node, with one image ID everywhere.
 
-Missing on a node: pulled where a registry answers, otherwise streamed over SSH from a node that
-has it, or from the controller's own Docker. Different IDs under one name: the run stops and
+Missing on a node: pulled where a registry answers, otherwise sent through a chain of the nodes
+that lack it (cluster/distribution): this machine reads it once, from a node that has it or from
+its own Docker, and each node loads it while it passes it on. Different IDs under one name: the run stops and
 names the odd nodes (vcluster never overwrites an image it did not bring).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 
 import docker
 
+from cluster.distribution.transfer import send_image
 from cluster.errors import VclusterError
 from cluster.images import (
     ImageError,
-    copy_between_nodes,
-    copy_from_controller,
     image_id,
     image_size,
     local_image_id,
     local_image_size,
+    saved_here,
+    saved_on_node,
     try_pull,
 )
 from cluster.progress import format_bytes
 from cluster.steps.base import progress_board
 from cluster.steps.context import UpContext
+from cluster.steps.model_files import chain_nodes
 
 
 class ImageMismatch(VclusterError):
@@ -78,33 +82,43 @@ def place_image(
 def _copy_to(
     context: UpContext, image: str, missing: list[str], by_node: dict[str, str | None]
 ) -> None:
+    """Send `image` to the `missing` nodes through a chain: this machine reads it once (from
+    its own Docker, or from a node that has it) and each node passes it on as it loads it."""
     session = context.session
     sources = [node for node, found in by_node.items() if found is not None]
-    targets = ", ".join(missing)
     if sources:
-        source = session.ssh(sources[0])
         size = image_size(session.docker(sources[0]), image)
-        heading = f"copying {image}{_about(size)} from {sources[0]} to {targets}"
-        with progress_board(context.reporter, heading) as board:
-            outcome = session.on_each(
-                lambda node: copy_between_nodes(source, session.ssh(node), image, board, size),
-                missing,
-            )
+        save = functools.partial(saved_on_node, session.ssh(sources[0]), image)
+        origin = sources[0]
     elif local_image_id(image) is not None:
         size = local_image_size(image)
-        heading = f"copying {image}{_about(size)} from this machine to {targets}"
-        with progress_board(context.reporter, heading) as board:
-            outcome = session.on_each(
-                lambda node: copy_from_controller(session.ssh(node), image, board, size), missing
-            )
+        save = functools.partial(saved_here, image)
+        origin = "this machine"
     else:
         raise ImageError(
             f"image {image} is on no node, no registry serves it, and this machine lacks it",
             where=", ".join(missing),
             fix="load it on one node (docker load) or here, or push it to a registry the nodes reach",
         )
-    context.changes.append(f"image copied to {', '.join(missing)}")
-    outcome.raise_if_failed(f"copying {image}")
+    addresses = {n.name: n.facts.address for n in context.plan.nodes} if context.plan else {}
+    chain = [n for n in chain_nodes(context.inventory, session, addresses) if n.name in missing]
+
+    def lacks(node: str) -> bool:
+        return image_id(session.docker(node), image) is None
+
+    heading = f"sending {image}{_about(size)} from {origin} through {', '.join(missing)}"
+    with progress_board(context.reporter, heading) as board:
+        outcome = send_image(chain, image, save, lacks, board)
+    if outcome.failed:
+        raise ImageError(
+            f"{image} did not reach every node: "
+            + "; ".join(f"{node}: {why}" for node, why in outcome.failed.items()),
+            where=", ".join(outcome.failed),
+            fix="check free disk space under those nodes' Docker data root, then run `vcluster up` again",
+        )
+    context.changes.append(
+        f"image sent to {', '.join(missing)} ({format_bytes(outcome.bytes_sent)} from {origin})"
+    )
 
 
 def _about(size: int | None) -> str:

@@ -24,6 +24,7 @@ from cluster.steps.context import UpContext, UpOptions
 from cluster.steps.facts import gather_facts
 from cluster.steps.image import ensure_image
 from cluster.steps.image_facts import learn_image, learn_runtime
+from cluster.steps.model_files import model_files_step
 from cluster.steps.preflight import context_preflight_results, run_preflight
 from cluster.steps.ray_cluster import check_ray_topology, wait_for_ray_head, wait_for_ray_nodes
 from cluster.steps.ray_image import ensure_ray_image
@@ -61,6 +62,7 @@ STEPS: list[Step[UpContext]] = [
     Step("Preflight checks", run_preflight),
     Step("Planning", _plan),
     Step("Image on every node", ensure_image),
+    Step("Model files on every node", model_files_step),
     Step("Image facts", learn_image),
     Step("Ray-ready image", ensure_ray_image),
     Step("Ray token", _with_ray(ensure_ray_token)),

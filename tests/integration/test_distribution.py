@@ -41,6 +41,12 @@ def write_model(folder: Path, shard_mib: int = 8) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def own_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest keeps file hashes in vcluster's state folder: a fresh one per test."""
+    monkeypatch.setenv("VCLUSTER_STATE_DIR", str(tmp_path / "state"))
+
+
 @pytest.fixture
 def hosts_reach_each_other(ssh_lab: SshLab) -> Iterator[None]:
     """Let the lab's hosts open TCP connections to each other, as a cluster's nodes can.

@@ -1,0 +1,88 @@
+"""Step (and `vcluster models pull`): each model with a `source` folder on every node's model
+cache, sent once by this machine through the chain of nodes, every file checked on arrival."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cluster.distribution.manifest import Item, model_items
+from cluster.distribution.transfer import ChainNode, DistributionError, Outcome, distribute
+from cluster.inventory import Inventory, Model
+from cluster.progress import format_bytes
+from cluster.session import Session
+from cluster.steps.base import Reporter, progress_board
+from cluster.steps.context import UpContext
+
+
+def models_with_source(inventory: Inventory, names: Sequence[str] = ()) -> list[Model]:
+    """The inventory's models that have a `source` (those named, when names are given)."""
+    return [m for m in inventory.model_list if m.source and (not names or m.served in names)]
+
+
+def chain_nodes(
+    inventory: Inventory, session: Session, addresses: Mapping[str, str] | None = None
+) -> list[ChainNode]:
+    """Every node, head first, at its cluster address (the inventory's when not known)."""
+    ordered = [inventory.head, *inventory.workers]
+    return [
+        ChainNode(
+            node.node_name,
+            (addresses or {}).get(node.node_name, node.address),
+            session.ssh(node.node_name),
+            inventory.model_cache,
+        )
+        for node in ordered
+    ]
+
+
+def send_models(
+    inventory: Inventory,
+    session: Session,
+    reporter: Reporter,
+    models: Sequence[Model],
+    addresses: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Each model on every node; a line per model. Raises naming the nodes that failed (the
+    others have it)."""
+    nodes = chain_nodes(inventory, session, addresses)
+    lines = []
+    for model in models:
+        assert model.source is not None
+        items = model_items(Path(model.source).expanduser(), model.name, inventory.model_cache)
+        size = sum(i.size for i in items)
+        heading = (
+            f"{model.served}: {len(items)} item(s), {format_bytes(size)}, to {len(nodes)} node(s)"
+        )
+        with progress_board(reporter, heading) as board:
+            outcome = distribute(nodes, items, board=board)
+        lines.append(describe(model, items, outcome))
+        if outcome.failed:
+            raise DistributionError(
+                f"{model.served} did not reach every node: "
+                + "; ".join(f"{node}: {why}" for node, why in outcome.failed.items())
+                + f" (the others have it: {', '.join(outcome.complete) or 'none'})",
+                where=", ".join(outcome.failed),
+                fix="run the command again: it sends only what those nodes lack",
+            )
+    return lines
+
+
+def describe(model: Model, items: Sequence[Item], outcome: Outcome) -> str:
+    files = sum(1 for i in items if i.kind == "file")
+    if outcome.rounds == 0:
+        return f"{model.served}: every node has its {files} file(s), verified"
+    return (
+        f"{model.served}: {files} file(s) verified on {len(outcome.complete)} node(s); "
+        f"{format_bytes(outcome.bytes_sent)} sent by this machine in {outcome.rounds} round(s)"
+    )
+
+
+def model_files_step(context: UpContext) -> str:
+    models = models_with_source(context.inventory)
+    if not models:
+        return "not applicable: no model has a source folder"
+    plan = context.require_plan()
+    addresses = {node.name: node.facts.address for node in plan.nodes}
+    lines = send_models(context.inventory, context.session, context.reporter, models, addresses)
+    return "; ".join(lines)

@@ -1,0 +1,112 @@
+"""The chain's plan and the manifest of a model folder (pure, or on local files)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cluster.distribution.chain import (
+    NoRoom,
+    chain_order,
+    lacking,
+    require_room,
+    room_problems,
+    routed_items,
+)
+from cluster.distribution.manifest import Item, SourceError, hub_folder, model_items
+
+
+@pytest.fixture(autouse=True)
+def own_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest keeps file hashes in vcluster's state folder: a fresh one per test."""
+    monkeypatch.setenv("VCLUSTER_STATE_DIR", str(tmp_path / "state"))
+
+
+def file(path: str, size: int = 10) -> Item:
+    return Item("file", path, size, hashlib.sha256(path.encode()).hexdigest())
+
+
+A, B, REF = file("blobs/a", 100), file("blobs/b", 200), file("refs/main", 40)
+LINK = Item("link", "snapshots/r/a", target="../../blobs/a")
+ITEMS = [REF, LINK, A, B]
+
+
+def test_a_node_lacks_every_item_not_ok_there():
+    states = {"n1": {"blobs/a": "ok", "blobs/b": "sha256"}, "n2": {}}
+    needs = lacking(ITEMS, states)
+    assert [i.path for i in needs["n1"]] == ["refs/main", "snapshots/r/a", "blobs/b"]
+    assert len(needs["n2"]) == 4
+
+
+def test_only_nodes_that_lack_something_are_in_the_chain_in_inventory_order():
+    needs = {"head": [], "n2": [A], "n3": [B]}
+    assert chain_order(["head", "n2", "n3"], needs) == ["n2", "n3"]
+
+
+def test_the_stream_carries_files_then_links_then_refs_each_to_the_nodes_that_lack_it():
+    needs = {"n1": [A, LINK, REF], "n2": [B, A, LINK, REF]}
+    stream = routed_items(ITEMS, needs, ["n1", "n2"])
+    assert [(r.item.path, r.sinks) for r in stream] == [
+        ("blobs/a", ("n1", "n2")),
+        ("blobs/b", ("n2",)),
+        ("snapshots/r/a", ("n1", "n2")),
+        ("refs/main", ("n1", "n2")),
+    ]
+
+
+def test_a_node_without_room_for_what_it_lacks_is_named_with_both_sizes():
+    needs = {"n1": [A, B], "n2": [A]}
+    assert room_problems(needs, {"n1": 250, "n2": 1000}) == [
+        "n1 needs 300 B under the model cache and has 250 B free"
+    ]
+    with pytest.raises(NoRoom) as error:
+        require_room(needs, {"n1": 250, "n2": 50})
+    assert error.value.where == "n1, n2"
+
+
+def test_a_hub_model_is_laid_out_as_the_hugging_face_cache(tmp_path: Path):
+    source = tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "sub" / "weights.safetensors").write_bytes(b"w" * 64)
+    (source / ".git").mkdir()
+    (source / ".git" / "HEAD").write_text("not the model's")
+    items = model_items(source, "org/name", "/data/hf")
+    folder = hub_folder("org/name")
+    assert folder == "hub/models--org--name"
+    digest = hashlib.sha256(b"w" * 64).hexdigest()
+    by_path = {i.path: i for i in items}
+    assert by_path[f"{folder}/blobs/{digest}"].size == 64
+    revision = by_path[f"{folder}/refs/main"].content.decode()
+    link = by_path[f"{folder}/snapshots/{revision}/sub/weights.safetensors"]
+    assert link.kind == "link" and link.target == f"../../../blobs/{digest}"
+    top = by_path[f"{folder}/snapshots/{revision}/config.json"]
+    assert top.target.startswith("../../blobs/")
+    assert not any(".git" in path for path in by_path)
+
+
+def test_the_same_files_give_the_same_revision(tmp_path: Path):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    first = {i.path for i in model_items(tmp_path / "one", "org/name", "/data/hf")}
+    second = {i.path for i in model_items(tmp_path / "two", "org/name", "/data/hf")}
+    assert first == second
+
+
+def test_a_model_at_a_path_keeps_its_layout_under_the_cache(tmp_path: Path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    [item] = model_items(tmp_path / "model", "/data/hf/models/tiny", "/data/hf")
+    assert item.path == "models/tiny/config.json"
+    assert item.source == str(tmp_path / "model" / "config.json")
+
+
+def test_a_missing_or_empty_source_is_an_error_with_its_fix(tmp_path: Path):
+    with pytest.raises(SourceError, match="is not a folder on this machine"):
+        model_items(tmp_path / "nope", "org/name", "/data/hf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="holds no file"):
+        model_items(tmp_path / "empty", "org/name", "/data/hf")
