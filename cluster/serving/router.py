@@ -133,7 +133,9 @@ class Router:
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         self.http = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            auto_decompress=False,  # the bytes pass as the model's server sent them
         )
         # A restarted router starts from a clean slate: no rank of an earlier run survives.
         await asyncio.gather(*(self._agent("DELETE", n.name, "/ranks") for n in self.config.nodes),
@@ -361,10 +363,18 @@ class Router:
             async with self.http.request(
                 request.method, url, data=body, headers=headers
             ) as upstream:
+                passed = [
+                    (name, value)
+                    for name, value in upstream.headers.items()
+                    if name.lower() not in HOP_BY_HOP
+                ]
+                if upstream.headers.get("Content-Type", "").startswith("application/json"):
+                    # a whole answer, not a stream: one write costs less than chunk by chunk
+                    whole = web.Response(status=upstream.status, body=await upstream.read())
+                    whole.headers.extend(passed)
+                    return whole
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for name, value in upstream.headers.items():
-                    if name.lower() not in HOP_BY_HOP and name.lower() != "content-encoding":
-                        response.headers.add(name, value)
+                response.headers.extend(passed)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)

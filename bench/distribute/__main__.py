@@ -1,0 +1,206 @@
+"""Benchmark: a model and the workload image to N sandbox nodes through vcluster's chain, against
+what a user does by hand (parallel scp, parallel `docker save | ssh docker load`).
+
+    .venv/bin/python bench/distribute [--rate-mbit 400] [--model-gib 2] [--no-image] [--keep]
+
+The links decide, not this machine's CPU: `tc` with the `tbf` qdisc (netem is not in this kernel)
+limits the controller's uplink (the sandbox bridge's egress: what this machine sends to the nodes)
+and every node's link (each node's veth egress, into the node, and its eth0 egress, out of it)
+to the same rate. For N = 1, 2 and 4 it prints the wall time and the bytes that left the
+controller (the bridge's tx_bytes, exact), as a multiple of the payload. Targets: vcluster's
+controller bytes 1.0 x the payload whatever N; at N = 4 its time <= 1.25 x its time at N = 1.
+The sandbox (4 nodes, Docker data on disk) is brought up first if needed, not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Run as a script from the repository root: make the package importable without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from cluster.distribution.manifest import model_items
+from cluster.distribution.transfer import ChainNode, distribute, send_image
+from cluster.images import image_id, saved_here
+from cluster.inventory import load_inventory
+from cluster.sandbox.dockerd import ensure_local_docker
+from cluster.sandbox.images import WORKLOAD_IMAGE
+from cluster.sandbox.nodes import network_name
+from cluster.sandbox.sandbox import sandbox_down, sandbox_up
+from cluster.session import Session
+
+NAME = "dist"
+MODEL_ID = "bench/synthetic-2g"
+SHARD_MIB = 512
+
+
+def make_model(folder: Path, gib: float) -> Path:
+    """Random weights in safetensors shards (a valid header per shard) and a config."""
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = max(1, int(gib * 1024 / SHARD_MIB))
+    for index in range(1, shards + 1):
+        size = SHARD_MIB << 20
+        header = json.dumps({"w": {"dtype": "BF16", "shape": [size // 2], "data_offsets": [0, size]}}).encode()
+        with open(folder / f"model-{index:05d}-of-{shards:05d}.safetensors", "wb") as handle:
+            handle.write(len(header).to_bytes(8, "little") + header)
+            for _ in range(SHARD_MIB):
+                handle.write(os.urandom(1 << 20))
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    return folder
+
+
+def bridge_device(local) -> str:
+    network = json.loads(subprocess.run(local.argv("network", "inspect", network_name(NAME)),
+                                        capture_output=True, text=True, check=True).stdout)[0]  # fmt: skip
+    return "br-" + network["Id"][:12]
+
+
+def host_veth(local, container: str) -> str:
+    """The host side of a node container's eth0: its peer's interface index, found here."""
+    peer = subprocess.run(local.argv("exec", container, "cat", "/sys/class/net/eth0/iflink"),
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for device in Path("/sys/class/net").iterdir():
+        if (device / "ifindex").read_text().strip() == peer:
+            return device.name
+    raise SystemExit(f"no host interface for {container}'s eth0")
+
+
+def tbf(device: str, rate_mbit: int, *, inside: list[str] | None = None) -> list[str]:
+    command = ["tc", "qdisc", "replace", "dev", device, "root", "tbf",
+               "rate", f"{rate_mbit}mbit", "burst", "256kb", "latency", "50ms"]  # fmt: skip
+    return [*inside, *command] if inside else command
+
+
+@contextlib.contextmanager
+def shaped(local, sandbox, rate_mbit: int) -> Iterator[str]:
+    """Every link at `rate_mbit`; yields the bridge (the controller's uplink)."""
+    bridge = bridge_device(local)
+    undo = []
+    subprocess.run(tbf(bridge, rate_mbit), check=True)
+    undo.append(["tc", "qdisc", "del", "dev", bridge, "root"])
+    for node in sandbox.nodes:
+        veth = host_veth(local, node.container)
+        subprocess.run(tbf(veth, rate_mbit), check=True)
+        undo.append(["tc", "qdisc", "del", "dev", veth, "root"])
+        inside = local.argv("exec", node.container)
+        subprocess.run(tbf("eth0", rate_mbit, inside=inside), check=True)
+        undo.append([*inside, "tc", "qdisc", "del", "dev", "eth0", "root"])
+    try:
+        yield bridge
+    finally:
+        for command in undo:
+            subprocess.run(command, check=False, capture_output=True)
+
+
+def tx_bytes(device: str) -> int:
+    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
+
+
+def measured(bridge: str, action: Callable[[], None]) -> tuple[float, int]:
+    before, started = tx_bytes(bridge), time.monotonic()
+    action()
+    return time.monotonic() - started, tx_bytes(bridge) - before
+
+
+def parallel(commands: list[list[str]], stdin_of: Callable[[], subprocess.Popen] | None = None) -> None:
+    processes = [subprocess.Popen(c, stdin=(stdin_of().stdout if stdin_of else None)) for c in commands]
+    for process in processes:
+        if process.wait() != 0:
+            raise SystemExit(f"{process.args} failed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate-mbit", type=int, default=400)
+    parser.add_argument("--model-gib", type=float, default=2.0)
+    parser.add_argument("--no-image", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="leave the sandbox up")
+    options = parser.parse_args()
+
+    print("sandbox: 4 nodes, Docker data on disk (not measured) ...", file=sys.stderr)
+    sandbox = sandbox_up(4, Path(".work/bench-dist"), NAME, progress=lambda _: None, node_storage="disk")
+    inventory = load_inventory(sandbox.inventory)
+    local = ensure_local_docker()
+    os.environ["DOCKER_HOST"] = local.host  # `docker save` of the workload image, here
+    source = make_model(Path(".work/bench-dist/model"), options.model_gib)
+    items = model_items(source, MODEL_ID, inventory.model_cache)
+    payload = sum(i.size for i in items)
+    key = ["-i", str(inventory.ssh.key_file), "-o", f"UserKnownHostsFile={inventory.ssh.known_hosts}",
+           "-o", "StrictHostKeyChecking=yes"]  # fmt: skip
+    rows = []
+    with Session(inventory) as session, shaped(local, sandbox, options.rate_mbit) as bridge:
+        session.open()
+        nodes = [ChainNode(n.node_name, n.address, session.ssh(n.node_name), inventory.model_cache)
+                 for n in inventory.nodes]  # fmt: skip
+
+        def clean_model() -> None:
+            for node in nodes:
+                node.connection.run(["rm", "-rf", f"{inventory.model_cache}/hub",
+                                     f"{inventory.model_cache}/.vcluster-verified",
+                                     f"{inventory.model_cache}/bench-scp"], check=True)  # fmt: skip
+
+        for count in (1, 2, 4):
+            chosen = nodes[:count]
+            clean_model()
+            seconds, sent = measured(bridge, lambda c=chosen: distribute(c, items))
+            rows.append(("model", "vcluster", count, seconds, sent, payload))
+            clean_model()
+            commands = [["scp", "-q", "-r", *key, str(source), f"root@{n.address}:{inventory.model_cache}/bench-scp"]
+                        for n in chosen]  # fmt: skip
+            seconds, sent = measured(bridge, lambda c=commands: parallel(c))
+            rows.append(("model", "parallel scp", count, seconds, sent, payload))
+            print(f"  model, N={count}: done", file=sys.stderr)
+        clean_model()
+        if not options.no_image:
+            size = int(subprocess.run(local.argv("image", "inspect", "-f", "{{.Size}}", WORKLOAD_IMAGE),
+                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
+
+            def drop_image() -> None:
+                for node in nodes:
+                    node.connection.run(["docker", "rmi", "-f", WORKLOAD_IMAGE])
+
+            for count in (1, 2, 4):
+                chosen = nodes[:count]
+                drop_image()
+
+                def chain(c=chosen) -> None:
+                    def lacks(name: str) -> bool:
+                        return image_id(session.docker(name), WORKLOAD_IMAGE) is None
+
+                    outcome = send_image(c, WORKLOAD_IMAGE, lambda: saved_here(WORKLOAD_IMAGE), lacks)
+                    assert not outcome.failed, outcome.failed
+
+                seconds, sent = measured(bridge, chain)
+                rows.append(("image", "vcluster", count, seconds, sent, size))
+                drop_image()
+                save = lambda: subprocess.Popen(local.argv("save", WORKLOAD_IMAGE), stdout=subprocess.PIPE)  # noqa: E731
+                commands = [["ssh", *key, f"root@{n.address}", "docker", "load"] for n in chosen]
+                seconds, sent = measured(bridge, lambda c=commands: parallel(c, save))
+                rows.append(("image", "parallel save | ssh load", count, seconds, sent, size))
+                print(f"  image, N={count}: done", file=sys.stderr)
+    if not options.keep:
+        sandbox_down(NAME, progress=lambda _: None)
+    print(f"\nlinks shaped to {options.rate_mbit} Mbit/s (tbf); payload: model "
+          f"{payload / 1e9:.2f} GB" + ("" if options.no_image else ", image (docker save) about its size"))  # fmt: skip
+    print(f"{'what':<6} {'how':<26} {'N':>2} {'time':>8} {'controller sent':>16} {'x payload':>10}")
+    for what, how, count, seconds, sent, size in rows:
+        print(f"{what:<6} {how:<26} {count:>2} {seconds:7.1f}s {sent / 1e9:13.2f} GB {sent / size:10.2f}")
+    for what in ("model", "image"):
+        ours = {r[2]: r[3] for r in rows if r[0] == what and r[1] == "vcluster"}
+        if ours:
+            ratio = ours[4] / ours[1]
+            print(f"{what}: vcluster N=4 / N=1 time {ratio:.2f} (target <= 1.25) {'met' if ratio <= 1.25 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
