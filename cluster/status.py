@@ -6,14 +6,19 @@ queries on the head; `ClusterStatus` renders as a table or JSON and decides heal
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import docker
 from rich.table import Table
 
 from cluster.collective_store import load_last_run
 from cluster.containers import ContainerState, inspect_container
+from cluster.distribution.manifest import Item, SourceError, model_items
+from cluster.distribution.transfer import ChainNode, check_node
 from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
@@ -26,6 +31,7 @@ from cluster.plan import SUPERVISOR_STATE_DIR, container_name
 from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
 from cluster.router_client import ModelStatus
 from cluster.session import Session
+from cluster.steps.model_files import chain_nodes, models_with_source
 from cluster.vllm import (
     SupervisedVllm,
     http_get,
@@ -56,6 +62,8 @@ class NodeStatus:
     vllm_last_exit: str | None = None  # why vLLM last stopped on its own
     gpus: tuple[GpuInfo, ...] = ()
     gpu_problem: str | None = None
+    model_files: dict[str, str] = field(default_factory=dict)
+    """With models that have a `source`: `3/3 verified` (or what lacks) per model."""
 
     @property
     def healthy(self) -> bool:
@@ -177,6 +185,8 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
     served = inventory.primary_model.served
     head_address = inventory.head.address
     models, models_error = _models_view(inventory, session)
+    files = _model_files_view(inventory, session)
+    nodes = [dataclasses.replace(n, model_files=files.get(n.name, {})) for n in nodes]
     return ClusterStatus(
         cluster=inventory.cluster,
         endpoint=f"http://{head_address}:{inventory.ports.vllm}/v1",
@@ -194,6 +204,31 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
         models=models,
         models_error=models_error,
     )
+
+
+def _model_files_view(inventory: Inventory, session: Session) -> dict[str, dict[str, str]]:
+    """Per node and model with a `source`: how many of its files a stamp vouches for (no file
+    is read: `check` verifies, `models pull` repairs)."""
+    views: dict[str, dict[str, str]] = {}
+    chain = {n.name: n for n in chain_nodes(inventory, session) if n.name in session.connections}
+    for model in models_with_source(inventory):
+        assert model.source is not None
+        try:
+            items = model_items(Path(model.source).expanduser(), model.name, inventory.model_cache)
+        except SourceError as error:
+            for name in chain:
+                views.setdefault(name, {})[model.served] = f"source unreadable: {error.message}"
+            continue
+        files = [i for i in items if i.kind == "file"]
+        found = session.on_each(functools.partial(_stamped, chain=chain, items=items), list(chain))
+        for name, states in found.succeeded.items():
+            good = sum(1 for i in files if states.get(i.path) == "ok")
+            views.setdefault(name, {})[model.served] = f"{good}/{len(files)} verified"
+    return views
+
+
+def _stamped(name: str, *, chain: dict[str, ChainNode], items: list[Item]) -> dict[str, str]:
+    return check_node(chain[name], items, rehash=False)[0]
 
 
 def _models_view(
@@ -343,6 +378,11 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
         if n.vllm_restarts and n.vllm_last_exit
     ]
     problems += [f"{n.name}: GPUs: {n.gpu_problem}" for n in status.nodes if n.gpu_problem]
+    files_lines = [
+        f"{n.name}: model files " + ", ".join(f"{m} {state}" for m, state in n.model_files.items())
+        for n in status.nodes
+        if n.model_files
+    ]
     verdict = "healthy" if status.healthy else "DEGRADED"
     parts: list[Table | str] = [table]
     if gpu_table is not None:
@@ -359,7 +399,7 @@ def render_table(status: ClusterStatus) -> list[Table | str]:
     if status.models_error:
         models_lines.append(f"models: the router did not answer ({status.models_error})")
     return [
-        *parts, *image_line, ray_line, vllm_line, *models_lines, *problems,
+        *parts, *image_line, ray_line, vllm_line, *models_lines, *files_lines, *problems,
         f"cluster {status.cluster}: {verdict}",
     ]  # fmt: skip
 

@@ -81,9 +81,14 @@ class ChainNode:
     root: str
 
 
-def check_node(node: ChainNode, items: Sequence[Item]) -> tuple[dict[str, str], int]:
-    """The node's state of every item (`ok`, `missing`, `size`, `sha256`) and its free bytes."""
-    config = {"mode": "check", "root": node.root, "entries": [i.wire() for i in items]}
+def check_node(
+    node: ChainNode, items: Sequence[Item], *, rehash: bool = True
+) -> tuple[dict[str, str], int]:
+    """The node's state of every item (`ok`, `missing`, `size`, `sha256`; `unverified` without
+    `rehash` where no stamp vouches for a file) and its free bytes."""
+    config = {
+        "mode": "check", "root": node.root, "entries": [i.wire() for i in items], "hash": rehash,
+    }  # fmt: skip
     result = node.connection.run(
         relay_argv(), stdin=(json.dumps(config) + "\n").encode(), timeout=3600
     )

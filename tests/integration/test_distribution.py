@@ -20,7 +20,7 @@ import pytest
 
 from cluster.distribution.chain import NoRoom
 from cluster.distribution.manifest import Item, hub_folder, model_items
-from cluster.distribution.transfer import ChainNode, distribute
+from cluster.distribution.transfer import ChainNode, check_node, distribute
 from cluster.transport.ssh import connect
 from tests.integration.conftest import lab_target
 from tests.support.ssh_lab import SshLab
@@ -171,3 +171,16 @@ def test_nodes_without_room_are_refused_before_anything_is_sent(nodes, tmp_path)
     assert error.value.where == "node01, node02, node03, node04"
     assert "node01 needs " in error.value.message and " free" in error.value.message
     assert not any(Path(n.root).joinpath("hub").exists() for n in nodes)  # nothing was sent
+
+
+def test_a_look_without_reading_trusts_only_the_stamps(nodes, tmp_path):
+    items = model_items(write_model(tmp_path / "source"), MODEL, "/data/hf")
+    distribute(nodes, items)
+    states, _ = check_node(nodes[0], items, rehash=False)  # what `status` shows
+    assert set(states.values()) == {"ok"}
+    config = snapshot(nodes[0]) / "config.json"
+    os.utime(config.resolve(), ns=(1, 1))  # changed since its stamp: not vouched for
+    states, _ = check_node(nodes[0], items, rehash=False)
+    assert "unverified" in states.values()
+    states, _ = check_node(nodes[0], items)  # what `check` does: reads it, and it is right
+    assert set(states.values()) == {"ok"}
