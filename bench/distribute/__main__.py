@@ -50,7 +50,9 @@ def make_model(folder: Path, gib: float) -> Path:
     shards = max(1, int(gib * 1024 / SHARD_MIB))
     for index in range(1, shards + 1):
         size = SHARD_MIB << 20
-        header = json.dumps({"w": {"dtype": "BF16", "shape": [size // 2], "data_offsets": [0, size]}}).encode()
+        header = json.dumps(
+            {"w": {"dtype": "BF16", "shape": [size // 2], "data_offsets": [0, size]}}
+        ).encode()
         with open(folder / f"model-{index:05d}-of-{shards:05d}.safetensors", "wb") as handle:
             handle.write(len(header).to_bytes(8, "little") + header)
             for _ in range(SHARD_MIB):
@@ -112,11 +114,20 @@ def measured(bridge: str, action: Callable[[], None]) -> tuple[float, int]:
     return time.monotonic() - started, tx_bytes(bridge) - before
 
 
-def parallel(commands: list[list[str]], stdin_of: Callable[[], subprocess.Popen] | None = None) -> None:
-    processes = [subprocess.Popen(c, stdin=(stdin_of().stdout if stdin_of else None)) for c in commands]
+def parallel(
+    commands: list[list[str]], stdin_of: Callable[[], subprocess.Popen] | None = None
+) -> None:
+    processes = [
+        subprocess.Popen(c, stdin=(stdin_of().stdout if stdin_of else None)) for c in commands
+    ]
     for process in processes:
         if process.wait() != 0:
             raise SystemExit(f"{process.args} failed")
+
+
+def docker_save(local) -> subprocess.Popen:
+    """One `docker save` of the workload image here, per node, as a user's loop would run it."""
+    return subprocess.Popen(local.argv("save", WORKLOAD_IMAGE), stdout=subprocess.PIPE)
 
 
 def main() -> None:
@@ -128,7 +139,9 @@ def main() -> None:
     options = parser.parse_args()
 
     print("sandbox: 4 nodes, Docker data on disk (not measured) ...", file=sys.stderr)
-    sandbox = sandbox_up(4, Path(".work/bench-dist"), NAME, progress=lambda _: None, node_storage="disk")
+    sandbox = sandbox_up(
+        4, Path(".work/bench-dist"), NAME, progress=lambda _: None, node_storage="disk"
+    )
     inventory = load_inventory(sandbox.inventory)
     local = ensure_local_docker()
     os.environ["DOCKER_HOST"] = local.host  # `docker save` of the workload image, here
@@ -177,15 +190,18 @@ def main() -> None:
                     def lacks(name: str) -> bool:
                         return image_id(session.docker(name), WORKLOAD_IMAGE) is None
 
-                    outcome = send_image(c, WORKLOAD_IMAGE, lambda: saved_here(WORKLOAD_IMAGE), lacks)
+                    outcome = send_image(
+                        c, WORKLOAD_IMAGE, lambda: saved_here(WORKLOAD_IMAGE), lacks
+                    )
                     assert not outcome.failed, outcome.failed
 
                 seconds, sent = measured(bridge, chain)
                 rows.append(("image", "vcluster", count, seconds, sent, size))
                 drop_image()
-                save = lambda: subprocess.Popen(local.argv("save", WORKLOAD_IMAGE), stdout=subprocess.PIPE)  # noqa: E731
                 commands = [["ssh", *key, f"root@{n.address}", "docker", "load"] for n in chosen]
-                seconds, sent = measured(bridge, lambda c=commands: parallel(c, save))
+                seconds, sent = measured(
+                    bridge, lambda c=commands: parallel(c, lambda: docker_save(local))
+                )
                 rows.append(("image", "parallel save | ssh load", count, seconds, sent, size))
                 print(f"  image, N={count}: done", file=sys.stderr)
     if not options.keep:
@@ -194,12 +210,16 @@ def main() -> None:
           f"{payload / 1e9:.2f} GB" + ("" if options.no_image else ", image (docker save) about its size"))  # fmt: skip
     print(f"{'what':<6} {'how':<26} {'N':>2} {'time':>8} {'controller sent':>16} {'x payload':>10}")
     for what, how, count, seconds, sent, size in rows:
-        print(f"{what:<6} {how:<26} {count:>2} {seconds:7.1f}s {sent / 1e9:13.2f} GB {sent / size:10.2f}")
+        print(
+            f"{what:<6} {how:<26} {count:>2} {seconds:7.1f}s {sent / 1e9:13.2f} GB {sent / size:10.2f}"
+        )
     for what in ("model", "image"):
         ours = {r[2]: r[3] for r in rows if r[0] == what and r[1] == "vcluster"}
         if ours:
             ratio = ours[4] / ours[1]
-            print(f"{what}: vcluster N=4 / N=1 time {ratio:.2f} (target <= 1.25) {'met' if ratio <= 1.25 else 'MISSED'}")
+            print(
+                f"{what}: vcluster N=4 / N=1 time {ratio:.2f} (target <= 1.25) {'met' if ratio <= 1.25 else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":
