@@ -742,15 +742,15 @@ def check_model_files(
 
     A WARN, not a FAIL: `up` sends what lacks before vLLM starts (`vcluster models pull` too).
     """
-    files = [item for item in items if item.kind == "file"]
+    files = [item for item in items if item.kind == "file" and item.source is not None]
     results = []
     for node, found in states.items():
-        bad = [item.path.rsplit("/", 1)[-1] for item in files if found.get(item.path) != "ok"]
+        bad = [_shown(item) for item in files if found.get(item.path) != "ok"]
         if not bad:
             results.append(_pass("model files", node, f"{served}: {len(files)} file(s) verified"))
             continue
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        changed = [p for p, state in found.items() if state in ("size", "sha256")]
+        changed = [i for i in files if found.get(i.path) in ("size", "sha256")]
         what = f"{len(changed)} differ from the source, " if changed else ""
         results.append(
             _warn(
@@ -760,6 +760,11 @@ def check_model_files(
             )
         )  # fmt: skip
     return results
+
+
+def _shown(item: Item) -> str:
+    """A model file as its source folder names it (a hub blob is named by its sha256)."""
+    return (item.source or item.path).rsplit("/", 1)[-1]
 
 
 def uses_ray(inventory: Inventory, runtime: Runtime | None) -> tuple[bool, str]:

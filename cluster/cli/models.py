@@ -15,6 +15,7 @@ from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter, one_node_session
 from cluster.errors import UsageError
 from cluster.inventory import load_inventory
+from cluster.lock import ClusterLock
 from cluster.model_admin import load_model, models_report, unload_model
 from cluster.router_client import ModelStatus
 from cluster.session import Session
@@ -82,10 +83,11 @@ def pull(inventory: Path, names: tuple[str, ...]) -> None:
     loaded = load_inventory(inventory)
     chosen = models_with_source(loaded, names)
     unknown = sorted(set(names) - {m.served for m in loaded.model_list})
+    unknown += sorted(set(names) - {m.served for m in chosen} - set(unknown))
     if unknown or not chosen:
         with_source = [m.served for m in models_with_source(loaded)]
         raise UsageError(
-            f"no model {', '.join(unknown)} in {inventory}" if unknown
+            f"no model {', '.join(unknown)} with a source folder in {inventory}" if unknown
             else f"no model in {inventory} has a source folder",
             fix=f"models with a source: {', '.join(with_source)}" if with_source
             else "add source: /folder/on/this/machine to a model",
@@ -95,7 +97,9 @@ def pull(inventory: Path, names: tuple[str, ...]) -> None:
         if outcome.failed:
             raise FanOutError(outcome.failed, "connecting")
         reporter = ConsoleReporter(stderr_console())
-        lines = send_models(loaded, session, reporter, chosen)
+        # not while `up` or `down` changes the cluster
+        with ClusterLock(session.ssh(loaded.head.node_name), loaded.cluster, "models pull"):
+            lines = send_models(loaded, session, reporter, chosen)
     for line in lines:
         click.echo(line)
 

@@ -37,6 +37,9 @@ PROGRESS_EVERY_S = 0.5
 STAMPS = ".vcluster-verified"
 PARTIAL = ".vcluster-partial"
 ACCEPT_TIMEOUT_S = 120.0
+TOKEN_TIMEOUT_S = 10.0
+STALL_TIMEOUT_S = 300.0
+"""An upstream that sends nothing this long is gone."""
 
 
 def emit(**event) -> None:
@@ -92,8 +95,10 @@ def check(config: dict) -> int:
     rehash = config.get("hash", True)
     states = {e["path"]: file_state(root, e, rehash) for e in entries if e["kind"] == "file"}
     links = {e["path"]: _link_state(root, e) for e in entries if e["kind"] == "link"}
-    os.makedirs(root, exist_ok=True)
-    free = os.statvfs(root)
+    existing = root
+    while not os.path.isdir(existing):  # what the files would go on, before it exists
+        existing = os.path.dirname(existing)
+    free = os.statvfs(existing)
     emit(event="check", files={**states, **links}, free=free.f_bavail * free.f_frsize)
     return 0
 
@@ -117,11 +122,15 @@ class Upstream:
             emit(event="listening", port=self.server.getsockname()[1])
             token = config["token"].encode()
             while True:
-                connection, _ = self.server.accept()
-                connection.settimeout(None)
+                connection, _ = self.server.accept()  # socket.timeout: no upstream came
+                connection.settimeout(TOKEN_TIMEOUT_S)
                 stream = connection.makefile("rb")
-                offered = stream.read(len(token))
-                if hmac.compare_digest(offered, token):
+                try:
+                    offered = stream.read(len(token))
+                except OSError:
+                    offered = b""
+                if offered and hmac.compare_digest(offered, token):
+                    connection.settimeout(STALL_TIMEOUT_S)
                     self.stream = stream
                     break
                 connection.close()  # not the transfer's upstream
@@ -187,21 +196,24 @@ class Sink:
         self.digest = hashlib.sha256()
         self.written = 0
         self.process: subprocess.Popen[bytes] | None = None
-        self.handle: IO[bytes]
-        if header["kind"] == "image":
-            self.process = subprocess.Popen(
-                ["docker", "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            assert self.process.stdin is not None
-            self.handle = self.process.stdin
-        else:
-            self.final = os.path.join(root, header["path"])
-            os.makedirs(os.path.dirname(self.final), exist_ok=True)
-            self.handle = open(self.final + PARTIAL, "wb")  # noqa: SIM115
+        self.handle: IO[bytes] | None = None
+        self.final = os.path.join(root, header["path"])
+        try:
+            if header["kind"] == "image":
+                self.process = subprocess.Popen(
+                    ["docker", "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                self.handle = self.process.stdin
+            else:
+                inside(header["path"])
+                os.makedirs(os.path.dirname(self.final), exist_ok=True)
+                self.handle = open(self.final + PARTIAL, "wb")  # noqa: SIM115
+        except (OSError, ValueError) as error:  # reported with the item; the stream goes on
+            self.error = str(error)
 
     def write(self, data: bytes) -> None:
-        if self.error is not None:
+        if self.error is not None or self.handle is None:
             return
         try:
             self.handle.write(data)
@@ -213,7 +225,8 @@ class Sink:
     def finish(self, root: str) -> str | None:
         """None when the item is in place, else why not."""
         try:
-            self.handle.close()
+            if self.handle is not None:
+                self.handle.close()
         except OSError as error:
             self.error = self.error or str(error)
         if self.process is not None:
@@ -241,7 +254,11 @@ def _remove(path: str) -> None:
 
 def relay(config: dict) -> int:
     root, node = config["root"], config["node"]
-    upstream = Upstream(config)
+    try:
+        upstream = Upstream(config)
+    except OSError:  # socket.timeout among them
+        emit(event="no-upstream", seconds=ACCEPT_TIMEOUT_S)
+        return 4
     downstream = Downstream(config)
     item = None
     streamed = 0  # every item's bytes so far: the node's progress
@@ -272,7 +289,7 @@ def relay(config: dict) -> int:
                     reported = time.monotonic()
             if sink is not None:
                 emit(event="item", path=item, error=sink.finish(root), bytes=streamed)
-    except EOFError:
+    except (EOFError, OSError):
         emit(event="upstream-lost", item=item)
         return 3
     downstream.close()
@@ -280,14 +297,21 @@ def relay(config: dict) -> int:
     return 0
 
 
+def inside(path: str) -> None:
+    """Refuse a path that would leave the model cache (absolute, or with `..`)."""
+    if os.path.isabs(path) or ".." in path.split("/"):
+        raise ValueError(f"refused path {path!r}: not inside the model cache")
+
+
 def _link(root: str, header: dict) -> str | None:
     path = os.path.join(root, header["path"])
     try:
+        inside(header["path"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _remove(path + PARTIAL)
         os.symlink(header["target"], path + PARTIAL)
         os.replace(path + PARTIAL, path)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         return str(error)
     return None
 

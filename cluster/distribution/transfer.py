@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class NodeReport:
     received: int = 0
     finished: bool = False
     upstream_lost: bool = False
+    no_upstream: bool = False
+    """No node before it connected: the nodes cannot reach each other (a firewall?)."""
+    next_lost: str | None = None
+    """The node after it stopped taking the stream (its own report says why)."""
     exit_status: int | None = None
 
     def failure(self) -> str | None:
@@ -65,6 +70,11 @@ class NodeReport:
         if self.errors:
             path, error = next(iter(self.errors.items()))
             return f"could not write {path}: {error}"
+        if self.no_upstream:
+            return (
+                "the node before it never connected to it: open TCP between the nodes "
+                "(ephemeral ports) in the firewall"
+            )
         if not self.finished and not self.upstream_lost:
             where = f" during {self.item}" if self.item else ""
             return f"its relay ended{where} (exit {self.exit_status})"
@@ -214,6 +224,10 @@ def _read_events(
                 report.done.add(event["path"])
         elif kind == "upstream-lost":
             report.upstream_lost = True
+        elif kind == "no-upstream":
+            report.no_upstream = True
+        elif kind == "downstream-lost":
+            report.next_lost = event.get("node")
         elif kind == "done":
             report.finished = True
         if board is not None and kind in ("progress", "item"):
@@ -253,7 +267,15 @@ def distribute(
     failed: dict[str, str] = {}
     sent, rounds = 0, 0
     while True:
-        checked = {n.name: check_node(n, items) for n in nodes if n.name not in failed}
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            healthy = [n for n in nodes if n.name not in failed]
+            checked = dict(
+                zip(
+                    [n.name for n in healthy],
+                    pool.map(lambda n: check_node(n, items), healthy),
+                    strict=True,
+                )
+            )
         needs = lacking(items, {name: found for name, (found, _) in checked.items()})
         if rounds == 0:
             require_room(needs, {name: free for name, (_, free) in checked.items()})

@@ -17,11 +17,12 @@ import hmac
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -31,6 +32,7 @@ from cluster.serving.failures import error_lines, likely_cause
 from cluster.serving.placement import Placement
 
 STOP_GRACE_S = 8.0
+
 LOG_TAIL_BYTES = 64 * 1024
 
 
@@ -133,12 +135,10 @@ class Agent:
         with open(path, "ab") as log:
             log.write(f"\n==== vcluster: rank {rank} of {served}, launch {launch} ====\n".encode())
             log.flush()
-            process = subprocess.Popen(
+            process = _in_own_group(
                 rank_argv(self.config, model, placement, rank),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=rank_environment(self.config, placement, rank, self.environment),
-                process_group=0,
+                log,
+                rank_environment(self.config, placement, rank, self.environment),
             )
         self.ranks[served] = Rank(served, launch, rank, process, path, time.monotonic())
         return self.ranks[served]
@@ -163,6 +163,22 @@ class Agent:
 
     def report(self) -> dict[str, Any]:
         return {served: rank.report() for served, rank in self.ranks.items()}
+
+
+def _in_own_group(argv: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a rank as the leader of its own process group, its output into `log`."""
+    if sys.version_info >= (3, 11):
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0
+        )
+    # Popen's process_group came with Python 3.11; the images' Python may be older
+    return subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        preexec_fn=os.setpgrp,
+    )
 
 
 def _group_alive(group: int, leader: subprocess.Popen[bytes]) -> bool:

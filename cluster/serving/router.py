@@ -165,7 +165,7 @@ class Router:
         ready = self.activate(model)
         try:
             await asyncio.wait_for(asyncio.shield(ready), timeout=wait_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not TimeoutError before Python 3.11
             raise Unavailable(
                 503, f"model {served!r} is still loading after {wait_s:g} s", RETRY_AFTER_S
             ) from None
@@ -266,7 +266,7 @@ class Router:
         try:
             async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as reply:
                 return reply.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
     async def _rank_death(self, model: ModelState) -> str | None:
@@ -275,7 +275,7 @@ class Router:
         for rank, (node, _) in enumerate(model.placement):
             try:
                 status, reports = await self._agent("GET", node, "/ranks")
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 misses = self.agent_misses[node] = self.agent_misses.get(node, 0) + 1
                 if misses >= AGENT_MISSES_ALLOWED:
                     return f"the agent on {node} does not answer ({exc or type(exc).__name__})"

@@ -68,7 +68,7 @@ def place_image(
         by_node.update({n: v for n, v in pulled.succeeded.items() if v is not None})
         missing = [node for node in missing if by_node[node] is None]
     if missing:
-        _copy_to(context, image, missing, by_node)
+        _copy_to(context, image, missing, by_node, found_on)
         by_node.update(
             session.on_each(lambda node: found_on(session.docker(node)), missing).succeeded
         )
@@ -80,7 +80,11 @@ def place_image(
 
 
 def _copy_to(
-    context: UpContext, image: str, missing: list[str], by_node: dict[str, str | None]
+    context: UpContext,
+    image: str,
+    missing: list[str],
+    by_node: dict[str, str | None],
+    found_on: Callable[[docker.DockerClient], str | None],
 ) -> None:
     """Send `image` to the `missing` nodes through a chain: this machine reads it once (from
     its own Docker, or from a node that has it) and each node passes it on as it loads it."""
@@ -104,7 +108,7 @@ def _copy_to(
     chain = [n for n in chain_nodes(context.inventory, session, addresses) if n.name in missing]
 
     def lacks(node: str) -> bool:
-        return image_id(session.docker(node), image) is None
+        return found_on(session.docker(node)) is None
 
     heading = f"sending {image}{_about(size)} from {origin} through {', '.join(missing)}"
     with progress_board(context.reporter, heading) as board:

@@ -16,6 +16,7 @@ from cluster.distribution.chain import (
     routed_items,
 )
 from cluster.distribution.manifest import Item, SourceError, hub_folder, model_items
+from cluster.distribution.transfer import NodeReport
 
 
 @pytest.fixture(autouse=True)
@@ -110,3 +111,15 @@ def test_a_missing_or_empty_source_is_an_error_with_its_fix(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="holds no file"):
         model_items(tmp_path / "empty", "org/name", "/data/hf")
+
+
+def test_a_nodes_report_says_whether_it_failed_itself_or_was_cut_off():
+    assert NodeReport(finished=True).failure() is None
+    assert NodeReport(upstream_lost=True, item="blobs/a").failure() is None  # served next round
+    assert NodeReport(item="blobs/a", exit_status=-9).failure() == (
+        "its relay ended during blobs/a (exit -9)"
+    )
+    assert NodeReport(errors={"blobs/a": "No space left on device"}).failure() == (
+        "could not write blobs/a: No space left on device"
+    )
+    assert "open TCP between the nodes" in NodeReport(no_upstream=True).failure()
