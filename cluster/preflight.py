@@ -99,7 +99,7 @@ def _model_file_results(
         items = model_items(Path(model.source).expanduser(), model.name, inventory.model_cache)
     except SourceError as error:
         return [CheckResult("model files", Status.FAIL, error.message, None, error.fix)]
-    chain = chain_nodes(inventory, session)
+    chain = chain_nodes(inventory, session, reachable_only=True)
     states = session.on_each(
         lambda name: check_node(next(n for n in chain if n.name == name), items)[0], nodes
     )

@@ -210,8 +210,11 @@ def _model_files_view(inventory: Inventory, session: Session) -> dict[str, dict[
     """Per node and model with a `source`: how many of its files a stamp vouches for (no file
     is read: `check` verifies, `models pull` repairs)."""
     views: dict[str, dict[str, str]] = {}
-    chain = {n.name: n for n in chain_nodes(inventory, session) if n.name in session.connections}
-    for model in models_with_source(inventory):
+    models = models_with_source(inventory)
+    if not models:
+        return views
+    chain = {n.name: n for n in chain_nodes(inventory, session, reachable_only=True)}
+    for model in models:
         assert model.source is not None
         try:
             items = model_items(Path(model.source).expanduser(), model.name, inventory.model_cache)

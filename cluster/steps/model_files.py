@@ -21,10 +21,17 @@ def models_with_source(inventory: Inventory, names: Sequence[str] = ()) -> list[
 
 
 def chain_nodes(
-    inventory: Inventory, session: Session, addresses: Mapping[str, str] | None = None
+    inventory: Inventory,
+    session: Session,
+    addresses: Mapping[str, str] | None = None,
+    *,
+    reachable_only: bool = False,
 ) -> list[ChainNode]:
-    """Every node, head first, at its cluster address (the inventory's when not known)."""
+    """Every node (or every node connected), head first, at its cluster address (the
+    inventory's when not known)."""
     ordered = [inventory.head, *inventory.workers]
+    if reachable_only:
+        ordered = [node for node in ordered if node.node_name in session.connections]
     return [
         ChainNode(
             node.node_name,
