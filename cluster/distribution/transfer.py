@@ -16,7 +16,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +254,37 @@ class Outcome:
     rounds: int
 
 
+RoundPlan = tuple[list[ChainNode], list[Routed]]
+"""A round's chain and what it carries."""
+
+
+def _in_rounds(
+    nodes: Sequence[ChainNode],
+    plan: Callable[[Mapping[str, str], int], RoundPlan | None],
+    chunks: Chunks,
+    board: ProgressBoard | None,
+    what: str,
+) -> Outcome:
+    """Rounds until `plan` (given the failed nodes and the round number) has nothing to send,
+    at most one per node; a node that still lacks `what` after the last is failed too."""
+    failed: dict[str, str] = {}
+    sent, rounds = 0, 0
+    while (planned := plan(failed, rounds)) is not None:
+        chain, stream = planned
+        if rounds == len(nodes):
+            for node in chain:
+                failed.setdefault(node.name, f"still lacks {what} after every round")
+            break
+        reports, round_sent = run_round(chain, stream, chunks, board)
+        sent += round_sent
+        rounds += 1
+        for name, report in reports.items():
+            why = report.failure()
+            if why is not None:
+                failed[name] = why
+    return Outcome([n.name for n in nodes if n.name not in failed], failed, sent, rounds)
+
+
 def distribute(
     nodes: Sequence[ChainNode],
     items: Sequence[Item],
@@ -264,11 +295,10 @@ def distribute(
 
     Refused before anything is sent when a node lacks the disk space for what it lacks.
     """
-    failed: dict[str, str] = {}
-    sent, rounds = 0, 0
-    while True:
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            healthy = [n for n in nodes if n.name not in failed]
+
+    def plan(failed: Mapping[str, str], rounds: int) -> RoundPlan | None:
+        healthy = [n for n in nodes if n.name not in failed]
+        with ThreadPoolExecutor(max_workers=max(1, len(healthy))) as pool:
             checked = dict(
                 zip(
                     [n.name for n in healthy],
@@ -279,23 +309,12 @@ def distribute(
         needs = lacking(items, {name: found for name, (found, _) in checked.items()})
         if rounds == 0:
             require_room(needs, {name: free for name, (_, free) in checked.items()})
-        chain_names = chain_order([n.name for n in nodes], needs)
-        if not chain_names or rounds == len(nodes):
-            break
-        chain = [n for n in nodes if n.name in chain_names]
-        reports, round_sent = run_round(
-            chain, routed_items(items, needs, chain_names), chunks, board
-        )
-        sent += round_sent
-        rounds += 1
-        for name, report in reports.items():
-            why = report.failure()
-            if why is not None:
-                failed[name] = why
-    for name in chain_names:
-        failed.setdefault(name, "still lacks files after every round")
-    complete = [n.name for n in nodes if n.name not in failed]
-    return Outcome(complete, failed, sent, rounds)
+        names = chain_order([n.name for n in nodes], needs)
+        if not names:
+            return None
+        return [n for n in nodes if n.name in names], routed_items(items, needs, names)
+
+    return _in_rounds(nodes, plan, chunks, board, "files")
 
 
 def send_image(
@@ -308,22 +327,9 @@ def send_image(
     """`docker save` of `image` (read once per round) into `docker load` on every node that
     lacks it, through a chain; rounds as for files, around the nodes that failed."""
     item = Item("image", image)
-    failed: dict[str, str] = {}
-    sent, rounds = 0, 0
-    chain: list[ChainNode] = []
-    while rounds < len(nodes):
+
+    def plan(failed: Mapping[str, str], rounds: int) -> RoundPlan | None:
         chain = [n for n in nodes if n.name not in failed and lacks(n.name)]
-        if not chain:
-            break
-        stream = [Routed(item, tuple(n.name for n in chain))]
-        reports, round_sent = run_round(chain, stream, lambda _: save(), board)
-        sent += round_sent
-        rounds += 1
-        for name, report in reports.items():
-            why = report.failure()
-            if why is not None:
-                failed[name] = why
-    for node in chain:
-        if node.name not in failed and lacks(node.name):
-            failed[node.name] = "still lacks the image after every round"
-    return Outcome([n.name for n in nodes if n.name not in failed], failed, sent, rounds)
+        return (chain, [Routed(item, tuple(n.name for n in chain))]) if chain else None
+
+    return _in_rounds(nodes, plan, lambda _: save(), board, "the image")
