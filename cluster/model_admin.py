@@ -28,7 +28,7 @@ class RouterUnavailable(VclusterError):
 def models_report(inventory: Inventory, session: Session) -> tuple[ModelStatus, ...]:
     """Every model's state, GPUs, use and activations, as the router reports them."""
     reply = _call(inventory, session, "GET", router_path("models"))
-    return parse_models_report(reply.data)
+    return parse_models_report(_ok(reply, inventory).data)
 
 
 def load_model(inventory: Inventory, session: Session, name: str, wait_s: float) -> ModelStatus:
@@ -52,7 +52,17 @@ def unload_model(inventory: Inventory, session: Session, name: str) -> ModelStat
     """Stop every rank of `name` (requests in flight to it fail)."""
     _known(inventory, name)
     reply = _call(inventory, session, "POST", router_path("unload", model=name))
-    return parse_models_report({"models": [reply.data]})[0]
+    return parse_models_report({"models": [_ok(reply, inventory).data]})[0]
+
+
+def _ok(reply: RouterReply, inventory: Inventory) -> RouterReply:
+    if reply.status != 200:
+        raise RouterUnavailable(
+            f"the router answered {reply.status}: {reply.message}",
+            where=inventory.head.node_name,
+            fix="run `vcluster up INVENTORY`: the router may run another inventory's models",
+        )
+    return reply
 
 
 def _known(inventory: Inventory, name: str) -> None:

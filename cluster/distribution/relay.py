@@ -242,8 +242,11 @@ class Sink:
         if self.error is not None:
             _remove(self.final + PARTIAL)
             return self.error
-        os.replace(self.final + PARTIAL, self.final)
-        write_stamp(root, self.header["path"], self.header["sha256"])
+        try:
+            os.replace(self.final + PARTIAL, self.final)
+            write_stamp(root, self.header["path"], self.header["sha256"])
+        except OSError as error:
+            return str(error)
         return None
 
 

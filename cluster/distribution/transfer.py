@@ -11,6 +11,7 @@ A round ends when the stream has passed; nodes whose relay died or could not wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import struct
@@ -185,20 +186,30 @@ def _listening_port(lines: Iterator[str], node: str) -> int:
 def _send(channel: paramiko.Channel, stream: Sequence[Routed], chunks: Chunks) -> int:
     """Write the stream into the first relay; the bytes written (stops when it is gone)."""
     sent = 0
+
+    def put(data: bytes) -> bool:
+        try:
+            channel.sendall(frame(data))
+        except OSError:
+            return False  # the first relay is gone: its report says so
+        return True
+
     try:
         for routed in stream:
-            header = {**routed.item.wire(), "sinks": list(routed.sinks)}
-            channel.sendall(frame(json.dumps(header).encode()))
+            if not put(json.dumps({**routed.item.wire(), "sinks": list(routed.sinks)}).encode()):
+                return sent
             if routed.item.kind == "link":
                 continue  # a header only
-            for data in chunks(routed.item):
-                channel.sendall(frame(data))
+            for data in chunks(routed.item):  # this machine's own read errors propagate
+                if not put(data):
+                    return sent
                 sent += len(data)
-            channel.sendall(frame(b""))
-        channel.sendall(frame(json.dumps({"kind": "end"}).encode()))
-        channel.shutdown_write()
-    except OSError:
-        pass  # the first relay is gone: its report says so
+            if not put(b""):
+                return sent
+        put(json.dumps({"kind": "end"}).encode())
+    finally:
+        with contextlib.suppress(OSError):
+            channel.shutdown_write()  # the relays end, whatever happened here
     return sent
 
 

@@ -18,14 +18,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+
+if TYPE_CHECKING:  # aiohttp has named it since 3.9; annotations only
+    from aiohttp.typedefs import Middleware
 
 from cluster.serving.catalog import AGENT_TOKEN_ENV, API_KEY_ENV, ModelEntry, ServingConfig
 from cluster.serving.failures import error_lines, likely_cause
@@ -119,6 +122,8 @@ class Agent:
         self.node = node
         self.environment = environment
         self.ranks: dict[str, Rank] = {}
+        self.lock = threading.Lock()
+        """start and stop run in threads while report reads the ranks on the event loop."""
 
     def start(self, served: str, launch: str, rank: int, placement: Placement) -> Rank:
         model = self.config.model(served)
@@ -126,7 +131,8 @@ class Agent:
             raise KeyError(served)
         if placement[rank][0] != self.node:
             raise ValueError(f"rank {rank} of that placement is on {placement[rank][0]}")
-        current = self.ranks.get(served)
+        with self.lock:
+            current = self.ranks.get(served)
         if current is not None and current.launch == launch and current.process.poll() is None:
             return current
         self.stop(served)
@@ -140,12 +146,15 @@ class Agent:
                 log,
                 rank_environment(self.config, placement, rank, self.environment),
             )
-        self.ranks[served] = Rank(served, launch, rank, process, path, time.monotonic())
-        return self.ranks[served]
+        started = Rank(served, launch, rank, process, path, time.monotonic())
+        with self.lock:
+            self.ranks[served] = started
+        return started
 
     def stop(self, served: str) -> None:
         """Ends every process of the rank's group: SIGTERM, SIGKILL after the grace time."""
-        rank = self.ranks.pop(served, None)
+        with self.lock:
+            rank = self.ranks.pop(served, None)
         if rank is None:
             return
         group = rank.process.pid
@@ -158,11 +167,15 @@ class Agent:
             rank.process.wait(timeout=5)
 
     def stop_all(self) -> None:
-        for served in list(self.ranks):
-            self.stop(served)
+        with self.lock:
+            served = list(self.ranks)
+        for name in served:
+            self.stop(name)
 
     def report(self) -> dict[str, Any]:
-        return {served: rank.report() for served, rank in self.ranks.items()}
+        with self.lock:
+            ranks = list(self.ranks.items())
+        return {served: rank.report() for served, rank in ranks}
 
 
 def _in_own_group(argv: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:

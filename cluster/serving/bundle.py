@@ -19,16 +19,16 @@ def bundle_bytes() -> bytes:
     fixed = (2020, 1, 1, 0, 0, 0)  # the same bytes for the same code: its digest names it
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(
-            zipfile.ZipInfo("__main__.py", fixed), (_PACKAGE / "__main__.py").read_text()
+            zipfile.ZipInfo("__main__.py", fixed), (_PACKAGE / "__main__.py").read_bytes()
         )
         archive.writestr(zipfile.ZipInfo("cluster/__init__.py", fixed),
-                         Path(cluster.__file__).read_text())  # fmt: skip
+                         Path(cluster.__file__).read_bytes())  # fmt: skip
         for path in sorted(_PACKAGE.glob("*.py")):
             if path.name == "bundle.py":
                 continue
             info = zipfile.ZipInfo(f"cluster/serving/{path.name}", fixed)
             info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, path.read_text())
+            archive.writestr(info, path.read_bytes())
     return buffer.getvalue()
 
 

@@ -20,11 +20,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+
+if TYPE_CHECKING:  # aiohttp has named it since 3.9; annotations only
+    from aiohttp.typedefs import Middleware
 
 from cluster.serving.agent import api_host
 from cluster.serving.catalog import ModelEntry, ServingConfig
@@ -243,7 +245,13 @@ class Router:
             if reply[0] != 200:
                 raise Unavailable(502, f"the agent on {node} refused rank {rank}: {reply[1]}")
 
-        await asyncio.gather(*(start(r, n) for r, (n, _) in enumerate(model.placement)))
+        # every start ends (or fails) before a failure is raised: none runs on untracked
+        outcomes = await asyncio.gather(
+            *(start(r, n) for r, (n, _) in enumerate(model.placement)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _wait_serving(self, model: ModelState) -> None:
         """Until the model's API server answers, a rank dies, or the start timeout passes."""
@@ -278,10 +286,15 @@ class Router:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 misses = self.agent_misses[node] = self.agent_misses.get(node, 0) + 1
                 if misses >= AGENT_MISSES_ALLOWED:
-                    return f"the agent on {node} does not answer ({exc or type(exc).__name__})"
+                    return f"the agent on {node} does not answer ({str(exc) or type(exc).__name__})"
                 continue
             self.agent_misses[node] = 0
-            report = reports.get(model.entry.served) if status == 200 else None
+            if status != 200:  # the agent is in trouble, not necessarily the rank
+                misses = self.agent_misses[node] = self.agent_misses.get(node, 0) + 1
+                if misses >= AGENT_MISSES_ALLOWED:
+                    return f"the agent on {node} answers {status}: {reports}"
+                continue
+            report = reports.get(model.entry.served)
             if report is None or report.get("launch") != model.launch:
                 return f"rank {rank} on {node} is not running"
             if not report["running"]:
@@ -328,14 +341,18 @@ class Router:
                 and not model.in_flight
                 and idle > entry.unload_after_s
             ):
-                await self.unload(model, why=f"idle for {idle:.0f} s")
+                async with self.placing:  # no start or eviction decides on it meanwhile
+                    if model.state == LOADED and not model.in_flight:
+                        await self.unload(model, why=f"idle for {idle:.0f} s")
                 return
             death = await self._rank_death(model)
             if death is not None:
-                log.warning("%s went down: %s", entry.served, death)
-                await self._stop_ranks(model)
-                model.state, model.placement = UNLOADED, None
-                model.failure = death  # the next request starts it again
+                async with self.placing:
+                    if model.state == LOADED:
+                        log.warning("%s went down: %s", entry.served, death)
+                        await self._stop_ranks(model)
+                        model.state, model.placement = UNLOADED, None
+                        model.failure = death  # the next request starts it again
         retry = model.state == UNLOADED or (
             model.state == FAILED and now - model.failed_at > RETRY_FAILED_AFTER_S
         )
@@ -353,12 +370,15 @@ class Router:
     ) -> web.StreamResponse:
         """Pass the request to the model's API server and its answer back as it comes."""
         assert self.http is not None
+        if model.state != LOADED or model.placement is None:  # unloaded while the request woke
+            raise Unavailable(503, f"model {model.entry.served!r} was just unloaded", RETRY_AFTER_S)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["Authorization"] = f"Bearer {self.agent_token}"
         url = f"{self._backend(model)}{request.rel_url}"
         model.in_flight += 1
         model.requests += 1
         model.last_used = time.monotonic()
+        streaming: web.StreamResponse | None = None
         try:
             async with self.http.request(
                 request.method, url, data=body, headers=headers
@@ -374,6 +394,7 @@ class Router:
                     whole.headers.extend(passed)
                     return whole
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                streaming = response
                 response.headers.extend(passed)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
@@ -381,6 +402,10 @@ class Router:
                 await response.write_eof()
                 return response
         except aiohttp.ClientConnectionError as exc:
+            if streaming is not None and streaming.prepared:
+                # the answer has begun: it ends here, cut (no second status line inside it)
+                log.warning("%s: a stream was cut: %s", model.entry.served, exc)
+                return streaming
             raise Unavailable(502, f"model {model.entry.served!r} did not answer: {exc}") from None
         finally:
             model.in_flight -= 1
@@ -495,7 +520,10 @@ def router_app(router: Router, api_key: str | None) -> web.Application:
         if model is None:
             return openai_error(404, f"no model {request.query.get('model')!r}")
         model.failed_at = 0.0  # asked for by a person: no waiting after a failure
-        wait = float(request.query.get("wait", config.request_wait_s))
+        try:
+            wait = float(request.query.get("wait", config.request_wait_s))
+        except ValueError:
+            return openai_error(400, "wait must be a number of seconds")
         try:
             await router.ensure_loaded(model.entry.served, wait)
         except Unavailable as exc:

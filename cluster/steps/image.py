@@ -105,7 +105,11 @@ def _copy_to(
             fix="load it on one node (docker load) or here, or push it to a registry the nodes reach",
         )
     addresses = {n.name: n.facts.address for n in context.plan.nodes} if context.plan else {}
-    chain = [n for n in chain_nodes(context.inventory, session, addresses) if n.name in missing]
+    chain = [
+        n
+        for n in chain_nodes(context.inventory, session, addresses, reachable_only=True)
+        if n.name in missing
+    ]
 
     def lacks(node: str) -> bool:
         return found_on(session.docker(node)) is None
