@@ -437,6 +437,11 @@ class Inventory(_Strict):
         return [n for n in self.nodes if n is not self.head]
 
     @property
+    def head_first(self) -> list[Node]:
+        """Every node, the head first, then the workers in the inventory's order."""
+        return [self.head, *self.workers]
+
+    @property
     def ray_token(self) -> SecretRef:
         """Ray's token: `secrets.ray_token`, or the file vcluster keeps for this cluster."""
         if self.secrets.ray_token is not None:

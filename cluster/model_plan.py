@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 
 from cluster.errors import VclusterError
-from cluster.inventory import Inventory, Model, Node
+from cluster.inventory import Inventory, Model
 from cluster.serving.bundle import BUNDLE_NAME
 from cluster.serving.catalog import ModelEntry, NodeDevices, ServingConfig
 from cluster.serving.placement import place
@@ -68,7 +68,7 @@ def serving_config(
     head = inventory.head.node_name
     nodes = tuple(
         NodeDevices(n.node_name, addresses[n.node_name], devices[n.node_name], n.node_name == head)
-        for n in _head_first(inventory)
+        for n in inventory.head_first
     )
     free = {n.name: list(n.devices) for n in nodes}
     models = []
@@ -129,7 +129,3 @@ def serving_argv(state_dir: str, role: str, node: str) -> list[str]:
         str(directory / SERVING_CONFIG_NAME),
         node,
     ]
-
-
-def _head_first(inventory: Inventory) -> list[Node]:
-    return [inventory.head, *inventory.workers]

@@ -229,7 +229,7 @@ def build_plan(
     head = inventory.head
     head_facts = facts[head.node_name]
     nodes = []
-    for rank, node in enumerate(_head_first(inventory)):
+    for rank, node in enumerate(inventory.head_first):
         role: Role = "head" if node is head else "worker"
         node_facts = facts[node.node_name]
         container = _container_spec(inventory, runtime, node, role, node_facts, facts, serving)
@@ -283,10 +283,6 @@ def declared_facts(inventory: Inventory) -> dict[str, NodeFacts]:
             fix="declare gpus: N on those nodes in the inventory, or plan without --offline",
         )
     return facts
-
-
-def _head_first(inventory: Inventory) -> list[Node]:
-    return [inventory.head, *inventory.workers]
 
 
 def _parallelism(inventory: Inventory, counts: dict[str, int]) -> tuple[int, int]:

@@ -393,14 +393,13 @@ class Router:
                     whole = web.Response(status=upstream.status, body=await upstream.read())
                     whole.headers.extend(passed)
                     return whole
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                streaming = response
-                response.headers.extend(passed)
-                await response.prepare(request)
+                streaming = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                streaming.headers.extend(passed)
+                await streaming.prepare(request)
                 async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                    await streaming.write(chunk)
+                await streaming.write_eof()
+                return streaming
         except aiohttp.ClientConnectionError as exc:
             if streaming is not None and streaming.prepared:
                 # the answer has begun: it ends here, cut (no second status line inside it)

@@ -40,7 +40,7 @@ def gather_image_facts(
     answer is passed over (the `docker` check names it)."""
     cache = cache or image_facts_cache()
     image = image or inventory.image
-    for node in [inventory.head, *inventory.workers]:
+    for node in inventory.head_first:
         name = node.node_name
         if name not in session.connections:
             continue

@@ -29,7 +29,7 @@ def chain_nodes(
 ) -> list[ChainNode]:
     """Every node (or every node connected), head first, at its cluster address (the
     inventory's when not known)."""
-    ordered = [inventory.head, *inventory.workers]
+    ordered = inventory.head_first
     if reachable_only:
         ordered = [node for node in ordered if node.node_name in session.connections]
     return [
