@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from dataclasses import dataclass
 
 import docker
@@ -16,6 +18,8 @@ from cluster.plan import (
     LABEL_RAY,
     LABEL_ROLE,
     LABEL_SPEC_HASH,
+    SECRETS_PATH,
+    SUPERVISOR_STATE_DIR,
     ContainerSpec,
     supervisor_argv,
 )
@@ -74,13 +78,16 @@ def inspect_container(client: docker.DockerClient, name: str) -> ContainerState 
 def create_container(
     client: docker.DockerClient, spec: ContainerSpec, secrets: dict[str, str]
 ) -> ContainerState:
-    """Start the node's container from `spec`; `secrets` are the resolved secret environment.
+    """Start the node's container from `spec`; `secrets` are the resolved secret files.
+
+    The secrets are written into the created container's own file system (owner-only files)
+    before it starts, so that neither `docker inspect` nor the process list shows them.
 
     The image's entrypoint is replaced by vcluster's supervisor, which runs the spec's Ray
     command and vLLM (like vLLM's run_cluster.sh replaces it with `ray start`), so the same spec
     runs on `vllm/vllm-openai`, whose entrypoint is `vllm serve`.
     """
-    environment = {**spec.environment, **secrets}
+    environment = dict(spec.environment)
     if spec.gpus == "all":
         device_requests = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     elif spec.gpus:
@@ -90,12 +97,11 @@ def create_container(
         device_requests = None
     argv = supervisor_argv(spec)
     try:
-        client.containers.run(
+        container = client.containers.create(
             spec.image,
             entrypoint=argv[:1],
             command=argv[1:],
             name=spec.name,
-            detach=True,
             environment=environment,
             labels=spec.labels,
             mounts=[
@@ -107,6 +113,9 @@ def create_container(
             device_requests=device_requests,
             restart_policy={"Name": spec.restart_policy},
         )
+        if not container.put_archive("/", secret_archive(secrets)):
+            raise ContainerError(f"docker could not write the secret files into {spec.name}")
+        container.start()
     except docker.errors.ImageNotFound:
         raise ContainerError(
             f"image {spec.image} is not on this node",
@@ -121,6 +130,24 @@ def create_container(
     if state is None:
         raise ContainerError(f"{spec.name} vanished right after it was created")
     return state
+
+
+def secret_archive(secrets: dict[str, str]) -> bytes:
+    """A tar of the secret files at their place in the container: root's, 0400 in a 0700 folder."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        state = tarfile.TarInfo(SUPERVISOR_STATE_DIR.lstrip("/"))
+        state.type, state.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(state)
+        folder = tarfile.TarInfo(SECRETS_PATH.lstrip("/"))
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
+        tar.addfile(folder)
+        for name, value in sorted(secrets.items()):
+            data = value.encode()
+            info = tarfile.TarInfo(f"{folder.name}/{name}")
+            info.size, info.mode = len(data), 0o400
+            tar.addfile(info, io.BytesIO(data))
+    return archive.getvalue()
 
 
 def remove_container(client: docker.DockerClient, name: str) -> bool:

@@ -117,8 +117,9 @@ def _component(port: int, process: str, inventory: Inventory) -> str:
     model_port = _model_port(port, inventory)
     if model_port is not None and ("vllm" in process.lower() or "VLLM" in process):
         return model_port
-    if port == inventory.ports.vllm and ("vllm" in process.lower() or "VLLM" in process):
-        return "vLLM API"
+    vllm = "vllm" in process.lower() or "VLLM" in process
+    if vllm and port in (inventory.ports.vllm, inventory.ports.models) and not inventory.routed:
+        return "vLLM API"  # behind the router on loopback; on the endpoint port in older clusters
     if port == inventory.ports.master:
         return "vLLM rendezvous (torch.distributed store)"
     if "VLLM::" in process or "vllm serve" in process:

@@ -65,11 +65,7 @@ def serving_config(
     state_dir: str,
 ) -> ServingConfig:
     """What the router and agents run on; an error for a model that can never load."""
-    head = inventory.head.node_name
-    nodes = tuple(
-        NodeDevices(n.node_name, addresses[n.node_name], devices[n.node_name], n.node_name == head)
-        for n in inventory.head_first
-    )
+    nodes = _serving_nodes(inventory, addresses, devices)
     free = {n.name: list(n.devices) for n in nodes}
     models = []
     for index, model in enumerate(inventory.model_list):
@@ -104,6 +100,52 @@ def serving_config(
         start_timeout_s=inventory.router.start_timeout_s,
         state_dir=state_dir,
         log_dir=MODEL_LOG_DIR,
+    )
+
+
+def front_config(
+    inventory: Inventory,
+    addresses: Mapping[str, str],
+    devices: Mapping[str, tuple[int, ...]],
+    state_dir: str,
+    parallelism: tuple[int, int],
+) -> ServingConfig:
+    """What the router in front of a one-model cluster's vLLM runs on: the model, `external`
+    (run by the head container's supervisor on loopback, at `ports.models`)."""
+    nodes = _serving_nodes(inventory, addresses, devices)
+    model = inventory.primary_model
+    entry = ModelEntry(
+        served=model.served,
+        argv=(),
+        tensor_parallel=parallelism[0],
+        pipeline_parallel=parallelism[1],
+        keep_loaded=True,
+        unload_after_s=None,
+        api_port=inventory.ports.models,
+        master_port=inventory.ports.master,
+        external=True,
+    )
+    return ServingConfig(
+        cluster=inventory.cluster,
+        accelerator=inventory.accelerator,
+        models=(entry,),
+        nodes=nodes,
+        port=inventory.ports.vllm,
+        agent_port=inventory.ports.agent,
+        request_wait_s=inventory.router.request_wait_s,
+        start_timeout_s=inventory.router.start_timeout_s,
+        state_dir=state_dir,
+        log_dir=MODEL_LOG_DIR,
+    )
+
+
+def _serving_nodes(
+    inventory: Inventory, addresses: Mapping[str, str], devices: Mapping[str, tuple[int, ...]]
+) -> tuple[NodeDevices, ...]:
+    head = inventory.head.node_name
+    return tuple(
+        NodeDevices(n.node_name, addresses[n.node_name], devices[n.node_name], n.node_name == head)
+        for n in inventory.head_first
     )
 
 

@@ -16,10 +16,23 @@ from typing import Literal, TypedDict
 from cluster import __version__
 from cluster.errors import VclusterError
 from cluster.inventory import CONTAINER_CACHE_PATH, Inventory, Node
-from cluster.model_plan import ModelPlanError, node_devices, serving_argv, serving_config
+from cluster.model_plan import (
+    ModelPlanError,
+    front_config,
+    node_devices,
+    serving_argv,
+    serving_config,
+)
 from cluster.runtime import Runtime, assumed_runtime
 from cluster.secrets import MASK, SecretRef, state_dir
-from cluster.serving.catalog import AGENT_TOKEN_ENV, ServingConfig
+from cluster.serving.catalog import (
+    AGENT_TOKEN_FILE,
+    API_KEY_FILE,
+    HF_TOKEN_FILE,
+    RAY_TOKEN_FILE,
+    SECRETS_DIR,
+    ServingConfig,
+)
 
 LABEL_PREFIX = "vcluster"
 LABEL_CLUSTER = f"{LABEL_PREFIX}.cluster"
@@ -32,8 +45,11 @@ LABEL_RAY = f"{LABEL_PREFIX}.ray"
 LABEL_EXECUTOR = f"{LABEL_PREFIX}.executor"
 """vLLM's executor: `ray` (vLLM runs on the head only) or `mp` (on every node)."""
 VLLM_LOG_PATH = "/var/log/vcluster-vllm.log"
+FRONT_LOG_PATH = "/var/log/vcluster-router.log"
 SUPERVISOR_STATE_DIR = "/var/lib/vcluster"
 """In the container's own file system: it outlives a restart of the container, not a `down`."""
+SECRETS_PATH = f"{SUPERVISOR_STATE_DIR}/{SECRETS_DIR}"
+"""The container's secret files (owner-only), written through the Docker API before it starts."""
 RESTART_POLICY = "unless-stopped"
 """Docker starts the container again after a crash or a reboot, not after `docker stop`."""
 
@@ -84,7 +100,8 @@ class ContainerSpec:
     image: str
     command: tuple[str, ...]
     environment: dict[str, str]
-    secret_environment: dict[str, SecretRef]
+    secret_files: dict[str, SecretRef]
+    """Files of `SECRETS_PATH` in the container, by name: never in its environment."""
     labels: dict[str, str]
     mounts: tuple[Mount, ...]
     gpus: Literal["all"] | tuple[int, ...] | None
@@ -110,6 +127,9 @@ class ServeSpec:
     watch_titled: bool = True
     """Restart it when one of its `VLLM::` processes dies: not for the router and agents,
     whose model ranks come and go."""
+    front: tuple[str, ...] | None = None
+    """The router in front of this vLLM (one model's head): the users' endpoint."""
+    front_log_path: str = FRONT_LOG_PATH
 
 
 @dataclass(frozen=True)
@@ -141,10 +161,18 @@ class ClusterPlan:
     nodes: tuple[NodePlan, ...] = field(default_factory=tuple)
     serving: ServingConfig | None = None
     """With several models (or one on demand): what the router and the agents run on."""
+    front: ServingConfig | None = None
+    """With one model always loaded: what the router in front of the head's vLLM runs on."""
 
     @property
     def routed(self) -> bool:
         return self.serving is not None
+
+    @property
+    def endpoint_port(self) -> int:
+        config = self.serving or self.front
+        assert config is not None
+        return config.port
 
     @property
     def head(self) -> NodePlan:
@@ -171,7 +199,7 @@ class ClusterPlan:
 
         data = asdict(self)
         for node_data, node in zip(data["nodes"], self.nodes, strict=True):
-            node_data["container"]["secret_environment"] = node.container.secret_environment
+            node_data["container"]["secret_files"] = node.container.secret_files
         return render(data)  # type: ignore[return-value]
 
 
@@ -220,9 +248,17 @@ def build_plan(
         )
     except ModelPlanError as exc:
         raise PlanError(exc.message, fix=exc.fix) from None
+    front = None
     if serving is None:
         counts = {name: len(ids) for name, ids in devices.items()}
         tensor_parallel, pipeline_parallel = _parallelism(inventory, counts)
+        front = front_config(
+            inventory,
+            {name: f.address for name, f in facts.items()},
+            devices,
+            SUPERVISOR_STATE_DIR,
+            (tensor_parallel, pipeline_parallel),
+        )
     else:
         tensor_parallel = serving.models[0].tensor_parallel
         pipeline_parallel = serving.models[0].pipeline_parallel
@@ -244,6 +280,7 @@ def build_plan(
                 head_facts,
                 tensor_parallel,
                 pipeline_parallel,
+                front,
             )
         nodes.append(NodePlan(node.node_name, role, node.address, node_facts, container, serve))
     return ClusterPlan(
@@ -261,6 +298,7 @@ def build_plan(
         endpoint=f"http://{head_facts.address}:{inventory.ports.vllm}/v1",
         nodes=tuple(nodes),
         serving=serving,
+        front=front,
     )
 
 
@@ -314,6 +352,8 @@ def _parallelism(inventory: Inventory, counts: dict[str, int]) -> tuple[int, int
 
 def _environment(inventory: Inventory, facts: NodeFacts, ray: bool) -> dict[str, str]:
     environment = dict(inventory.env)
+    if inventory.secrets.hf_token is not None:
+        environment["HF_TOKEN_PATH"] = f"{SECRETS_PATH}/{HF_TOKEN_FILE}"  # huggingface_hub's
     environment["VLLM_HOST_IP"] = facts.address
     hub_models = [m for m in inventory.model_list if not m.name.startswith("/")]
     if hub_models and all(m.source for m in hub_models):
@@ -324,6 +364,7 @@ def _environment(inventory: Inventory, facts: NodeFacts, ray: bool) -> dict[str,
         environment["RAY_NODE_IP_ADDRESS"] = facts.address
         # every Ray process, and every Ray client vcluster runs in the container, needs it
         environment["RAY_AUTH_MODE"] = "token"
+        environment["RAY_AUTH_TOKEN_PATH"] = f"{SECRETS_PATH}/{RAY_TOKEN_FILE}"
     interface = inventory.network.interface or facts.interface
     if interface:
         environment["GLOO_SOCKET_IFNAME"] = interface
@@ -337,14 +378,16 @@ def agent_token_path(cluster: str) -> Path:
     return state_dir() / "clusters" / cluster / "agent-token"
 
 
-def _secret_environment(inventory: Inventory, role: Role, ray: bool) -> dict[str, SecretRef]:
-    secrets: dict[str, SecretRef] = {"RAY_AUTH_TOKEN": inventory.ray_token} if ray else {}
+def _secret_files(inventory: Inventory, role: Role, ray: bool) -> dict[str, SecretRef]:
+    """The container's secret files: Ray's token, the agents' token, the hub token, and on the
+    head the users' API key (the router reads it; vLLM behind the router needs none)."""
+    secrets: dict[str, SecretRef] = {RAY_TOKEN_FILE: inventory.ray_token} if ray else {}
     if inventory.routed:
-        secrets[AGENT_TOKEN_ENV] = SecretRef("file", str(agent_token_path(inventory.cluster)))
+        secrets[AGENT_TOKEN_FILE] = SecretRef("file", str(agent_token_path(inventory.cluster)))
     if inventory.secrets.hf_token is not None:
-        secrets["HF_TOKEN"] = inventory.secrets.hf_token
+        secrets[HF_TOKEN_FILE] = inventory.secrets.hf_token
     if inventory.secrets.api_key is not None and role == "head":
-        secrets["VLLM_API_KEY"] = inventory.secrets.api_key
+        secrets[API_KEY_FILE] = inventory.secrets.api_key
     return secrets
 
 
@@ -393,7 +436,7 @@ class _ContainerFields(TypedDict):
     command: tuple[str, ...]
     supervisor: SupervisorSpec
     environment: dict[str, str]
-    secret_environment: dict[str, SecretRef]
+    secret_files: dict[str, SecretRef]
     mounts: tuple[Mount, ...]
     gpus: Literal["all"] | tuple[int, ...] | None
 
@@ -414,14 +457,14 @@ def _container_spec(
         "command": _ray_command(inventory, role, facts, head) if runtime.ray else (),
         "supervisor": _supervisor_spec(inventory, runtime, role, facts, all_facts),
         "environment": _environment(inventory, facts, runtime.ray),
-        "secret_environment": _secret_environment(inventory, role, runtime.ray),
+        "secret_files": _secret_files(inventory, role, runtime.ray),
         "mounts": (Mount(inventory.model_cache, CONTAINER_CACHE_PATH),),
         "gpus": _gpus(inventory, node),
     }
     digest_input = json.dumps(
         {
             **spec,
-            "secret_environment": {n: str(r) for n, r in spec["secret_environment"].items()},
+            "secret_files": {n: str(r) for n, r in spec["secret_files"].items()},
             "supervisor_code": hashlib.sha256(supervisor_source().encode()).hexdigest(),
             "restart_policy": RESTART_POLICY,
         },
@@ -460,6 +503,7 @@ def _serve_spec(
     head: NodeFacts,
     tensor_parallel: int,
     pipeline_parallel: int,
+    front: ServingConfig | None,
 ) -> ServeSpec | None:
     if executor == "ray" and role == "worker":
         return None
@@ -478,11 +522,14 @@ def _serve_spec(
         ]  # fmt: skip
     if role == "worker":
         argv.append("--headless")
-    else:
-        argv += ["--host", "0.0.0.0", "--port", str(inventory.ports.vllm)]  # noqa: S104
-        argv += ["--served-model-name", inventory.primary_model.served]
+        return ServeSpec(argv=(*argv, *inventory.primary_model.args), headless=True)
+    assert front is not None
+    # on loopback: the router in front is the users' endpoint (vLLM's key covers only /v1)
+    argv += ["--host", "127.0.0.1", "--port", str(front.models[0].api_port)]
+    argv += ["--served-model-name", inventory.primary_model.served]
     argv += inventory.primary_model.args
-    return ServeSpec(argv=tuple(argv), headless=role == "worker")
+    front_argv = serving_argv(front.state_dir, "front", inventory.head.node_name)
+    return ServeSpec(argv=tuple(argv), front=tuple(front_argv))
 
 
 def _gpus_flag(gpus: Literal["all"] | tuple[int, ...]) -> str:
@@ -530,8 +577,8 @@ def render_text(plan: ClusterPlan) -> str:
         )
         for name, value in c.environment.items():
             lines.append(f"  env {name}={value}")
-        for name, ref in c.secret_environment.items():
-            lines.append(f"  env {name}={MASK} (from {ref})")
+        for name, ref in c.secret_files.items():
+            lines.append(f"  secret file {SECRETS_PATH}/{name} = {MASK} (from {ref})")
         lines.append(f"  ray: {shlex.join(c.command)}" if c.command else "  ray: none")
         lines.append(
             f"  supervisor: restart policy {c.restart_policy}, "
@@ -541,4 +588,9 @@ def render_text(plan: ClusterPlan) -> str:
         )
         if node.serve is not None:
             lines.append(f"  vllm: {shlex.join(node.serve.argv)}")
+        if node.serve is not None and node.serve.front is not None:
+            lines.append(
+                f"  endpoint: vcluster's router on {node.facts.address}:{plan.endpoint_port}, "
+                "in front of vLLM on 127.0.0.1 (API key on every route but /health)"
+            )
     return "\n".join(lines)

@@ -32,7 +32,9 @@ from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_no
 from cluster.router_client import ModelStatus
 from cluster.session import Session
 from cluster.steps.model_files import chain_nodes, models_with_source
+from cluster.transport.ssh import SshConnection
 from cluster.vllm import (
+    ServingMetrics,
     SupervisedVllm,
     http_get,
     parse_serving_metrics,
@@ -297,10 +299,9 @@ def _vllm_view(inventory: Inventory, session: Session) -> VllmStatus:
     try:
         health = http_get(ssh, head.address, port, "/health")
         models = http_get(ssh, head.address, port, "/v1/models", api_key=key)
-        metrics = http_get(ssh, head.address, port, "/metrics", api_key=key)
     except OSError as exc:
         return VllmStatus(error=str(exc))
-    load = parse_serving_metrics(metrics.body) if metrics.status == 200 else None
+    load = None if inventory.routed else _vllm_load(ssh, inventory.ports.models)
     return VllmStatus(
         health=health.status == 200,
         models=tuple(served_models(models.body)) if models.status == 200 else (),
@@ -309,6 +310,15 @@ def _vllm_view(inventory: Inventory, session: Session) -> VllmStatus:
         kv_cache_usage=load.kv_cache_usage if load else None,
         error=None if models.status == 200 else f"/v1/models answered {models.status}",
     )
+
+
+def _vllm_load(ssh: SshConnection, port: int) -> ServingMetrics | None:
+    """The one model's load, from its vLLM on the head's loopback (behind the router)."""
+    try:
+        metrics = http_get(ssh, "127.0.0.1", port, "/metrics")
+    except OSError:
+        return None
+    return parse_serving_metrics(metrics.body) if metrics.status == 200 else None
 
 
 def uptime(started_at: str | None, now: dt.datetime | None = None) -> str:

@@ -13,6 +13,9 @@ It therefore uses the standard library only and runs on the Python of any vLLM i
   core, a worker) or a peer rank goes away (a TCP connection of ours that the other node closed),
   every process of that session is stopped and vLLM starts again after a back-off.
 - As PID 1 it reaps every orphan, so killed processes never linger as zombies.
+- On the head of a one-model cluster, `serve.json` also names the front: vcluster's router, the
+  users' endpoint, in front of vLLM (which listens on loopback). The front runs in its own
+  session beside vLLM, whatever vLLM's state, and is restarted a second after it exits.
 
 The state it reports (`vllm.json`: state, restarts, last exit cause) is what `vcluster status`
 shows. The pure parts (parsing /proc, the back-off) are tested in tests/unit/test_supervisor.py.
@@ -21,6 +24,7 @@ shows. The pure parts (parsing /proc, the back-off) are tested in tests/unit/tes
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -41,6 +45,7 @@ BACKOFF_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 HEALTHY_RUN_S = 300.0
 """A run this long resets the back-off: the next failure is a new incident, not a crash loop."""
 PEER_WAIT_LOG_S = 30.0
+FRONT_RESTART_S = 1.0
 TITLE_PREFIX = "VLLM::"
 """vLLM names its long-lived processes (`VLLM::EngineCore`, `VLLM::Worker_PP0`, ...)."""
 TCP_ESTABLISHED = "01"
@@ -182,6 +187,19 @@ def reachable(address: str, port: int, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def serves(address: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether the endpoint's /health answers 200: the router in front of vLLM listens before
+    the model serves, so an open port alone says nothing."""
+    connection = http.client.HTTPConnection(address, port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
 # --- the supervisor -----------------------------------------------------------------------------
 
 
@@ -200,6 +218,14 @@ class VllmRun:
     """The connections to peer ranks held when the model first served (None before that)."""
 
 
+@dataclass
+class FrontRun:
+    """The router in front of vLLM (one-model clusters' head)."""
+
+    argv: list[str]
+    process: subprocess.Popen[bytes]
+
+
 class Supervisor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.ray_argv: list[str] | None = config["ray"]
@@ -212,6 +238,8 @@ class Supervisor:
         self.serving_address = (str(serving[0]), int(serving[1])) if serving else None
         self.ray: subprocess.Popen[bytes] | None = None
         self.vllm: VllmRun | None = None
+        self.front: FrontRun | None = None
+        self.front_next_start = 0.0
         self.exits: dict[int, int] = {}
         self.restarts = 0
         self.failures_in_a_row = 0
@@ -246,9 +274,11 @@ class Supervisor:
                 self._stop_vllm(f"Ray {cause}", count=False)
                 return 1
             self._supervise_vllm()
+            self._supervise_front()
             self._write_state()
             time.sleep(POLL_S)
         self._stop_vllm("the container is stopping", count=False)
+        self._stop_front("the container is stopping")
         if self.ray is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.ray.pid, signal.SIGTERM)
@@ -313,13 +343,45 @@ class Supervisor:
         if (
             run.serving_connections is None
             and self.serving_address is not None
-            and reachable(*self.serving_address)  # probed only until the model first serves
+            and serves(*self.serving_address)  # probed only until the model first serves
         ):
             run.serving_connections = open_now
         gone = closed | gone_peers(run.serving_connections or set(), open_now)
         if gone:
             return f"a peer rank went away ({', '.join(sorted(gone))} closed its connection)"
         return None
+
+    def _supervise_front(self) -> None:
+        desired = self._desired()
+        wanted = desired.get("front") if desired is not None else None
+        run = self.front
+        if run is not None:
+            if wanted is None or wanted["argv"] != run.argv:
+                self._stop_front("stopped by vcluster (a new request, or none)")
+            elif run.process.pid in self.exits:
+                run.process.returncode = 1
+                self._log(f"the front {exit_cause(self.exits.pop(run.process.pid))}; restarting")
+                self._end_session(run.process.pid)
+                self.front = None
+                self.front_next_start = time.monotonic() + FRONT_RESTART_S
+            return
+        if wanted is None or time.monotonic() < self.front_next_start:
+            return
+        with open(wanted["log"], "ab") as log:
+            process = subprocess.Popen(
+                wanted["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.front = FrontRun(list(wanted["argv"]), process)
+        self._log(f"front started (pid {process.pid})")
+
+    def _stop_front(self, cause: str) -> None:
+        run = self.front
+        if run is None:
+            return
+        self._log(f"stopping the front: {cause}")
+        self._end_session(run.process.pid)
+        run.process.returncode = run.process.returncode or 0
+        self.front = None
 
     # vLLM's life
 
@@ -338,8 +400,8 @@ class Supervisor:
             process,
             time.monotonic(),
         )
-        ray_pid = self.ray.pid if self.ray else None
-        self.exits = {pid: s for pid, s in self.exits.items() if pid == ray_pid}  # old news
+        kept = {self.ray.pid if self.ray else None, self.front.process.pid if self.front else None}
+        self.exits = {pid: s for pid, s in self.exits.items() if pid in kept}  # old news
         self.state = "running"
         self._log(f"vLLM started (pid {process.pid}, spec {desired['spec_id']})")
 

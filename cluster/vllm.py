@@ -29,7 +29,7 @@ def desired_path(state_dir: str) -> str:
 
 
 def serve_request(serve: ServeSpec, spec_id: str, launch: str) -> str:
-    """What the supervisor is asked to run (JSON); it holds no secret (those are in the env).
+    """What the supervisor is asked to run (JSON); it holds no secret (those are files).
 
     `launch` names this request: a new one restarts vLLM even with the same spec, so that the
     ranks of a model start together.
@@ -41,6 +41,8 @@ def serve_request(serve: ServeSpec, spec_id: str, launch: str) -> str:
         "log": serve.log_path,
         "watch_titled": serve.watch_titled,
     }
+    if serve.front is not None:
+        request["front"] = {"argv": list(serve.front), "log": serve.front_log_path}
     return json.dumps(request)
 
 

@@ -1,7 +1,7 @@
 """What the router and the agents are told by `vcluster up`: the models, the nodes, the ports.
 
-`up` writes it as JSON into the head container (router.json) and every node's container
-(agent.json). Nothing in it is secret: tokens reach the processes in their environment.
+`up` writes it as JSON into every node's container. Nothing in it is secret: the tokens and the
+users' key are files of the state folder's `secrets/` (`read_secret`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,28 @@ import json
 from dataclasses import asdict, dataclass
 
 AGENT_TOKEN_ENV = "VCLUSTER_AGENT_TOKEN"  # noqa: S105 (a variable name)
-"""The cluster's internal token: agents require it, the models' own API servers take it as key."""
+"""Where an agent puts the cluster's internal token for its ranks' processes (never in the
+container's environment): the models' own API servers take it as key."""
 ROUTER_SOCKET = "router.sock"
 """In the state folder: the router's API without a key, for `vcluster models` (docker exec)."""
 API_KEY_ENV = "VLLM_API_KEY"
-"""The users' API key, which the router checks (the same variable vLLM itself reads)."""
+"""The variable vLLM reads its API key from: a model rank gets the agent token in it."""
+SECRETS_DIR = "secrets"
+"""In the state folder: the cluster's secrets, one owner-only file each, written by `up`
+through the Docker API, so that none is in the container's environment (`docker inspect`)."""
+AGENT_TOKEN_FILE = "agent-token"  # noqa: S105 (a file name)
+API_KEY_FILE = "api-key"
+RAY_TOKEN_FILE = "ray-token"  # noqa: S105 (a file name)
+HF_TOKEN_FILE = "hf-token"  # noqa: S105 (a file name)
+
+
+def read_secret(state_dir: str, name: str) -> str | None:
+    """A secret file of the container's state folder, or None when there is none (or empty)."""
+    try:
+        with open(f"{state_dir}/{SECRETS_DIR}/{name}", encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,9 @@ class ModelEntry:
     unload_after_s: float | None
     api_port: int
     master_port: int
+    external: bool = False
+    """Started and healed by the head container's supervisor, on loopback (the one model of a
+    cluster that serves one): the router only passes requests to it."""
 
     @property
     def devices_needed(self) -> int:

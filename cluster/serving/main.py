@@ -1,7 +1,9 @@
 """The entry point in the containers: `python3 serving.pyz router|agent CONFIG NODE`.
 
-`router` (the head) serves the endpoint and runs the head's agent; `agent` (every other node)
-runs the node's agent only. Both stop every rank they started when they are stopped.
+`router` (the head, several models) serves the endpoint and runs the head's agent; `agent`
+(every other node) runs the node's agent only; both stop every rank they started when they are
+stopped. `front` (the head, one model) serves the endpoint in front of the vLLM that the
+container's supervisor runs on loopback.
 """
 
 from __future__ import annotations
@@ -18,31 +20,42 @@ from pathlib import Path
 from aiohttp import web
 
 from cluster.serving.agent import Agent, agent_app
-from cluster.serving.catalog import AGENT_TOKEN_ENV, API_KEY_ENV, ROUTER_SOCKET, ServingConfig
+from cluster.serving.catalog import (
+    AGENT_TOKEN_ENV,
+    AGENT_TOKEN_FILE,
+    API_KEY_FILE,
+    ROUTER_SOCKET,
+    SECRETS_DIR,
+    ServingConfig,
+    read_secret,
+)
 from cluster.serving.router import Router, router_app
 
 
 async def serve(role: str, config: ServingConfig, node: str) -> None:
-    token = os.environ.get(AGENT_TOKEN_ENV, "")
-    if not token:
-        raise SystemExit(f"{AGENT_TOKEN_ENV} is not set: the agents would be open to anyone")
-    agent = Agent(config, node, dict(os.environ))
     runners = []
-    agent_runner = web.AppRunner(agent_app(agent, token), access_log=None)
-    await agent_runner.setup()
-    runners.append(agent_runner)
-    await web.TCPSite(agent_runner, config.node(node).address, config.agent_port).start()
+    agent = None
+    token = read_secret(config.state_dir, AGENT_TOKEN_FILE) or ""
+    if role in ("router", "agent"):
+        if not token:
+            raise SystemExit(f"no {SECRETS_DIR}/{AGENT_TOKEN_FILE}: the agents would be open")
+        agent = Agent(config, node, {**os.environ, AGENT_TOKEN_ENV: token})
+        agent_runner = web.AppRunner(agent_app(agent, token), access_log=None)
+        await agent_runner.setup()
+        runners.append(agent_runner)
+        await web.TCPSite(agent_runner, config.node(node).address, config.agent_port).start()
     router = None
-    if role == "router":
+    if role in ("router", "front"):
         router = Router(config, token)
         await router.start()
-        api_key = os.environ.get(API_KEY_ENV) or None
+        api_key = read_secret(config.state_dir, API_KEY_FILE)
         public = web.AppRunner(router_app(router, api_key), access_log=None)
-        local = web.AppRunner(router_app(router, None), access_log=None)
+        local = web.AppRunner(router_app(router, None, local=True), access_log=None)
         for runner in (public, local):
             await runner.setup()
             runners.append(runner)
-        await web.TCPSite(public, "0.0.0.0", config.port).start()  # noqa: S104 (the endpoint)
+        # the endpoint, on the head's cluster address (it is the users' only door)
+        await web.TCPSite(public, config.node(node).address, config.port).start()
         socket_path = Path(config.state_dir) / ROUTER_SOCKET
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
@@ -60,12 +73,13 @@ async def serve(role: str, config: ServingConfig, node: str) -> None:
             await router.close()
         for runner in runners:
             await runner.cleanup()
-        await asyncio.to_thread(agent.stop_all)
+        if agent is not None:
+            await asyncio.to_thread(agent.stop_all)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] not in ("router", "agent"):
-        print("usage: serving.pyz router|agent CONFIG_PATH NODE_NAME", file=sys.stderr)
+    if len(argv) != 3 or argv[0] not in ("router", "agent", "front"):
+        print("usage: serving.pyz router|agent|front CONFIG_PATH NODE_NAME", file=sys.stderr)
         return 2
     role, config_path, node = argv
     logging.basicConfig(

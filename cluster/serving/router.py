@@ -6,14 +6,17 @@ past that it gets a 503 with Retry-After while the start goes on. Placement and 
 `cluster.serving.placement`'s; the ranks are started by each node's agent. Responses, SSE
 streams included, pass through chunk by chunk as vLLM produces them.
 
-The users' API key (VLLM_API_KEY, as for vLLM itself) is checked here; the models' own API
-servers take the cluster's agent token instead, so they are not usable from outside without it.
+It is the users' only endpoint, with one model too: then the model is `external` (its vLLM is
+started and restarted by the head container's supervisor, on loopback) and the router only
+watches whether it serves. The users' API key is checked here, on every route but /health; only
+the OpenAI routes of `cluster.serving.routes` pass, and a path that could mean another one once
+decoded is refused before routing. The models' own API servers take the cluster's agent token
+(or, on loopback, nothing), so they are not usable from outside.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -21,6 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -29,8 +33,10 @@ if TYPE_CHECKING:  # aiohttp has named it since 3.9; annotations only
     from aiohttp.typedefs import Middleware
 
 from cluster.serving.agent import api_host
+from cluster.serving.auth import bearer_matches
 from cluster.serving.catalog import ModelEntry, ServingConfig
 from cluster.serving.placement import Activation, Placement, Resident, plan_activation
+from cluster.serving.routes import ADMIN_PREFIX, HEALTH, MODELS, is_openai_route, path_problem
 
 log = logging.getLogger("vcluster.router")
 
@@ -132,6 +138,11 @@ class Router:
         self.agent_misses: dict[str, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def front_only(self) -> bool:
+        """One model whose vLLM the supervisor runs: no agents, nothing to start or stop."""
+        return all(m.entry.external for m in self.models.values())
+
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         self.http = aiohttp.ClientSession(
@@ -139,10 +150,17 @@ class Router:
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
             auto_decompress=False,  # the bytes pass as the model's server sent them
         )
-        # A restarted router starts from a clean slate: no rank of an earlier run survives.
-        await asyncio.gather(*(self._agent("DELETE", n.name, "/ranks") for n in self.config.nodes),
-                             return_exceptions=True)  # fmt: skip
+        if not self.front_only:
+            # A restarted router starts from a clean slate: no rank of an earlier run survives.
+            await asyncio.gather(
+                *(self._agent("DELETE", n.name, "/ranks") for n in self.config.nodes),
+                return_exceptions=True,
+            )
         self._spawn(self._watch())
+        for model in self.models.values():
+            if model.entry.external:
+                model.state = LOADING
+                self._spawn(self._watch_external(model))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -162,6 +180,8 @@ class Router:
         model = self.models[served]
         if model.state == LOADED:
             return model
+        if model.entry.external:
+            return await self._wait_external(model, wait_s)
         if model.state == FAILED and time.monotonic() - model.failed_at < RETRY_FAILED_AFTER_S:
             raise Unavailable(502, f"model {served!r} failed to start: {model.failure}")
         ready = self.activate(model)
@@ -172,6 +192,34 @@ class Router:
                 503, f"model {served!r} is still loading after {wait_s:g} s", RETRY_AFTER_S
             ) from None
         return model
+
+    async def _wait_external(self, model: ModelState, wait_s: float) -> ModelState:
+        """Until the supervisor's vLLM serves (the watch sees it), up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while model.state != LOADED:
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    503,
+                    f"model {model.entry.served!r} is starting: its vLLM does not serve yet",
+                    RETRY_AFTER_S,
+                )
+            await asyncio.sleep(START_POLL_S)
+        return model
+
+    async def _watch_external(self, model: ModelState) -> None:
+        """Follows whether the supervisor's vLLM serves; it is started and healed elsewhere."""
+        while True:
+            serves = await self._serves(model)
+            if serves and model.state != LOADED:
+                model.state, model.failure = LOADED, None
+                model.activations += 1
+                model.last_used = time.monotonic()
+                log.info("%s serves", model.entry.served)
+            elif not serves and model.state == LOADED:
+                model.state = LOADING
+                model.failure = "its vLLM stopped answering; the supervisor restarts it"
+                log.warning("%s: %s", model.entry.served, model.failure)
+            await asyncio.sleep(POLL_S if model.state == LOADED else START_POLL_S)
 
     def activate(self, model: ModelState) -> asyncio.Future[None]:
         """The future of the model's start: the running one, or a new one."""
@@ -236,7 +284,7 @@ class Router:
             deadline = time.monotonic() + AGENT_CONNECT_WAIT_S
             while True:  # an agent may still be starting (its container starts after ours)
                 try:
-                    reply = await self._agent("PUT", node, f"/ranks/{model.entry.served}", body)
+                    reply = await self._agent("PUT", node, _ranks_path(model), body)
                     break
                 except aiohttp.ClientConnectorError:
                     if time.monotonic() > deadline:
@@ -269,7 +317,7 @@ class Router:
             await asyncio.sleep(START_POLL_S)
 
     async def _serves(self, model: ModelState) -> bool:
-        assert self.http is not None and model.placement is not None
+        assert self.http is not None
         url = f"{self._backend(model)}/health"
         try:
             async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as reply:
@@ -305,6 +353,8 @@ class Router:
         return None
 
     async def unload(self, model: ModelState, *, why: str) -> None:
+        if model.entry.external:
+            raise Unavailable(409, f"model {model.entry.served!r} is always served on this cluster")
         if model.state in (UNLOADED, FAILED) and model.placement is None:
             return
         log.info("unloading %s: %s", model.entry.served, why)
@@ -317,7 +367,7 @@ class Router:
             return
         nodes = {n for n, _ in model.placement}
         await asyncio.gather(
-            *(self._agent("DELETE", n, f"/ranks/{model.entry.served}") for n in nodes),
+            *(self._agent("DELETE", n, _ranks_path(model)) for n in nodes),
             return_exceptions=True,
         )
 
@@ -327,6 +377,8 @@ class Router:
         while True:
             await asyncio.sleep(POLL_S)
             for model in list(self.models.values()):
+                if model.entry.external:
+                    continue
                 try:
                     await self._watch_one(model)
                 except Exception:  # one model's trouble must not stop the watch
@@ -362,6 +414,8 @@ class Router:
     # proxying
 
     def _backend(self, model: ModelState) -> str:
+        if model.entry.external:
+            return f"http://127.0.0.1:{model.entry.api_port}"
         assert model.placement is not None
         return f"http://{api_host(self.config, model.placement)}:{model.entry.api_port}"
 
@@ -370,11 +424,14 @@ class Router:
     ) -> web.StreamResponse:
         """Pass the request to the model's API server and its answer back as it comes."""
         assert self.http is not None
-        if model.state != LOADED or model.placement is None:  # unloaded while the request woke
+        if model.state != LOADED or (model.placement is None and not model.entry.external):
+            # unloaded while the request woke
             raise Unavailable(503, f"model {model.entry.served!r} was just unloaded", RETRY_AFTER_S)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["Authorization"] = f"Bearer {self.agent_token}"
-        url = f"{self._backend(model)}{request.rel_url}"
+        if not model.entry.external:  # on loopback, the supervisor's vLLM has no key
+            headers["Authorization"] = f"Bearer {self.agent_token}"
+        # the raw path, checked by `path_problem` before routing: what the client sent, as sent
+        url = f"{self._backend(model)}{request.raw_path}"
         model.in_flight += 1
         model.requests += 1
         model.last_used = time.monotonic()
@@ -439,13 +496,18 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
+def _ranks_path(model: ModelState) -> str:
+    """The agent's route for a model's ranks: the name quoted whole, `/` included."""
+    return f"/ranks/{quote(model.entry.served, safe='')}"
+
+
 def _where(placement: Placement) -> str:
     return ", ".join(f"{n} [{','.join(map(str, d))}]" for n, d in placement)
 
 
 def openai_error(status: int, message: str, retry_after: int | None = None) -> web.Response:
-    kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-             502: "BadGatewayError"}  # fmt: skip
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+             404: "NotFoundError", 409: "ConflictError", 502: "BadGatewayError"}  # fmt: skip
     response = web.json_response(
         {"error": {"message": message, "type": kinds.get(status, "ServiceUnavailableError"),
                    "param": None, "code": status}},
@@ -459,29 +521,51 @@ def openai_error(status: int, message: str, retry_after: int | None = None) -> w
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def api_key_required(
-    api_key: str | None,
-) -> Middleware:
-    """Middleware: with a key, every path but /health needs `Authorization: Bearer KEY`."""
+def path_checked() -> Middleware:
+    """Middleware: a path that could mean another once decoded or normalised gets 400, before
+    the key is checked or any route is matched."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")
+        problem = path_problem(request.raw_path)
+        if problem is not None:
+            return openai_error(400, f"refused path: {problem}")
         return await handler(request)
 
     return check
 
 
-def router_app(router: Router, api_key: str | None) -> web.Application:
-    """The endpoint: OpenAI's /v1 routes, /health, and /vcluster/models for the CLI."""
-    middlewares = [api_key_required(api_key)] if api_key else []
+def api_key_required(api_key: str) -> Middleware:
+    """Middleware: every path but /health needs `Authorization: Bearer KEY` (constant time)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != HEALTH and not bearer_matches(
+            request.headers.get("Authorization", ""), api_key
+        ):
+            return openai_error(401, "a valid API key is required (Authorization: Bearer KEY)")
+        return await handler(request)
+
+    return check
+
+
+def router_app(router: Router, api_key: str | None, *, local: bool = False) -> web.Application:
+    """The endpoint: the allowed OpenAI routes, /health, and the administrative /vcluster/ routes.
+
+    The public endpoint (`local` False) checks `api_key` on every route but /health; without a
+    key (`router.allow_anonymous`) it serves no administrative route. The local one (the Unix
+    socket, reached by `docker exec` in the head container) needs no key.
+    """
+    middlewares = [path_checked()]
+    if api_key and not local:
+        middlewares.append(api_key_required(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=256 * 1024**2)
     config = router.config
+    admin = local or bool(api_key)
 
     async def health(request: web.Request) -> web.Response:
+        if router.front_only and any(m.state != LOADED for m in router.models.values()):
+            return web.Response(status=503, text="the model is starting")
         return web.Response(text="ok")
 
     async def list_models(request: web.Request) -> web.Response:
@@ -494,6 +578,8 @@ def router_app(router: Router, api_key: str | None) -> web.Application:
         return web.json_response({"object": "list", "data": data})
 
     async def openai_call(request: web.Request) -> web.StreamResponse:
+        if not is_openai_route(request.method, request.path):
+            return not_found(request)
         body = await request.read()
         try:
             served = json.loads(body)["model"]
@@ -507,6 +593,17 @@ def router_app(router: Router, api_key: str | None) -> web.Application:
             return await router.forward(request, model, body)
         except Unavailable as exc:
             return openai_error(exc.status, exc.message, exc.retry_after)
+
+    def not_found(request: web.Request) -> web.Response:
+        if request.path.startswith(ADMIN_PREFIX) and not admin:
+            return openai_error(
+                403,
+                "administrative routes need the API key (secrets.api_key) or the router's socket",
+            )
+        return openai_error(404, f"no route {request.method} {request.path}")
+
+    async def fallback(request: web.Request) -> web.Response:
+        return not_found(request)
 
     async def models_report(request: web.Request) -> web.Response:
         return web.json_response({"models": router.report()})
@@ -533,14 +630,19 @@ def router_app(router: Router, api_key: str | None) -> web.Application:
         model = named(request)
         if model is None:
             return openai_error(404, f"no model {request.query.get('model')!r}")
-        async with router.placing:
-            await router.unload(model, why="asked for")
+        try:
+            async with router.placing:
+                await router.unload(model, why="asked for")
+        except Unavailable as exc:
+            return openai_error(exc.status, exc.message, exc.retry_after)
         return web.json_response(model.report())
 
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", list_models)
+    app.router.add_get(HEALTH, health)
+    app.router.add_get(MODELS, list_models)
     app.router.add_post("/v1/{tail:.*}", openai_call)
-    app.router.add_get("/vcluster/models", models_report)
-    app.router.add_post("/vcluster/load", load)  # ?model=NAME[&wait=SECONDS]
-    app.router.add_post("/vcluster/unload", unload)  # ?model=NAME
+    if admin:
+        app.router.add_get(f"{ADMIN_PREFIX}models", models_report)
+        app.router.add_post(f"{ADMIN_PREFIX}load", load)  # ?model=NAME[&wait=SECONDS]
+        app.router.add_post(f"{ADMIN_PREFIX}unload", unload)  # ?model=NAME
+    app.router.add_route("*", "/{tail:.*}", fallback)
     return app

@@ -48,7 +48,7 @@ def _ensure_container(context: UpContext, node: NodePlan, *, force: bool) -> str
     reason = _reason(state, force, spec.spec_hash)
     if state is not None:
         remove_container(client, spec.name)
-    secrets = {name: ref.resolve() for name, ref in spec.secret_environment.items()}
+    secrets = {name: ref.resolve() for name, ref in spec.secret_files.items()}
     create_container(client, spec, secrets)
     context.recreated.append(node.name)
     context.changes.append(f"{node.name}: container {reason}")

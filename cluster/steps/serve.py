@@ -82,7 +82,7 @@ def launch_vllm(context: UpContext) -> str:
     unchanged = all(
         (report := before[n.name]) is not None
         and report.running
-        and report.spec_id == spec_id(n, plan.serving)
+        and report.spec_id == spec_id(n, _serving_of(context, n))
         for n in nodes
     ) and not any(n.name in context.recreated for n in nodes)
     if unchanged:
@@ -107,7 +107,7 @@ def _request(context: UpContext, node: NodePlan) -> None:
     assert node.serve is not None
     assert context.launch_id is not None
     state_dir = node.container.supervisor.state_dir
-    serving = context.require_plan().serving
+    serving = _serving_of(context, node)
     if serving is not None:
         container = context.session.docker(node.name).containers.get(node.container.name)
         put_serving_files(container, serving)
@@ -143,6 +143,15 @@ def stop_vllm_everywhere(context: UpContext) -> None:
         _exec(context, node, request_stop_argv(node.container.supervisor.state_dir))
 
     context.session.on_each(stop, [n.name for n in serving_nodes(context)])
+
+
+def _serving_of(context: UpContext, node: NodePlan) -> ServingConfig | None:
+    """What the router or agent of this node runs on: the several models' config, or the one
+    model's front (the head's only), or None."""
+    plan = context.require_plan()
+    if plan.serving is not None:
+        return plan.serving
+    return plan.front if node.serve is not None and node.serve.front is not None else None
 
 
 def _node(context: UpContext, name: str) -> NodePlan:
@@ -194,7 +203,7 @@ def wait_for_vllm(context: UpContext) -> str:
 
 def _runs_this_request(context: UpContext, node: NodePlan, report: SupervisedVllm | None) -> bool:
     """The supervisor's report says vLLM runs the planned spec, from this `up`'s request."""
-    serving = context.require_plan().serving
+    serving = _serving_of(context, node)
     if report is None or not report.running or report.spec_id != spec_id(node, serving):
         return False
     return context.launch_id is None or report.launch == context.launch_id

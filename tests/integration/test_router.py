@@ -8,10 +8,12 @@ crashes. The e2e tests (tests/e2e/test_models.py) run the same with real vLLM on
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,12 +55,28 @@ def config(tmp_path: Path, models: tuple[ModelEntry, ...], **keys) -> ServingCon
     )  # fmt: skip
 
 
+def write_secrets(state_dir: Path, **files: str) -> None:
+    """The secret files `up` writes into a container's state folder (owner-only)."""
+    folder = state_dir / "secrets"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for name, value in files.items():
+        (folder / name.replace("_", "-")).write_text(value)
+        (folder / name.replace("_", "-")).chmod(0o400)
+
+
 class Cluster:
-    def __init__(self, tmp_path: Path, serving: ServingConfig) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        serving: ServingConfig,
+        roles: tuple[tuple[str, str], ...] = (("agent", "worker"), ("router", "head")),
+        api_key: str | None = KEY,
+        healthy: int = 200,
+    ) -> None:
         path = tmp_path / "serving.json"
         path.write_text(serving.to_json())
-        env = {**os.environ, "VCLUSTER_AGENT_TOKEN": TOKEN, "VLLM_API_KEY": KEY,
-               "PYTHONPATH": str(REPO)}  # fmt: skip
+        write_secrets(tmp_path, agent_token=TOKEN, **({"api_key": api_key} if api_key else {}))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.log = open(tmp_path / "router.log", "wb")  # noqa: SIM115 (closed in stop)
         self.processes = [
             subprocess.Popen(
@@ -67,11 +85,12 @@ class Cluster:
                 stdout=self.log,
                 stderr=subprocess.STDOUT,
             )
-            for role, node in (("agent", "worker"), ("router", "head"))
+            for role, node in roles
         ]
         self.log_path = tmp_path / "router.log"
+        self.socket = tmp_path / "router.sock"
         deadline = time.monotonic() + 20
-        while request("GET", "/health")[0] != 200:
+        while request("GET", "/health")[0] != healthy:
             assert time.monotonic() < deadline, self.log_path.read_text()
             time.sleep(0.1)
 
@@ -124,8 +143,8 @@ def chat(served: str, **extra):
 def start(tmp_path: Path) -> Iterator:
     started: list[Cluster] = []
 
-    def run(*models: ModelEntry, **keys) -> Cluster:
-        cluster = Cluster(tmp_path, config(tmp_path, models, **keys))
+    def run(*models: ModelEntry, api_key: str | None = KEY, **keys) -> Cluster:
+        cluster = Cluster(tmp_path, config(tmp_path, models, **keys), api_key=api_key)
         started.append(cluster)
         return cluster
 
@@ -285,3 +304,162 @@ def test_an_agent_asked_to_stop_everything_ends_every_ranks_process(start):
     assert request("DELETE", "/ranks", key=TOKEN, base=agent)[0] == 200  # a new router does it
     assert request("GET", "/ranks", key=TOKEN, base=agent)[1] == {}
     assert not Path(f"/proc/{ranks['a']['pid']}").exists()
+
+
+# --- the endpoint's doors: what passes, what is refused ---------------------------------------
+
+OTHER_ROUTES = (
+    "/invocations", "/tokenize", "/detokenize", "/metrics", "/pause", "/resume", "/ping",
+    "/version", "/load", "/server_info", "/reset_prefix_cache", "/sleep", "/wake_up",
+    "/is_sleeping", "/collective_rpc", "/pooling", "/classify", "/score", "/rerank",
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/docs", "/openapi.json",
+)  # fmt: skip
+"""vLLM's own routes besides the OpenAI API (and some a future vLLM may add)."""
+TRAVERSALS = (
+    "/v1/../pause", "/v1/%2e%2e/pause", "/v1/%2E%2E/invocations", "/v1%2fmodels",
+    "/v1/chat/completions/..", "//invocations", "/v1/./models", "/v1/%5c..%5cpause",
+)  # fmt: skip
+
+
+def raw(method: str, path: str, key: str | None = KEY, headers: dict | None = None):
+    """A request whose path goes on the wire exactly as written (no client normalises it)."""
+    connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if key is not None:
+        sent["Authorization"] = f"Bearer {key}"
+    body = json.dumps({"model": "a", "messages": []}) if method == "POST" else None
+    try:
+        connection.request(method, path, body=body, headers=sent)
+        reply = connection.getresponse()
+        return reply.status, _json(reply.read().decode())
+    finally:
+        connection.close()
+
+
+def test_without_the_key_every_route_but_health_is_refused(start):
+    start(model("a", 0, keep_loaded=True))
+    paths = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+             "/vcluster/models", "/vcluster/load?model=a", "/vcluster/unload?model=a",
+             *OTHER_ROUTES, *TRAVERSALS)  # fmt: skip
+    assert len(paths) >= 20
+    for path in paths:
+        for method in ("GET", "POST"):
+            status, body = raw(method, path, key=None)
+            assert status in (400, 401), (method, path, status, body)
+            assert "reached" not in str(body)
+    assert raw("GET", "/health", key=None)[0] == 200
+
+
+def test_with_the_key_only_the_openai_routes_reach_the_model(start):
+    start(model("a", 0))
+    assert chat("a")[0] == 200
+    for path in OTHER_ROUTES:
+        for method in ("GET", "POST"):
+            status, body = raw(method, path)
+            assert status == 404, (method, path, status, body)
+    for path in TRAVERSALS:
+        for method in ("GET", "POST"):
+            status, body = raw(method, path)
+            assert status == 400, (method, path, status, body)
+            assert body["error"]["message"].startswith("refused path")
+    assert raw("GET", "/v1/chat/completions")[0] == 404  # a POST route, asked with GET
+    assert raw("POST", "/v1/chat/completions")[0] == 200
+
+
+def test_a_malformed_authorization_header_is_a_401_never_a_500(start):
+    cluster = start(model("a", 0))
+    for value in ("Bearer \xff\xfe", "Basic dXNlcjpwYXNz", "Bearer", "", f"bearer  {KEY}"):
+        status, _ = raw("GET", "/v1/models", key=None, headers={"Authorization": value})
+        assert status == 401, value
+    assert raw("GET", "/v1/models", key=None, headers={"Authorization": f"bearer {KEY}"})[0] == 200
+    assert "Traceback" not in cluster.log_path.read_text()
+
+
+def test_without_a_key_the_endpoint_serves_no_administrative_route_but_the_socket_does(start):
+    cluster = start(model("a", 0), api_key=None)
+    assert raw("POST", "/vcluster/load?model=a", key=None)[0] == 403
+    assert raw("POST", "/vcluster/unload?model=a", key=None)[0] == 403
+    assert raw("GET", "/vcluster/models", key=None)[0] == 403
+    assert raw("POST", "/v1/chat/completions", key=None)[0] == 200  # anonymous use, as asked
+    local = aiohttp_over_socket(cluster.socket, "GET", "/vcluster/models")
+    assert local[0] == 200 and local[1]["models"][0]["name"] == "a"
+
+
+def aiohttp_over_socket(socket_path: Path, method: str, path: str):
+    """A request over the router's Unix socket, as `vcluster models` sends through docker exec."""
+    connection = http.client.HTTPConnection("localhost", timeout=30)
+    connection.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.sock.connect(str(socket_path))
+    try:
+        connection.request(method, path)
+        reply = connection.getresponse()
+        return reply.status, _json(reply.read().decode())
+    finally:
+        connection.close()
+
+
+# --- one model: the router in front of the vLLM that the supervisor runs ----------------------
+
+
+def test_the_front_passes_requests_to_the_supervised_model_and_follows_its_health(start_front):
+    front, backend = start_front()
+    assert request("GET", "/health")[0] == 503  # the model does not serve yet
+    status, body = chat("one")
+    assert status == 503 and "is starting" in body["error"]["message"]
+    backend.start()
+    deadline = time.monotonic() + 20
+    while request("GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline, front.log_path.read_text()
+        time.sleep(0.1)
+    status, body = chat("one")
+    assert status == 200 and body["pid"] == backend.pid
+    assert raw("POST", "/invocations")[0] == 404
+    assert raw("POST", "/vcluster/unload?model=one")[0] == 409  # the supervisor keeps it
+    backend.stop()  # as a crash would: the front says the model is starting again
+    deadline = time.monotonic() + 20
+    while request("GET", "/health")[0] != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert chat("one")[0] == 503
+
+
+class Backend:
+    """The stand-in as the supervisor would run it: on loopback, with no key."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        argv = [sys.executable, str(STANDIN), "one", "--served-model-name", "one",
+                "--port", str(self.port), "--start-s", "0"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+        self.process = subprocess.Popen(argv, env=env)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def start_front(tmp_path: Path) -> Iterator:
+    started: list[tuple[Cluster, Backend]] = []
+
+    def run() -> tuple[Cluster, Backend]:
+        entry = ModelEntry("one", (), 1, 1, keep_loaded=True, unload_after_s=None,
+                           api_port=18300, master_port=18301, external=True)  # fmt: skip
+        serving = config(tmp_path, (entry,), request_wait_s=1.0)
+        front = Cluster(tmp_path, serving, roles=(("front", "head"),), healthy=503)
+        started.append((front, Backend(entry.api_port)))
+        return started[-1]
+
+    yield run
+    for front, backend in started:
+        backend.stop()
+        front.stop()

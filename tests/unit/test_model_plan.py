@@ -35,8 +35,8 @@ def test_the_router_runs_on_the_head_and_an_agent_on_every_other_node(plan):
     assert worker.serve.argv[-3:] == ("agent", "/var/lib/vcluster/serving.json", "gpu-2")
     assert not head.serve.watch_titled  # models' processes come and go under the router
     assert head.container.supervisor.peers == ()
-    assert "VCLUSTER_AGENT_TOKEN" in head.container.secret_environment
-    assert "VCLUSTER_AGENT_TOKEN" in worker.container.secret_environment
+    assert "agent-token" in head.container.secret_files
+    assert "agent-token" in worker.container.secret_files
 
 
 def test_each_model_gets_its_parallelism_ports_and_argv(plan):

@@ -57,7 +57,7 @@ def test_gpu_mode_uses_tp_equal_gpus_per_node_and_pp_equal_nodes() -> None:
     assert flag(argv, "--tensor-parallel-size") == "8"
     assert flag(argv, "--pipeline-parallel-size") == "2"
     assert flag(argv, "--distributed-executor-backend") == "ray"
-    assert flag(argv, "--port") == "8000"
+    assert (flag(argv, "--host"), flag(argv, "--port")) == ("127.0.0.1", "30100")
     assert flag(argv, "--served-model-name") == "llama-70b"
     assert argv[-4:] == ("--max-model-len", "32768", "--gpu-memory-utilization", "0.92")
 
@@ -134,26 +134,53 @@ def test_the_spec_hash_changes_with_the_spec_and_only_with_it() -> None:
     assert build_plan(other_image, gpu_facts(other_image)).head.container.spec_hash != first
 
 
-def test_secrets_stay_references_and_only_the_head_gets_the_api_key(
+def test_secrets_are_files_by_reference_and_only_the_head_gets_the_api_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("VCLUSTER_STATE_DIR", "/home/ops/.state/vcluster")
     inventory = example("gpu-2x8.yaml")
     plan = build_plan(inventory, gpu_facts(inventory))
-    assert {k: str(v) for k, v in plan.head.container.secret_environment.items()} == {
-        "HF_TOKEN": "env:HF_TOKEN",
-        "VLLM_API_KEY": "file:/etc/vcluster/api-key",
-        "RAY_AUTH_TOKEN": "file:/home/ops/.state/vcluster/clusters/llama70b/ray-token",
+    assert {k: str(v) for k, v in plan.head.container.secret_files.items()} == {
+        "hf-token": "env:HF_TOKEN",
+        "api-key": "file:/etc/vcluster/api-key",
+        "ray-token": "file:/home/ops/.state/vcluster/clusters/llama70b/ray-token",
     }
-    assert set(plan.workers[0].container.secret_environment) == {"HF_TOKEN", "RAY_AUTH_TOKEN"}
+    assert set(plan.workers[0].container.secret_files) == {"hf-token", "ray-token"}
     assert "--api-key" not in plan.head.serve.argv
+
+
+def test_no_secret_is_in_a_container_environment_only_the_paths_of_its_files() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    for node in plan.nodes:
+        environment = node.container.environment
+        assert environment["RAY_AUTH_TOKEN_PATH"] == "/var/lib/vcluster/secrets/ray-token"
+        assert environment["HF_TOKEN_PATH"] == "/var/lib/vcluster/secrets/hf-token"
+        assert not {"RAY_AUTH_TOKEN", "HF_TOKEN", "VLLM_API_KEY"} & set(environment)
+
+
+def test_the_endpoint_is_the_router_in_front_of_vllm_on_loopback_with_one_model() -> None:
+    inventory = example("gpu-2x8.yaml")
+    plan = build_plan(inventory, gpu_facts(inventory))
+    assert not plan.routed and plan.front is not None
+    head = plan.head.serve
+    assert head.front is not None and head.front[-3:] == (
+        "front",
+        "/var/lib/vcluster/serving.json",
+        plan.head.name,
+    )
+    [model] = plan.front.models
+    assert model.external and model.served == "llama-70b" and model.api_port == 30100
+    assert flag(head.argv, "--host") == "127.0.0.1"
+    assert plan.front.port == 8000 and plan.endpoint.endswith(":8000/v1")
+    assert all(n.serve is None or n.serve.front is None for n in plan.workers)
 
 
 def test_every_ray_process_requires_the_same_cluster_token() -> None:
     inventory = example("gpu-4x8.yaml")
     plan = build_plan(inventory, gpu_facts(inventory))
     assert {n.container.environment["RAY_AUTH_MODE"] for n in plan.nodes} == {"token"}
-    assert len({n.container.secret_environment["RAY_AUTH_TOKEN"] for n in plan.nodes}) == 1
+    assert len({n.container.secret_files["ray-token"] for n in plan.nodes}) == 1
     assert not any("token" in word.lower() for n in plan.nodes for word in n.container.command)
 
 
@@ -166,7 +193,7 @@ def test_a_ray_token_given_by_reference_replaces_the_generated_one(
     path.write_text(text)
     inventory = load_inventory(path)
     plan = build_plan(inventory, gpu_facts(inventory))
-    assert str(plan.head.container.secret_environment["RAY_AUTH_TOKEN"]) == "env:OUR_RAY_TOKEN"
+    assert str(plan.head.container.secret_files["ray-token"]) == "env:OUR_RAY_TOKEN"
 
 
 def test_the_dashboard_stays_on_localhost_unless_the_inventory_opens_it(tmp_path: Path) -> None:
@@ -189,9 +216,9 @@ def test_no_secret_value_reaches_the_rendered_plan(monkeypatch: pytest.MonkeyPat
     plan = build_plan(inventory, gpu_facts(inventory))
     rendered = render_text(plan) + json.dumps(plan.to_dict())
     assert "hf_super_secret_value" not in rendered
-    assert "HF_TOKEN=******** (from env:HF_TOKEN)" in render_text(plan)
+    assert "/var/lib/vcluster/secrets/hf-token = ******** (from env:HF_TOKEN)" in render_text(plan)
     assert (
-        plan.to_dict()["nodes"][0]["container"]["secret_environment"]["HF_TOKEN"]
+        plan.to_dict()["nodes"][0]["container"]["secret_files"]["hf-token"]
         == "<secret env:HF_TOKEN>"
     )
 
@@ -234,7 +261,7 @@ def test_mp_executor_runs_vllm_on_every_node_with_its_rank_and_headless_workers(
         assert flag(argv, "--master-addr") == "172.30.0.11"
         assert argv[2] == "/root/.cache/huggingface/models/tiny-llama"
     assert "--headless" in worker and "--port" not in worker
-    assert "--headless" not in head and flag(head, "--port") == "8000"
+    assert "--headless" not in head and flag(head, "--port") == "30100"
 
 
 def test_cpu_mode_requests_no_gpus_and_sets_no_nccl_interface() -> None:
@@ -278,7 +305,7 @@ def test_without_ray_the_nodes_run_no_ray_and_get_no_ray_token() -> None:
     for node in plan.nodes:
         container = node.container
         assert container.command == () and container.labels[LABEL_RAY] == "no"
-        assert "RAY_AUTH_TOKEN" not in container.secret_environment
+        assert "ray-token" not in container.secret_files
         assert not any(name.startswith("RAY_") for name in container.environment)
         assert json.loads(supervisor_argv(container)[3])["ray"] is None
     # nothing to wait for before vLLM: the worker's vLLM meets the head's at its master port
