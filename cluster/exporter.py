@@ -28,6 +28,9 @@ from cluster.status import ClusterStatus, VllmStatus, gather_status
 
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 15.0
+DEFAULT_ADDRESS = "127.0.0.1"
+"""The exporter has no authentication: it listens on loopback unless `--address` says where."""
+DEFAULT_PORT = 9400
 STALE_AFTER_INTERVALS = 4
 
 

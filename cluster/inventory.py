@@ -25,6 +25,7 @@ from pydantic import (
 
 from cluster.errors import InventoryError, Problem
 from cluster.secrets import SecretRef, state_dir
+from cluster.traps import TRAP_NAMES
 from cluster.yaml_positions import (
     KeyPath,
     PositionedDocument,
@@ -46,6 +47,7 @@ _RESERVED_ENV = {
     "GLOO_SOCKET_IFNAME",
     "VLLM_API_KEY",
     "HF_TOKEN",
+    "HF_TOKEN_PATH",
     "RAY_AUTH_MODE",
     "RAY_AUTH_TOKEN",
     "RAY_AUTH_TOKEN_PATH",
@@ -176,22 +178,40 @@ class Ports(_Strict):
 
 
 class RouterSettings(_Strict):
-    """The endpoint in front of several models (`models:` with more than one, or on demand)."""
+    """The endpoint: vcluster's router, in front of every model (one or several)."""
 
     request_wait_s: float = Field(default=300.0, gt=0, le=86400)
     """How long a request for a model that is starting waits before a 503 with Retry-After."""
     start_timeout_s: float = Field(default=1800.0, gt=0, le=86400)
     """A model not serving this long after its start counts as failed and is stopped."""
+    allow_anonymous: bool = False
+    """Serve without `secrets.api_key`: anyone who reaches the endpoint uses the models
+    (`up` refuses a cluster without a key unless this says so; `check` WARNs)."""
 
 
 class Network(_Strict):
     interface: str | None = None
+    firewall: bool = True
+    """Let only the cluster's nodes (and loopback) reach the ports that have no authentication
+    of their own (rendezvous stores, the ranks' traffic, metrics): a chain of vcluster's own on
+    every node, installed by `up`, removed by `down`."""
+    ib_hcas: list[str] | None = Field(default=None, min_length=1)
+    """The InfiniBand/RoCE HCAs (`mlx5_0`, or one port: `mlx5_0:1`) NCCL may use between
+    nodes (default: every active one); see docs/gpu-fabrics.md."""
 
     @field_validator("interface")
     @classmethod
     def _interface_name(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", value):
             raise ValueError(f"{value!r} is not a network interface name")
+        return value
+
+    @field_validator("ib_hcas")
+    @classmethod
+    def _hca_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}(:\d{1,3})?", name):
+                raise ValueError(f"{name!r} is not an HCA name like mlx5_0 or mlx5_0:1")
         return value
 
 
@@ -285,6 +305,66 @@ class Secrets(_Strict):
         return value
 
 
+_SERVED_NAME_MAX = 128
+_SERVED_NAME = re.compile(r"^[A-Za-z0-9._:/-]+$")
+_SET = "is set by vcluster;"
+_USE_KEYS = f"{_SET} use the inventory keys (tensor_parallel, pipeline_parallel, ports, nodes)"
+_MANAGED_OPTIONS = {
+    "--tensor-parallel-size": f"{_SET} use tensor_parallel",
+    "-tp": f"{_SET} use tensor_parallel",
+    "--pipeline-parallel-size": f"{_SET} use pipeline_parallel",
+    "-pp": f"{_SET} use pipeline_parallel",
+    "--distributed-executor-backend": f"{_SET} use executor",
+    "--port": _USE_KEYS,
+    "--host": _USE_KEYS,
+    "--nnodes": _USE_KEYS,
+    "--node-rank": _USE_KEYS,
+    "--master-addr": _USE_KEYS,
+    "--master-port": _USE_KEYS,
+    "--headless": _USE_KEYS,
+    "--api-key": f"{_SET} the key is given by secrets.api_key (never in args: `ps` shows them)",
+    "--served-model-name": f"{_SET} use served_name",
+    "--hf-token": "is refused (args show in `ps`): give the token by secrets.hf_token",
+    "--config": "is refused (a config file could set what vcluster manages); put its options "
+    "into args",
+}
+"""vLLM options that vcluster sets, with what to use instead."""
+
+
+def _managed_option(arg: str) -> tuple[str, str] | None:
+    """(the user's spelling, the managed option) when `arg` names one vLLM would take as it.
+
+    vLLM reads `_` as `-` in long option names and `--name.key=value` as part of `--name`;
+    argparse takes any unambiguous prefix (`--api-k`) for the whole name.
+    """
+    spelling = arg.split("=", 1)[0].split(".", 1)[0]
+    if spelling.startswith("--"):
+        name = "--" + spelling[2:].replace("_", "-")
+        if name == "--":
+            return None
+        candidates = [m for m in _MANAGED_OPTIONS if m.startswith("--")]
+    elif spelling.startswith("-") and len(spelling) > 1:
+        name = spelling
+        candidates = [m for m in _MANAGED_OPTIONS if not m.startswith("--")]
+    else:
+        return None
+    managed = next((m for m in candidates if m.startswith(name)), None)
+    return (spelling, managed) if managed is not None else None
+
+
+def _served_name_problem(name: str, max_length: int = _SERVED_NAME_MAX) -> str | None:
+    """Why `name` cannot be a served name (it goes into URLs, logs and plans), or None."""
+    if len(name) > max_length:
+        return f"at most {max_length} characters"
+    if not _SERVED_NAME.match(name):
+        return "only letters, digits and . _ - / : (no spaces or line breaks)"
+    if name.startswith("/"):
+        return "must not start with /"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "no `.` or `..` part, no `//` and no trailing /"
+    return None
+
+
 class Model(_Strict):
     """What `vllm serve` serves, and how it is split over the GPUs."""
 
@@ -304,7 +384,35 @@ class Model(_Strict):
     @field_validator("source")
     @classmethod
     def _source_absolute(cls, value: str | None) -> str | None:
+        if value is not None and ".." in PurePosixPath(value).parts:
+            raise ValueError(f"source must not go up a folder (`..`), got {value!r}")
         return _absolute(value, "source")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # a local path (leading /) or a Hugging Face id; it is also the served name by default
+        problem = _served_name_problem(value.removeprefix("/"), max_length=4096)
+        if problem:
+            raise ValueError(f"{problem}, got {value!r}")
+        return value
+
+    @field_validator("served_name")
+    @classmethod
+    def _safe_served_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else _served_name_problem(value)
+        if problem:
+            raise ValueError(f"{problem}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _served_name_length(self) -> Model:
+        if self.served_name is None and len(self.name) > _SERVED_NAME_MAX:
+            raise ValueError(
+                f"the name is served as it is, and a served name has at most {_SERVED_NAME_MAX} "
+                "characters: give a shorter served_name"
+            )
+        return self
 
     @model_validator(mode="after")
     def _kept_is_never_idle(self) -> Model:
@@ -322,16 +430,11 @@ class Model(_Strict):
     @field_validator("args")
     @classmethod
     def _no_managed_args(cls, value: list[str]) -> list[str]:
-        managed = {
-            "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
-            "--distributed-executor-backend", "--port", "--host", "--api-key",
-            "--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
-        }  # fmt: skip
         for arg in value:
-            if arg.split("=", 1)[0] in managed:
-                raise ValueError(
-                    f"{arg.split('=', 1)[0]} is set by vcluster; use the inventory keys"
-                )
+            found = _managed_option(arg)
+            if found is not None:
+                spelling, managed = found  # the option's name only: its value may be a secret
+                raise ValueError(f"{spelling} {_MANAGED_OPTIONS[managed]}")
         return value
 
 
@@ -354,7 +457,22 @@ class Inventory(_Strict):
     model: Model | None = None
     models: list[Model] = []
     router: RouterSettings = RouterSettings()
+    traps: dict[str, bool | Literal["on", "off"]] = {}
+    """Known vLLM traps (cluster/traps.py) turned off by name: `traps: {NAME: off}`."""
     source: str | None = Field(default=None, exclude=True)
+
+    @field_validator("traps")
+    @classmethod
+    def _known_traps(cls, value: dict[str, bool | str]) -> dict[str, bool | str]:
+        for name in value:
+            if name not in TRAP_NAMES:
+                raise ValueError(f"unknown trap {name!r}; known: {', '.join(sorted(TRAP_NAMES))}")
+        return value
+
+    @property
+    def traps_off(self) -> frozenset[str]:
+        """The traps the inventory turned off (`off`, which YAML also reads as false)."""
+        return frozenset(name for name, on in self.traps.items() if on in (False, "off"))
 
     @field_validator("cluster")
     @classmethod
@@ -375,6 +493,8 @@ class Inventory(_Strict):
     def _cache_absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"must be an absolute path on the hosts, got {value!r}")
+        if ".." in value.split("/"):
+            raise ValueError("must not hold a `..` segment: give the folder's own path")
         return value
 
     @field_validator("env")
@@ -414,8 +534,9 @@ class Inventory(_Strict):
 
     @property
     def routed(self) -> bool:
-        """Whether a router in front of the models serves the endpoint: with several models,
-        or one loaded on demand. One model always loaded is served by vLLM directly."""
+        """Whether the router loads models through agents: with several models, or one loaded
+        on demand. One model always loaded runs under the head's supervisor, with the router
+        in front of it all the same."""
         return len(self.model_list) > 1 or not self.keeps_loaded(self.primary_model)
 
     @property
@@ -695,6 +816,8 @@ def _model_path_problems(document: PositionedDocument) -> list[Problem]:
         name = model.get("name")
         if not isinstance(name, str) or not name.startswith("/"):
             continue
+        if ".." in PurePosixPath(name).parts:
+            continue  # Model refuses it; is_relative_to would not (it does not resolve `..`)
         if not PurePosixPath(name).is_relative_to(cache):
             message = (
                 f"a local model path must be inside model_cache ({cache}), which is what the "

@@ -66,6 +66,12 @@ def _ok(reply: RouterReply, inventory: Inventory) -> RouterReply:
 
 
 def _known(inventory: Inventory, name: str) -> None:
+    if not inventory.routed:
+        raise UsageError(
+            "this cluster serves one model, always: its container's supervisor keeps it loaded",
+            fix="`vcluster models INVENTORY` shows it; list several models under models: "
+            "to load and unload them",
+        )
     names = [m.served for m in inventory.model_list]
     if name not in names:
         raise UsageError(
@@ -76,11 +82,6 @@ def _known(inventory: Inventory, name: str) -> None:
 def _call(
     inventory: Inventory, session: Session, method: str, path: str, timeout_s: float = 30.0
 ) -> RouterReply:
-    if not inventory.routed:
-        raise UsageError(
-            "this cluster serves one model, with vLLM itself (no router to ask)",
-            fix="`vcluster status` shows it; list several models under models: for a router",
-        )
     head = inventory.head.node_name
     name = container_name(inventory.cluster)
     try:

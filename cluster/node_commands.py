@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 from cluster.model_plan import MODEL_LOG_DIR
-from cluster.plan import VLLM_LOG_PATH
+from cluster.plan import FRONT_LOG_PATH, VLLM_LOG_PATH
 
-Component = Literal["vllm", "models", "ray", "container"]
-COMPONENTS: tuple[Component, ...] = ("vllm", "models", "ray", "container")
+Component = Literal["vllm", "router", "models", "ray", "container"]
+COMPONENTS: tuple[Component, ...] = ("vllm", "router", "models", "ray", "container")
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 # Picks bash when the image has it; a constant script, no user value inside.
 _LOGIN_SHELL = "command -v bash >/dev/null 2>&1 && exec bash -l || exec sh -l"
@@ -23,12 +23,14 @@ def exec_argv(container: str, command: list[str]) -> list[str]:
 
 def logs_argv(container: str, component: Component, *, tail: int, follow: bool) -> list[str]:
     """Show a component's log: vLLM's log file (the router's or agent's with several models),
-    the models' logs (several models), Ray's raylet/GCS logs, or the container's."""
+    the router's in front of one model, the models' logs (several models), Ray's raylet/GCS
+    logs, or the container's."""
     follow_flag = ["-f"] if follow else []
     if component == "container":
         return ["docker", "logs", "--tail", str(tail), *follow_flag, container]
-    if component == "vllm":
-        return ["docker", "exec", container, "tail", "-n", str(tail), *follow_flag, VLLM_LOG_PATH]
+    if component in ("vllm", "router"):
+        path = VLLM_LOG_PATH if component == "vllm" else FRONT_LOG_PATH
+        return ["docker", "exec", container, "tail", "-n", str(tail), *follow_flag, path]
     if component == "models":  # one file per model that ran on the node
         script = f'tail "$@" {MODEL_LOG_DIR}/*.log 2>/dev/null || echo "no model ran on this node"'
         tail_args = ["-n", str(tail), *follow_flag]

@@ -86,10 +86,21 @@ def redact(text: str, secrets: list[str]) -> str:
 def ensure_token_file(path: Path) -> bool:
     """Create `path` holding a new random token, readable by its owner only, unless it exists.
 
-    Returns True when it was created now. The folder is made owner-only too; an existing file
-    that others may read is refused (its token may have leaked).
+    Returns True when it was created now. The folder is made owner-only too, also one that
+    existed with a wider mode (mkdir's mode applies only to a folder it creates); an existing
+    file that others may read is refused (its token may have leaked).
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = path.parent
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.stat().st_mode & 0o077:
+            folder.chmod(0o700)
+    except OSError as exc:
+        raise VclusterError(
+            f"cannot make {folder} readable by its owner only: {exc.strerror}",
+            fix=f"run vcluster as the owner of {folder}, or set VCLUSTER_STATE_DIR to a folder "
+            "of yours",
+        ) from None
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

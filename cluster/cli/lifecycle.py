@@ -22,7 +22,7 @@ from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
 from cluster.collective_report import figures_table
 from cluster.containers import inspect_container
 from cluster.errors import ExitCode, UsageError
-from cluster.exporter import DEFAULT_INTERVAL_S, ClusterCollector
+from cluster.exporter import DEFAULT_ADDRESS, DEFAULT_INTERVAL_S, DEFAULT_PORT, ClusterCollector
 from cluster.inventory import Inventory, load_inventory
 from cluster.node_commands import COMPONENTS, Component, exec_argv, logs_argv
 from cluster.plan import container_name
@@ -217,8 +217,13 @@ def check(inventory: Path, as_json: bool, collective: bool, max_size_mib: int | 
 
 @click.command()
 @INVENTORY
-@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True)
-@click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option(
+    "--address",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    help="Address to listen on (the metrics have no authentication: 0.0.0.0 is everyone's).",
+)
 @click.option(
     "--interval",
     "interval_s",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +30,7 @@ from aiohttp import web
 if TYPE_CHECKING:  # aiohttp has named it since 3.9; annotations only
     from aiohttp.typedefs import Middleware
 
+from cluster.serving.auth import bearer_matches
 from cluster.serving.catalog import AGENT_TOKEN_ENV, API_KEY_ENV, ModelEntry, ServingConfig
 from cluster.serving.failures import error_lines, likely_cause
 from cluster.serving.placement import Placement
@@ -78,6 +79,67 @@ def rank_environment(
         visible = ",".join(str(node.visible_index(d)) for d in devices)
         environment["CUDA_VISIBLE_DEVICES"] = visible
     return environment
+
+
+def placement_problem(
+    config: ServingConfig, model: ModelEntry, node: str, rank: int, placement: Placement
+) -> str | None:
+    """Why this node's agent must not start `rank` of `placement` for `model`, or None.
+
+    Checked before anything that runs is stopped: a request the agent cannot carry out
+    leaves the node as it was.
+    """
+    if len(placement) != model.pipeline_parallel:
+        return (
+            f"{model.served} has {model.pipeline_parallel} rank(s), the placement {len(placement)}"
+        )
+    if not 0 <= rank < len(placement):
+        return f"rank {rank} is not in the placement (ranks 0 to {len(placement) - 1})"
+    nodes = {n.name: n for n in config.nodes}
+    seen: set[str] = set()
+    for index, (name, devices) in enumerate(placement):
+        if name not in nodes:
+            return f"rank {index} names node {name!r}, which is not in the cluster"
+        if name in seen:
+            return f"rank {index} is on {name} too: one rank per node"
+        seen.add(name)
+        if len(devices) != model.tensor_parallel or len(set(devices)) != len(devices):
+            return (
+                f"rank {index} needs {model.tensor_parallel} distinct device(s), "
+                f"the placement gives {list(devices)}"
+            )
+        missing = sorted(set(devices) - set(nodes[name].devices))
+        if missing:
+            return f"rank {index}: {name} has no device(s) {missing}"
+    if placement[rank][0] != node:
+        return f"rank {rank} of that placement is on {placement[rank][0]}, not on {node}"
+    return None
+
+
+def parse_start(body: object) -> tuple[str, int, Placement]:
+    """The launch id, rank and placement of a start request; ValueError when malformed."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object with launch, rank and placement")
+    launch, rank, raw = body.get("launch"), body.get("rank"), body.get("placement")
+    if not isinstance(launch, str) or not launch:
+        raise ValueError("launch must be a non-empty string")
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise ValueError("rank must be an integer")
+    if not isinstance(raw, list) or not raw or not all(map(_is_rank_item, raw)):
+        raise ValueError("placement must be a non-empty list of [node, [devices]]")
+    return launch, rank, tuple((node, tuple(devices)) for node, devices in raw)
+
+
+def _is_rank_item(item: object) -> bool:
+    """`[node name, [device, ...]]`, as the router sends it."""
+    if not (isinstance(item, list) and len(item) == 2):
+        return False
+    node, devices = item
+    return (
+        isinstance(node, str)
+        and isinstance(devices, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in devices)
+    )
 
 
 def log_path(config: ServingConfig, served: str) -> Path:
@@ -129,8 +191,9 @@ class Agent:
         model = self.config.model(served)
         if model is None:
             raise KeyError(served)
-        if placement[rank][0] != self.node:
-            raise ValueError(f"rank {rank} of that placement is on {placement[rank][0]}")
+        problem = placement_problem(self.config, model, self.node, rank, placement)
+        if problem is not None:
+            raise ValueError(problem)
         with self.lock:
             current = self.ranks.get(served)
         if current is not None and current.launch == launch and current.process.poll() is None:
@@ -230,12 +293,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def token_required(token: str) -> Middleware:
-    """Middleware: every request carries `Authorization: Bearer TOKEN`."""
+    """Middleware: every request carries `Authorization: Bearer TOKEN`; anything else, a
+    malformed header included, is a 401."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "")
-        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not bearer_matches(request.headers.get("Authorization", ""), token):
             return web.json_response({"error": "the agent token is required"}, status=401)
         return await handler(request)
 
@@ -243,30 +306,40 @@ def token_required(token: str) -> Middleware:
 
 
 def agent_app(agent: Agent, token: str) -> web.Application:
-    """The agent's HTTP API: GET and DELETE /ranks, PUT and DELETE /ranks/{served}."""
+    """The agent's HTTP API: GET and DELETE /ranks, PUT and DELETE /ranks/{served}.
+
+    `served` is the model's served name, percent-encoded by the router (it may hold `/`); it
+    is looked up as is among the configured models, so no name reaches anything else.
+    """
     app = web.Application(middlewares=[token_required(token)])
+
+    def unknown(served: str) -> web.Response:
+        return web.json_response({"error": f"{served!r} is not configured"}, status=404)
 
     async def ranks(request: web.Request) -> web.Response:
         return web.json_response(agent.report())
 
     async def start(request: web.Request) -> web.Response:
         served = request.match_info["served"]
-        body = await request.json()
-        placement: Placement = tuple(
-            (str(n), tuple(int(d) for d in ds)) for n, ds in body["placement"]
-        )
+        if agent.config.model(served) is None:
+            return unknown(served)
         try:
-            rank = await asyncio.to_thread(
-                agent.start, served, str(body["launch"]), int(body["rank"]), placement
-            )
+            launch, rank, placement = parse_start(json.loads(await request.read()))
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and nesting errors too
+            return web.json_response({"error": f"a bad start request: {exc}"}, status=400)
+        try:
+            started = await asyncio.to_thread(agent.start, served, launch, rank, placement)
         except KeyError:
-            return web.json_response({"error": f"{served} is not configured"}, status=404)
+            return unknown(served)
         except (ValueError, OSError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(rank.report())
+        return web.json_response(started.report())
 
     async def stop(request: web.Request) -> web.Response:
-        await asyncio.to_thread(agent.stop, request.match_info["served"])
+        served = request.match_info["served"]
+        if agent.config.model(served) is None:
+            return unknown(served)
+        await asyncio.to_thread(agent.stop, served)
         return web.json_response({})
 
     async def stop_all(request: web.Request) -> web.Response:
@@ -274,7 +347,8 @@ def agent_app(agent: Agent, token: str) -> web.Application:
         return web.json_response({})
 
     app.router.add_get("/ranks", ranks)
-    app.router.add_put("/ranks/{served}", start)
-    app.router.add_delete("/ranks/{served}", stop)
+    # `.+`: a served name with `/` (a Hugging Face id) matches whether or not it was encoded
+    app.router.add_put("/ranks/{served:.+}", start)
+    app.router.add_delete("/ranks/{served:.+}", stop)
     app.router.add_delete("/ranks", stop_all)
     return app

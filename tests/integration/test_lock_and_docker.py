@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lock import ClusterBusy, ClusterLock
+from cluster.lock import LOCK_DIR, ClusterBusy, ClusterLock, lock_path
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
 from cluster.transport.docker import docker_client
 from cluster.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
@@ -74,6 +75,21 @@ def test_a_crashed_holder_releases_the_lock(lab):
                 time.sleep(0.1)
     finally:
         next_run.close()
+
+
+def test_the_lock_lies_in_a_folder_only_root_enters_even_one_left_open_before(lab):
+    folder = Path(LOCK_DIR)  # the lab's hosts share this machine's file system
+    if folder.exists():
+        folder.chmod(0o755)  # as an older vcluster, or a careless hand, may have left it
+    connection = _connect(lab)
+    try:
+        with ClusterLock(connection, "demo-folder", "up"):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+            assert folder.stat().st_uid == 0
+            assert Path(lock_path("demo-folder")).is_file()
+        assert not Path("/tmp/vcluster-demo-folder.lock").exists()
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")

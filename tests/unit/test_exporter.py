@@ -1,12 +1,19 @@
-"""The exporter never serves a stuck snapshot as the cluster's current health."""
+"""The exporter never serves a stuck snapshot as the cluster's current health, and by default
+only this machine reaches it."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,3 +78,57 @@ def test_the_warning_shows_where_the_stuck_refresh_waits(caplog):
         release.set()
         thread.join()
     assert "stuck_refresh_waiting_on_a_host" in caplog.records[0].getMessage()
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _answers(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_the_exporter_listens_on_loopback_unless_told_an_address(tmp_path: Path) -> None:
+    outward = _outward_address()
+    if outward is None:
+        pytest.skip("this machine has no address but loopback to try from")
+    # its nodes do not answer here: the first refresh fails fast, then the metrics are served
+    inventory = REPO / "inventory" / "gpu-2x8.yaml"
+    port = _free_port()
+    env = {**os.environ, "VCLUSTER_STATE_DIR": str(tmp_path / "state")}
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "exporter", str(inventory), "--port", str(port),
+         "--interval", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers("127.0.0.1", port):
+            assert exporter.poll() is None, (
+                exporter.stderr.read().decode() if exporter.stderr else ""
+            )
+            assert time.monotonic() < deadline, "the exporter did not listen on 127.0.0.1"
+            time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert b"vcluster_node_up" in reply.read()
+        assert not _answers(outward, port), f"the exporter answered on {outward}"
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=10)

@@ -368,3 +368,139 @@ def test_a_model_kept_loaded_cannot_also_be_unloaded_when_idle(tmp_path: Path) -
         "    keep_loaded: true\n", "    keep_loaded: true\n    unload_after_s: 60\n"
     )
     assert "keep_loaded: true is never unloaded" in only_problem(tmp_path, text)
+
+
+SECRET = "sk-do-not-print-me"
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        f"--api-key={SECRET}",
+        f"--api_key={SECRET}",  # vLLM reads `_` as `-`
+        f"--api-k={SECRET}",  # argparse takes an unambiguous prefix
+        f"--api_key.x={SECRET}",  # vLLM's dotted form sets --api-key too
+        "--api-key",
+    ],
+)
+def test_the_api_key_is_refused_in_args_in_every_spelling_and_never_echoed(
+    tmp_path: Path, arg: str
+) -> None:
+    problem = only_problem(tmp_path, MINIMAL + f"  args: [{json.dumps(arg)}, {SECRET}]\n")
+    assert ":9: model.args: " in problem
+    assert f"{arg.split('=')[0].split('.')[0]} is set by vcluster" in problem
+    assert "the key is given by secrets.api_key" in problem
+    assert SECRET not in problem
+
+
+@pytest.mark.parametrize(
+    ("arg", "fix"),
+    [
+        ("--tensor_parallel_size=4", "is set by vcluster; use tensor_parallel"),
+        ("-tp=2", "is set by vcluster; use tensor_parallel"),
+        ("-tp", "is set by vcluster; use tensor_parallel"),
+        ("-t", "is set by vcluster; use tensor_parallel"),
+        ("--pipeline-parallel_size", "is set by vcluster; use pipeline_parallel"),
+        ("-pp", "is set by vcluster; use pipeline_parallel"),
+        ("--distributed_executor_backend=ray", "is set by vcluster; use executor"),
+        ("--node_rank=1", "is set by vcluster; use the inventory keys"),
+        ("--master_addr=10.0.0.9", "is set by vcluster; use the inventory keys"),
+        ("--head", "is set by vcluster; use the inventory keys"),
+        ("--served_model_name=other", "is set by vcluster; use served_name"),
+        ("--config=serve.yaml", "is refused (a config file could set what vcluster manages)"),
+        ("--hf_token=hf_x", "is refused (args show in `ps`): give the token by secrets.hf_token"),
+    ],
+)
+def test_managed_options_are_refused_whatever_their_spelling(
+    tmp_path: Path, arg: str, fix: str
+) -> None:
+    problem = only_problem(tmp_path, MINIMAL + f"  args: [{json.dumps(arg)}]\n")
+    assert f"{arg.split('=')[0]} {fix}" in problem
+
+
+def test_options_vcluster_does_not_manage_pass_in_any_spelling(tmp_path: Path) -> None:
+    args = ["--dtype", "bfloat16", "--max_model_len=256", "--enable-prefix-caching", "-O3",
+            "--compilation-config.pass_config.fuse_allreduce_rms=false", "--", "-q", "fp8"]  # fmt: skip
+    inventory = load_inventory(write(tmp_path, MINIMAL + f"  args: {json.dumps(args)}\n"))
+    assert inventory.primary_model.args == args
+
+
+@pytest.mark.parametrize(
+    "served",
+    ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "llama3:8b", "tiny-a",
+     "org/model_v1.5", "a" * 128],
+)  # fmt: skip
+def test_hugging_face_ids_and_plain_names_are_valid_served_names(
+    tmp_path: Path, served: str
+) -> None:
+    inventory = load_inventory(write(tmp_path, MINIMAL + f"  served_name: {json.dumps(served)}\n"))
+    assert inventory.primary_model.served == served
+    by_name = MINIMAL.replace("meta-llama/Llama-3.1-70B-Instruct", json.dumps(served))
+    assert load_inventory(write(tmp_path, by_name)).primary_model.served == served
+
+
+@pytest.mark.parametrize(
+    ("served", "why"),
+    [
+        ("x/../../ranks", "no `.` or `..` part"),
+        ("./x", "no `.` or `..` part"),
+        ("a//b", "no `//`"),
+        ("a/", "no trailing /"),
+        ("/ranks", "must not start with /"),
+        ("a b", "no spaces or line breaks"),
+        ("a\nmodel injected", "no spaces or line breaks"),
+        ("modèle", "only letters, digits"),
+        ("a%2Fb", "only letters, digits"),
+        ("a" * 129, "at most 128 characters"),
+    ],
+)
+def test_a_served_name_outside_the_safe_set_is_refused_on_its_line(
+    tmp_path: Path, served: str, why: str
+) -> None:
+    problem = only_problem(tmp_path, MINIMAL + f"  served_name: {json.dumps(served)}\n")
+    assert ":9: model.served_name: " in problem and why in problem
+    assert "\n" not in problem  # the value is shown quoted, a line break as \n
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("x/../../ranks", "no `.` or `..` part"),
+        ("org/a model", "no spaces or line breaks"),
+        (
+            "org/" + "m" * 130,
+            "a served name has at most 128 characters: give a shorter served_name",
+        ),
+    ],
+)
+def test_a_model_name_served_as_it_is_follows_the_same_rules(
+    tmp_path: Path, name: str, why: str
+) -> None:
+    problem = only_problem(tmp_path, MINIMAL.replace("meta-llama/Llama-3.1-70B-Instruct", name))
+    assert why in problem
+    assert ":8: model.name: " in problem or ":7: model: " in problem
+
+
+def test_a_long_local_path_is_valid_with_a_short_served_name(tmp_path: Path) -> None:
+    path = "/data/hf/" + "/".join(["folder"] * 30)
+    text = MINIMAL.replace("meta-llama/Llama-3.1-70B-Instruct", path) + "  served_name: m\n"
+    assert load_inventory(write(tmp_path, text)).primary_model.served == "m"
+
+
+def test_a_local_model_path_that_goes_up_out_of_the_cache_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("meta-llama/Llama-3.1-70B-Instruct", "/data/hf/../../etc/models")
+    problem = only_problem(tmp_path, text)  # one problem: not also "inside model_cache"
+    assert ":8: model.name: no `.` or `..` part" in problem
+    assert "'/data/hf/../../etc/models'" in problem
+
+
+def test_a_source_folder_with_a_dot_dot_part_is_refused(tmp_path: Path) -> None:
+    problem = only_problem(tmp_path, MINIMAL + "  source: /srv/models/../../etc\n")
+    assert ":9: model.source: source must not go up a folder (`..`)" in problem
+
+
+def test_a_model_cache_with_a_dot_dot_segment_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = MINIMAL.replace("model_cache: /data/hf", "model_cache: /data/../etc")
+    assert text != MINIMAL
+    problem = only_problem(tmp_path, text)
+    assert "model_cache" in problem and "`..`" in problem

@@ -39,3 +39,9 @@ def test_models_logs_tail_every_models_log_with_the_count_as_an_argument():
     assert argv[:6] == ["docker", "exec", "c", "sh", "-c", argv[5]]
     assert "/var/log/vcluster-models/*.log" in argv[5] and "7" not in argv[5]
     assert argv[6:] == ["tail", "-n", "7", "-f"]
+
+
+def test_the_router_in_front_of_one_model_has_its_own_log():
+    assert logs_argv("c", "router", tail=5, follow=False) == [
+        "docker", "exec", "c", "tail", "-n", "5", "/var/log/vcluster-router.log"
+    ]  # fmt: skip

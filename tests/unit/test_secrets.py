@@ -9,6 +9,7 @@ import pytest
 
 from cluster.errors import VclusterError
 from cluster.inventory import generated_ray_token_path
+from cluster.plan import agent_token_path
 from cluster.secrets import SecretRef, ensure_token_file, state_dir
 
 
@@ -46,3 +47,25 @@ def test_the_state_folder_follows_the_usual_variables(monkeypatch: pytest.Monkey
     assert state_dir({}) == Path("/home/u/.local/state/vcluster")
     monkeypatch.setenv("VCLUSTER_STATE_DIR", "/srv/vc")
     assert generated_ray_token_path("prod") == Path("/srv/vc/clusters/prod/ray-token")
+
+
+@pytest.mark.parametrize("token_exists", [False, True])
+def test_a_cluster_folder_that_already_existed_open_to_others_is_made_owner_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_exists: bool
+) -> None:
+    monkeypatch.setenv("VCLUSTER_STATE_DIR", str(tmp_path / "state"))
+    ray_token, agent_token = generated_ray_token_path("prod"), agent_token_path("prod")
+    folder = ray_token.parent
+    assert agent_token.parent == folder
+    folder.mkdir(parents=True)
+    for made in (tmp_path / "state", folder):
+        made.chmod(0o755)  # as `mkdir -p` or an older vcluster left it
+    if token_exists:
+        ray_token.write_text("kept\n")
+        ray_token.chmod(0o600)
+    assert ensure_token_file(ray_token) is not token_exists
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o750)
+    assert ensure_token_file(agent_token)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o755  # only the token's folder
