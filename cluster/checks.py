@@ -26,6 +26,7 @@ from cluster.facts.image import ImageFacts
 from cluster.inventory import Inventory, Model
 from cluster.python_packages import version_tuple
 from cluster.runtime import ADD_RAY_FIX, Runtime
+from cluster.traps import ModelShape, TrapFacts, choose_mitigations
 
 GIB = 1 << 30
 SHM_FAIL_BELOW_BYTES = 1 * GIB
@@ -512,6 +513,163 @@ def check_topology(given: CheckInput) -> list[CheckResult]:
     return results
 
 
+# --- fabrics: vLLM's known traps, InfiniBand/RoCE ------------------------------------------
+
+
+def _model_tensor_parallel(given: CheckInput, model: Model) -> int:
+    """The model's TP as the plan will make it: given, or the GPUs per node."""
+    if model.tensor_parallel != "auto":
+        return model.tensor_parallel
+    if given.inventory.accelerator == "cpu":
+        return 1
+    counts = [
+        len(node.gpu_ids) if node.gpu_ids is not None else len(given.facts[node.node_name].gpus)
+        for node in given.inventory.nodes
+        if node.node_name in given.facts
+    ]
+    return min(counts, default=1)
+
+
+def check_known_traps(given: CheckInput) -> list[CheckResult]:
+    """vLLM's known traps (cluster/traps.py) that apply to this cluster: WARN with what `up`
+    changes for each, or that the inventory turned it off."""
+    inventory = given.inventory
+    runtime = given.runtime
+    facts = TrapFacts(
+        vllm_version=runtime.vllm_version if runtime else None,
+        accelerator=inventory.accelerator,
+        multicast={
+            name: (f.fabric.multicast.verdict, f.fabric.multicast.explain())
+            for name, f in given.probed()
+        },
+        nodes=tuple(n.node_name for n in inventory.nodes),
+        image_has_ray=runtime.image_has_ray if runtime else None,
+    )
+    results = []
+    for model in inventory.model_list:
+        shape = ModelShape(_model_tensor_parallel(given, model), tuple(model.args),
+                           model.served if inventory.routed else None)  # fmt: skip
+        for found in choose_mitigations(facts, shape):
+            if found.fragment is None:
+                results.append(_pass("known trap", None, f"{found.trap}: {found.why}; "
+                                     f"{found.action}"))  # fmt: skip
+            elif found.trap in inventory.traps_off:
+                results.append(
+                    _warn(
+                        "known trap", None,
+                        f"{found.trap} is turned off (traps:), but applies: {found.why}",
+                        f"{found.warn}; remove traps.{found.trap}, or add {found.action} to "
+                        f"the model's args yourself ({found.source})",
+                    )
+                )  # fmt: skip
+            else:
+                done = (
+                    f"`up` cannot add it ({found.skipped}): add {found.action} to the args"
+                    if found.skipped
+                    else f"`up` adds {found.action}"
+                    + (f" (the user's own {', '.join(found.kept)} kept)" if found.kept else "")
+                )
+                results.append(
+                    _warn(
+                        "known trap", None, f"{found.trap}: {found.why}",
+                        f"{found.warn}. {done}; `traps: {{{found.trap}: off}}` turns it off. "
+                        f"Source: {found.source}",
+                    )
+                )  # fmt: skip
+    if not results:
+        version = facts.vllm_version or "not known yet"
+        results.append(_pass("known trap", None, f"none applies (vLLM {version})"))
+    return results
+
+
+@gpu_mode_only
+def check_infiniband(given: CheckInput) -> list[CheckResult]:
+    """InfiniBand/RoCE between nodes: HCAs Active on every node, one link layer, the same count,
+    /dev/infiniband present, GPUDirect RDMA (nvidia_peermem; a WARN without)."""
+    inventory = given.inventory
+    name = "infiniband"
+    if len(inventory.nodes) < 2:
+        return [_skip(name, None, "one node: NCCL's traffic stays inside it")]
+    if inventory.env.get("NCCL_IB_DISABLE") == "1":
+        return [_skip(name, None, "NCCL_IB_DISABLE=1 in env: NCCL uses TCP sockets")]
+    named = inventory.network.ib_hcas
+    read = {n: f.fabric.infiniband for n, f in given.probed() if f.fabric.infiniband.read}
+    active = {
+        n: [p for p in ib.active_ports if named is None or p.hca in named or p.name in named]
+        for n, ib in read.items()
+    }
+    results: list[CheckResult] = []
+    if named is None and not any(active.values()):
+        detail = "no active HCA on any node: NCCL uses TCP sockets between the nodes"
+        return [_pass(name, None, detail)]
+    counts = {n: len(ports) for n, ports in active.items()}
+    up_fix = (
+        "bring the port up (`ibstat`: cable, switch, and a subnet manager for InfiniBand), "
+        + ("or drop it from network.ib_hcas" if named else "or set env NCCL_IB_DISABLE: '1'")
+    )
+    for node, ib in read.items():
+        ports = active[node]
+        if named:
+            missing = [h for h in named if not any(h in (p.hca, p.name) for p in ports)]
+            for hca in missing:
+                seen = [p for p in ib.ports if hca in (p.hca, p.name)]
+                state = ", ".join(f"{p.name} {p.state}/{p.physical_state}" for p in seen)
+                detail = f"network.ib_hcas names {hca}: " + (
+                    f"not active here ({state})" if seen else "no such HCA here"
+                )
+                results.append(_fail(name, node, detail, up_fix))
+        elif not ports:
+            others = ", ".join(f"{n}: {c}" for n, c in counts.items() if c)
+            detail = f"no active HCA here, while other nodes have some ({others})"
+            results.append(_fail(name, node, detail, up_fix))
+            continue
+        if ports and not any(f.startswith("uverbs") for f in ib.device_files):
+            results.append(
+                _fail(
+                    name, node, "active HCAs but no /dev/infiniband/uverbs*: the containers "
+                    "could not open them",
+                    "load the RDMA user-space modules (`modprobe ib_uverbs rdma_ucm`)",
+                )
+            )  # fmt: skip
+        roce = [p.name for p in ports if p.roce and p.roce_v2_gid_index() is None]
+        if roce:
+            results.append(
+                _warn(
+                    name, node, f"no RoCE v2 GID with an address on {', '.join(roce)}",
+                    "give the RoCE interface an IP address; NCCL needs a RoCE v2 GID",
+                )
+            )  # fmt: skip
+        peer = given.facts[node].fabric.peer_memory
+        if ports and peer is False:
+            results.append(
+                _warn(
+                    name, node, "nvidia_peermem is not loaded: no GPUDirect RDMA through it "
+                    "(NCCL stages through host memory unless DMA-BUF works: open kernel "
+                    "module, Linux 5.12+)",
+                    "`modprobe nvidia_peermem`, and list it in /etc/modules-load.d/",
+                )
+            )  # fmt: skip
+    layers = {n: "/".join(sorted({p.link_layer or "?" for p in ps})) for n, ps in active.items()
+              if ps}  # fmt: skip
+    if len(set(layers.values())) > 1:
+        shown = ", ".join(f"{n}: {layer}" for n, layer in layers.items())
+        results.append(
+            _fail(name, None, f"the nodes' HCAs differ in link layer ({shown})",
+                  "use the same fabric on every node (name its HCAs in network.ib_hcas)")
+        )  # fmt: skip
+    if len({c for c in counts.values() if c}) > 1:
+        shown = ", ".join(f"{n}: {c}" for n, c in counts.items())
+        results.append(
+            _warn(name, None, f"active HCA ports differ in number ({shown})",
+                  "NCCL uses as many rails as the node with the fewest; check the cabling")
+        )  # fmt: skip
+    if not any(r.status in (Status.FAIL, Status.WARN) for r in results):
+        for node, ports in active.items():
+            shown = ", ".join(f"{p.name} ({p.link_layer}, {p.rate})" for p in ports)
+            results.append(_pass(name, node, f"{len(ports)} active: {shown}"))
+    return results
+
+
 # --- network -------------------------------------------------------------------------------
 
 
@@ -523,7 +681,9 @@ def check_head_ports(given: CheckInput) -> list[CheckResult]:
         return []
     ports = given.inventory.ports
     ray, executor = uses_ray(given.inventory, given.runtime)
-    wanted = {"vLLM": ports.vllm}
+    wanted = {"the endpoint": ports.vllm}
+    if not given.inventory.routed:
+        wanted["vLLM (loopback)"] = ports.models
     if ray:
         wanted["Ray"] = ports.ray
     if executor == "mp":
@@ -541,6 +701,30 @@ def check_head_ports(given: CheckInput) -> list[CheckResult]:
             head,
             f"already in use on the head: {busy}",
             "stop what listens there (`ss -ltnp`), or choose other ports: in the inventory",
+        )
+    ]
+
+
+def check_api_key(given: CheckInput) -> list[CheckResult]:
+    """The endpoint has a users' key, or the inventory says on purpose that it has none."""
+    inventory = given.inventory
+    if inventory.secrets.api_key is not None:
+        return [_pass("api key", None, "every route of the endpoint but /health needs the key")]
+    if inventory.router.allow_anonymous:
+        return [
+            _warn(
+                "api key",
+                None,
+                "router.allow_anonymous: anyone who reaches the endpoint uses the models",
+                "set secrets.api_key (env:NAME or file:/path) unless the network is yours alone",
+            )
+        ]
+    return [
+        _fail(
+            "api key",
+            None,
+            "no secrets.api_key: anyone who reaches the endpoint would use the models",
+            "set secrets.api_key: env:NAME or file:/path (or router.allow_anonymous: true)",
         )
     ]
 
@@ -595,6 +779,7 @@ def check_clock_skew(given: CheckInput) -> list[CheckResult]:
 
 
 RULES: tuple[Rule, ...] = (
+    check_api_key,
     check_ssh,
     check_docker,
     check_nvidia_runtime,
@@ -603,6 +788,8 @@ RULES: tuple[Rule, ...] = (
     check_gpu_errors,
     check_gpus_idle,
     check_topology,
+    check_known_traps,
+    check_infiniband,
     check_shared_memory,
     check_cache_disk,
     check_head_ports,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import docker
 import docker.errors
-from docker.types import DeviceRequest, Mount
+from docker.types import DeviceRequest, Mount, Ulimit
 
 from cluster.errors import VclusterError
 from cluster.plan import (
@@ -112,6 +112,10 @@ def create_container(
             shm_size=None if spec.ipc_mode == "host" else SHM_SIZE_WITHOUT_HOST_IPC,
             device_requests=device_requests,
             restart_policy={"Name": spec.restart_policy},
+            # InfiniBand/RoCE (cluster/facts/fabric.py): the devices, pinned memory, IPC_LOCK
+            devices=[f"{device}:{device}:rwm" for device in spec.devices] or None,
+            ulimits=[Ulimit(name=u.name, soft=u.soft, hard=u.hard) for u in spec.ulimits] or None,
+            cap_add=list(spec.cap_add) or None,
         )
         if not container.put_archive("/", secret_archive(secrets)):
             raise ContainerError(f"docker could not write the secret files into {spec.name}")

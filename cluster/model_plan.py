@@ -12,6 +12,7 @@ from cluster.inventory import Inventory, Model
 from cluster.serving.bundle import BUNDLE_NAME
 from cluster.serving.catalog import ModelEntry, NodeDevices, ServingConfig
 from cluster.serving.placement import place
+from cluster.traps import ModelShape, TrapFacts, choose_mitigations, mitigated_argv
 
 SERVING_CONFIG_NAME = "serving.json"
 MODEL_LOG_DIR = "/var/log/vcluster-models"
@@ -63,8 +64,10 @@ def serving_config(
     addresses: Mapping[str, str],
     devices: Mapping[str, tuple[int, ...]],
     state_dir: str,
+    traps: TrapFacts | None = None,
 ) -> ServingConfig:
-    """What the router and agents run on; an error for a model that can never load."""
+    """What the router and agents run on; an error for a model that can never load.
+    `traps`: the facts vLLM's known traps are judged on (cluster/traps.py)."""
     nodes = _serving_nodes(inventory, addresses, devices)
     free = {n.name: list(n.devices) for n in nodes}
     models = []
@@ -80,7 +83,7 @@ def serving_config(
         models.append(
             ModelEntry(
                 served=model.served,
-                argv=tuple(model_argv(inventory, model, tensor, pipeline)),
+                argv=tuple(model_argv(inventory, model, tensor, pipeline, traps)),
                 tensor_parallel=tensor,
                 pipeline_parallel=pipeline,
                 keep_loaded=inventory.keeps_loaded(model),
@@ -149,9 +152,16 @@ def _serving_nodes(
     )
 
 
-def model_argv(inventory: Inventory, model: Model, tensor: int, pipeline: int) -> list[str]:
-    """`vllm serve` for a model, without what depends on its placement (the agent adds it)."""
-    return [
+def model_argv(
+    inventory: Inventory,
+    model: Model,
+    tensor: int,
+    pipeline: int,
+    traps: TrapFacts | None = None,
+) -> list[str]:
+    """`vllm serve` for a model, without what depends on its placement (the agent adds it),
+    with the mitigations of the known traps that apply to it (given `traps`)."""
+    argv = [
         "vllm", "serve", inventory.container_model_path(model),
         "--served-model-name", model.served,
         "--tensor-parallel-size", str(tensor),
@@ -159,6 +169,10 @@ def model_argv(inventory: Inventory, model: Model, tensor: int, pipeline: int) -
         "--distributed-executor-backend", "mp",
         *model.args,
     ]  # fmt: skip
+    if traps is None:
+        return argv
+    shape = ModelShape(tensor, tuple(model.args), model.served)
+    return mitigated_argv(argv, choose_mitigations(traps, shape))
 
 
 def serving_argv(state_dir: str, role: str, node: str) -> list[str]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypedDict
 
 from cluster import __version__
 from cluster.errors import VclusterError
+from cluster.facts.fabric import FabricFacts, RdmaSetup, rdma_setup
 from cluster.inventory import CONTAINER_CACHE_PATH, Inventory, Node
 from cluster.model_plan import (
     ModelPlanError,
@@ -33,6 +34,7 @@ from cluster.serving.catalog import (
     SECRETS_DIR,
     ServingConfig,
 )
+from cluster.traps import Mitigation, ModelShape, TrapFacts, choose_mitigations, mitigated_argv
 
 LABEL_PREFIX = "vcluster"
 LABEL_CLUSTER = f"{LABEL_PREFIX}.cluster"
@@ -68,6 +70,21 @@ class NodeFacts:
     gpu_count: int  # 0 in cpu mode
     gpu_model: str | None = None
     interface: str | None = None  # the interface that routes to the head
+    fabric: FabricFacts | None = None
+    """NVLink multicast and the HCAs (None: not probed, e.g. an offline plan)."""
+
+
+@dataclass(frozen=True)
+class Ulimit:
+    """A resource limit of the container (-1: unlimited)."""
+
+    name: str
+    soft: int
+    hard: int
+
+
+MEMLOCK_UNLIMITED = Ulimit("memlock", -1, -1)
+"""InfiniBand/RoCE registers (pins) memory: NCCL needs the memlock limit lifted."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,11 @@ class ContainerSpec:
     network_mode: str = "host"
     ipc_mode: str = "host"
     restart_policy: str = RESTART_POLICY
+    devices: tuple[str, ...] = ()
+    """Host devices passed in: `/dev/infiniband` where NCCL uses InfiniBand/RoCE."""
+    ulimits: tuple[Ulimit, ...] = ()
+    cap_add: tuple[str, ...] = ()
+    """Capabilities added: IPC_LOCK with InfiniBand/RoCE (to pin memory)."""
 
     @property
     def spec_hash(self) -> str:
@@ -163,6 +185,8 @@ class ClusterPlan:
     """With several models (or one on demand): what the router and the agents run on."""
     front: ServingConfig | None = None
     """With one model always loaded: what the router in front of the head's vLLM runs on."""
+    mitigations: tuple[Mitigation, ...] = ()
+    """vLLM's known traps that apply here, and what the argv got for each (cluster/traps.py)."""
 
     @property
     def routed(self) -> bool:
@@ -242,6 +266,7 @@ def build_plan(
                 {name: f.address for name, f in facts.items()},
                 devices,
                 SUPERVISOR_STATE_DIR,
+                traps=_trap_facts(inventory, facts, runtime),
             )
             if inventory.routed
             else None
@@ -262,6 +287,8 @@ def build_plan(
     else:
         tensor_parallel = serving.models[0].tensor_parallel
         pipeline_parallel = serving.models[0].pipeline_parallel
+    mitigations = _mitigations(inventory, _trap_facts(inventory, facts, runtime), serving,
+                               tensor_parallel)  # fmt: skip
     head = inventory.head
     head_facts = facts[head.node_name]
     nodes = []
@@ -282,6 +309,7 @@ def build_plan(
                 pipeline_parallel,
                 front,
             )
+        serve = _mitigated(serve, mitigations)
         nodes.append(NodePlan(node.node_name, role, node.address, node_facts, container, serve))
     return ClusterPlan(
         cluster=inventory.cluster,
@@ -299,7 +327,50 @@ def build_plan(
         nodes=tuple(nodes),
         serving=serving,
         front=front,
+        mitigations=mitigations,
     )
+
+
+def _trap_facts(inventory: Inventory, facts: dict[str, NodeFacts], runtime: Runtime) -> TrapFacts:
+    """What the known traps' conditions read: the image's vLLM, multicast per node."""
+    return TrapFacts(
+        vllm_version=runtime.vllm_version,
+        accelerator=inventory.accelerator,
+        multicast={
+            name: (f.fabric.multicast.verdict, f.fabric.multicast.explain())
+            for name, f in facts.items()
+            if f.fabric is not None
+        },
+        nodes=tuple(n.node_name for n in inventory.nodes),
+        image_has_ray=runtime.image_has_ray,
+        turned_off=inventory.traps_off,
+    )
+
+
+def _mitigations(
+    inventory: Inventory, traps: TrapFacts, serving: ServingConfig | None, tensor_parallel: int
+) -> tuple[Mitigation, ...]:
+    """The traps that apply: to the one model, or to each model of a routed cluster."""
+    if serving is None:
+        model = ModelShape(tensor_parallel, tuple(inventory.primary_model.args))
+        return choose_mitigations(traps, model)
+    by_name = {m.served: m for m in inventory.model_list}
+    return tuple(
+        mitigation
+        for entry in serving.models
+        for mitigation in choose_mitigations(
+            traps,
+            ModelShape(entry.tensor_parallel, tuple(by_name[entry.served].args), entry.served),
+        )
+    )
+
+
+def _mitigated(serve: ServeSpec | None, mitigations: tuple[Mitigation, ...]) -> ServeSpec | None:
+    """The `vllm serve` of a one-model cluster with the mitigations merged into its argv (every
+    node's: vLLM's own multi-node mode builds each node's config from its own arguments)."""
+    if serve is None or serve.argv[:2] != ("vllm", "serve"):
+        return serve
+    return replace(serve, argv=tuple(mitigated_argv(serve.argv, mitigations)))
 
 
 def declared_facts(inventory: Inventory) -> dict[str, NodeFacts]:
@@ -350,8 +421,11 @@ def _parallelism(inventory: Inventory, counts: dict[str, int]) -> tuple[int, int
     return tensor, pipeline
 
 
-def _environment(inventory: Inventory, facts: NodeFacts, ray: bool) -> dict[str, str]:
-    environment = dict(inventory.env)
+def _environment(
+    inventory: Inventory, facts: NodeFacts, ray: bool, rdma: RdmaSetup | None = None
+) -> dict[str, str]:
+    # NCCL_IB_HCA / NCCL_IB_GID_INDEX from the facts, unless the inventory's env sets them
+    environment = {**(rdma.environment if rdma else {}), **inventory.env}
     if inventory.secrets.hf_token is not None:
         environment["HF_TOKEN_PATH"] = f"{SECRETS_PATH}/{HF_TOKEN_FILE}"  # huggingface_hub's
     environment["VLLM_HOST_IP"] = facts.address
@@ -451,12 +525,13 @@ def _container_spec(
     serving: ServingConfig | None,
 ) -> ContainerSpec:
     head = all_facts[inventory.head.node_name]
+    rdma = _rdma(inventory, facts)
     spec: _ContainerFields = {
         "name": container_name(inventory.cluster),
         "image": runtime.image,
         "command": _ray_command(inventory, role, facts, head) if runtime.ray else (),
         "supervisor": _supervisor_spec(inventory, runtime, role, facts, all_facts),
-        "environment": _environment(inventory, facts, runtime.ray),
+        "environment": _environment(inventory, facts, runtime.ray, rdma),
         "secret_files": _secret_files(inventory, role, runtime.ray),
         "mounts": (Mount(inventory.model_cache, CONTAINER_CACHE_PATH),),
         "gpus": _gpus(inventory, node),
@@ -467,6 +542,7 @@ def _container_spec(
             "secret_files": {n: str(r) for n, r in spec["secret_files"].items()},
             "supervisor_code": hashlib.sha256(supervisor_source().encode()).hexdigest(),
             "restart_policy": RESTART_POLICY,
+            **_rdma_container_fields(rdma),  # nothing without HCAs: earlier hashes stay
         },
         default=lambda o: asdict(o),
         sort_keys=True,
@@ -480,7 +556,33 @@ def _container_spec(
         LABEL_RAY: "yes" if runtime.ray else "no",
         LABEL_EXECUTOR: runtime.executor,
     }
-    return ContainerSpec(labels=labels, **spec)
+    return ContainerSpec(labels=labels, **spec, **_rdma_container_fields(rdma))
+
+
+def _rdma(inventory: Inventory, facts: NodeFacts) -> RdmaSetup | None:
+    """NCCL over InfiniBand/RoCE between the nodes, when this node has active HCA ports (and
+    the cluster has several nodes, and the inventory's env does not turn IB off)."""
+    if (
+        inventory.accelerator != "nvidia"
+        or len(inventory.nodes) < 2
+        or facts.fabric is None
+        or inventory.env.get("NCCL_IB_DISABLE") == "1"
+    ):
+        return None
+    return rdma_setup(facts.fabric.infiniband, inventory.network.ib_hcas)
+
+
+class _RdmaFields(TypedDict, total=False):
+    devices: tuple[str, ...]
+    ulimits: tuple[Ulimit, ...]
+    cap_add: tuple[str, ...]
+
+
+def _rdma_container_fields(rdma: RdmaSetup | None) -> _RdmaFields:
+    """The container's devices, memlock limit and IPC_LOCK for InfiniBand/RoCE; none without."""
+    if rdma is None:
+        return {}
+    return {"devices": rdma.devices, "ulimits": (MEMLOCK_UNLIMITED,), "cap_add": ("IPC_LOCK",)}
 
 
 def _gpus(inventory: Inventory, node: Node) -> Literal["all"] | tuple[int, ...] | None:
@@ -550,6 +652,7 @@ def render_text(plan: ClusterPlan) -> str:
         f"image {plan.image}: {plan.runtime_reason}",
         f"image facts: {plan.image_facts or 'not gathered'}",
     ]
+    lines += [f"known vLLM trap {m.line()}" for m in plan.mitigations]
     if plan.serving is not None:
         lines += ["", f"router on {plan.head.name}: {len(plan.serving.models)} model(s), each "
                   "loaded when a request asks for it, unless kept loaded"]  # fmt: skip
@@ -574,6 +677,9 @@ def render_text(plan: ClusterPlan) -> str:
             f"  --network {c.network_mode} --ipc {c.ipc_mode}"
             + (f" --gpus {_gpus_flag(c.gpus)}" if c.gpus else "")
             + "".join(f" -v {m.source}:{m.target}" for m in c.mounts)
+            + "".join(f" --device {d}" for d in c.devices)
+            + "".join(f" --ulimit {u.name}={u.soft}:{u.hard}" for u in c.ulimits)
+            + "".join(f" --cap-add {cap}" for cap in c.cap_add)
         )
         for name, value in c.environment.items():
             lines.append(f"  env {name}={value}")

@@ -58,6 +58,10 @@ class Runtime:
     """The image facts it was chosen on, in one line (None without facts)."""
     fallback: bool = False
     """vLLM's own multi-node mode because Ray could not be had (not because it was asked)."""
+    vllm_version: str | None = None
+    """The image's vLLM (None without facts): the known traps (cluster/traps.py) compare it."""
+    image_has_ray: bool | None = None
+    """Whether the inventory's image itself has Ray (None without facts)."""
 
 
 def assumed_runtime(inventory: Inventory, why: str = "offline") -> Runtime:
@@ -77,13 +81,19 @@ def ray_ready(inventory: Inventory, facts: ImageFacts, recipe: RayImageRecipe) -
         recipe.tag, True, inventory.default_executor,
         f"{_named(inventory, facts)} has no Ray: the cluster runs the Ray-ready "
         f"{recipe.describe()}",
-        derive=recipe, facts=facts.summary(),
+        derive=recipe, facts=facts.summary(), vllm_version=facts.vllm,
+        image_has_ray=facts.has_ray,
     )  # fmt: skip
 
 
 def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
     """The runtime for `inventory` given what its image holds and where Ray could come from."""
-    return dataclasses.replace(_choose(inventory, facts, supply), facts=facts.summary())
+    return dataclasses.replace(
+        _choose(inventory, facts, supply),
+        facts=facts.summary(),
+        vllm_version=facts.vllm,
+        image_has_ray=facts.has_ray,
+    )
 
 
 def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:

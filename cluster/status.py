@@ -137,7 +137,10 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
     session.open()
     name = container_name(inventory.cluster)
     head_name = inventory.head.node_name
-    probe = probe_argv(head_address=inventory.head.address, model_cache=inventory.model_cache)
+    # read the multicast attribute only: no multicast object on GPUs that are serving
+    probe = probe_argv(
+        head_address=inventory.head.address, model_cache=inventory.model_cache, multicast="read"
+    )
     states = session.on_each(
         lambda node: _node_state(session, inventory, node, name, node == head_name, probe)
     )

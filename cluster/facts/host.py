@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cluster.facts.fabric import FabricFacts, parse_fabric
 from cluster.facts.gpu import (
     CommandOutput,
     GpuFacts,
@@ -88,6 +89,8 @@ class HostFacts:
     """The file system holding the model cache (or its nearest existing parent)."""
     route: RouteToHead = RouteToHead()
     listening_ports: frozenset[int] = frozenset()
+    fabric: FabricFacts = field(default_factory=FabricFacts)
+    """NVLink multicast, the NVSwitch fabric, InfiniBand/RoCE HCAs, GPUDirect RDMA."""
     problems: tuple[str, ...] = field(default=())
     """What the probe could not learn that no other field reports (a cut-off output)."""
 
@@ -117,6 +120,7 @@ def parse_probe(output: str) -> HostFacts:
         cache_disk=_df(_stdout(probe, "cache-disk")),
         route=_route(probe),
         listening_ports=_listening_ports(_stdout(probe, "listening", any_exit_code=True)),
+        fabric=parse_fabric(*(_raw(probe, name) for name in _FABRIC_SECTIONS)),
         problems=problems,
     )
 
@@ -127,6 +131,15 @@ def _stdout(probe: ProbeOutput, name: str, *, any_exit_code: bool = False) -> st
     if section is None or section.missing or not (section.ok or any_exit_code):
         return ""
     return section.stdout.strip()
+
+
+_FABRIC_SECTIONS = ("multicast", "gpu-fabric", "infiniband", "rdma-modules")
+
+
+def _raw(probe: ProbeOutput, name: str) -> tuple[int | None, str, str] | None:
+    """A section as (exit code or None: missing, stdout, stderr); None when it is absent."""
+    section = probe.get(name)
+    return None if section is None else (section.exit_code, section.stdout, section.stderr)
 
 
 def _why_not(section: Section | None, what: str) -> str:

@@ -15,8 +15,11 @@ arguments (`probe_argv`), never pasted into the text; the transport quotes argv.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
+from typing import Literal
 
+from cluster.facts.fabric import INFINIBAND_SCRIPT, multicast_program
 from cluster.facts.gpu import COMPUTE_APPS_FIELDS, GPU_QUERY_FIELDS
 
 DEFAULT_COMMAND_TIMEOUT_S = 20
@@ -40,7 +43,7 @@ section() {
     return
   fi
   case $1 in
-    nvidia-smi|docker) command -v timeout >/dev/null 2>&1 && set -- timeout "$limit" "$@" ;;
+    nvidia-smi|docker|python3) command -v timeout >/dev/null 2>&1 && set -- timeout "$limit" "$@" ;;
   esac
   out=$("$@" 2>"$err")
   rc=$?
@@ -56,6 +59,8 @@ section gpu-query nvidia-smi --query-gpu=@GPU_FIELDS@ --format=csv,noheader,noun
 if [ "$rc" != 124 ]; then  # a hanging nvidia-smi would hang again: spare the time limit
   section gpu-apps nvidia-smi --query-compute-apps=@APPS_FIELDS@ --format=csv,noheader,nounits
   section gpu-topology nvidia-smi topo -m
+  section gpu-fabric nvidia-smi -q -x
+  [ -n "${4:-}" ] && section multicast python3 -c "$4" "${5:-try}"
 fi
 section driver cat /proc/driver/nvidia/version
 section docker-version docker version --format '{{.Server.Version}}'
@@ -67,19 +72,32 @@ section cache-disk sh -c 'd=$1; while [ ! -e "$d" ]; do d=$(dirname "$d"); done;
 section route ip -o route get "$head"
 section addresses ip -o addr show
 section listening cat /proc/net/tcp /proc/net/tcp6
+section infiniband sh -c @INFINIBAND@
+section rdma-modules grep -E '^(nvidia_peermem|nv_peer_mem|ib_core|ib_uverbs|rdma_ucm|mlx5_ib|rdma_rxe) ' \
+  /proc/modules
 echo "@@vcluster end@@"
 """
 
-PROBE_SCRIPT = _SCRIPT.replace("@GPU_FIELDS@", ",".join(GPU_QUERY_FIELDS)).replace(
-    "@APPS_FIELDS@", ",".join(COMPUTE_APPS_FIELDS)
+PROBE_SCRIPT = (
+    _SCRIPT.replace("@GPU_FIELDS@", ",".join(GPU_QUERY_FIELDS))
+    .replace("@APPS_FIELDS@", ",".join(COMPUTE_APPS_FIELDS))
+    .replace("@INFINIBAND@", shlex.quote(INFINIBAND_SCRIPT))
 )
-"""The probe, run as `sh -c PROBE_SCRIPT vcluster-probe HEAD CACHE TIMEOUT`."""
+"""The probe, run as `sh -c PROBE_SCRIPT vcluster-probe HEAD CACHE TIMEOUT MULTICAST MODE`."""
 
 
 def probe_argv(
-    *, head_address: str, model_cache: str, command_timeout_s: int = DEFAULT_COMMAND_TIMEOUT_S
+    *,
+    head_address: str,
+    model_cache: str,
+    command_timeout_s: int = DEFAULT_COMMAND_TIMEOUT_S,
+    multicast: Literal["try", "read"] = "try",
 ) -> list[str]:
-    """The one command that gathers a host's facts: run it over SSH, parse with `parse_probe`."""
+    """The one command that gathers a host's facts: run it over SSH, parse with `parse_probe`.
+
+    `multicast`: `try` creates and binds a small NVLink multicast object where the driver says
+    it can (`cluster.facts.fabric`); `read` only reads the driver's attribute.
+    """
     return [
         "sh",
         "-c",
@@ -88,6 +106,8 @@ def probe_argv(
         head_address,
         model_cache,
         str(command_timeout_s),
+        multicast_program(),
+        multicast,
     ]
 
 

@@ -39,4 +39,5 @@ def node_facts(facts: HostFacts, address: str, inventory: Inventory) -> NodeFact
         gpu_count=len(gpus),
         gpu_model=gpus[0].name if gpus else None,
         interface=facts.route_interface,
+        fabric=facts.fabric,
     )

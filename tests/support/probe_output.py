@@ -13,6 +13,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 H200 = FIXTURES / "gpu" / "h200x8"
 H100 = FIXTURES / "gpu" / "h100x1"
 H200X2 = FIXTURES / "gpu" / "h200x2"
+FABRIC = FIXTURES / "fabric"
 
 
 def read(path: Path) -> str:
@@ -69,6 +70,10 @@ def h200_sections() -> dict[str, Section]:
         "gpu-apps": (0, "", ""),
         "gpu-topology": (0, read(H200 / "topo-m.txt"), ""),
         "driver": (0, read(H200 / "driver-version.txt"), ""),
+        "gpu-fabric": (0, read(H200 / "nvidia-smi-q.xml"), ""),
+        # constructed (the lent machines forbid trying multicast): an NVSwitch host where the
+        # multicast program bound every GPU; see fixtures/fabric/README.md
+        "multicast": (0, read(FABRIC / "constructed" / "multicast-try-h200x8-bound.txt"), ""),
     }
 
 

@@ -20,6 +20,7 @@ from cluster.checks import (
     CheckInput,
     CheckResult,
     Status,
+    check_api_key,
     check_cache_disk,
     check_clock_skew,
     check_docker,
@@ -62,6 +63,7 @@ def inventory(**changes: Any) -> Inventory:
         "nodes": [{"name": "a", "address": "10.0.0.1"}, {"name": "b", "address": "10.0.0.2"}],
         "model_cache": "/data/hf",
         "model": {"name": "meta-llama/Llama-3.1-405B-Instruct"},
+        "secrets": {"api_key": "env:USERS_KEY"},
     }
     model = changes.pop("model", {})
     data.update(changes)
@@ -406,7 +408,7 @@ def test_head_ports_pass_when_free():
     assert (result.node, result.status, result.detail) == (
         "a",
         Status.PASS,
-        "free: vLLM 8000, Ray 6379",
+        "free: the endpoint 8000, vLLM (loopback) 30100, Ray 6379",
     )
 
 
@@ -423,18 +425,29 @@ def test_head_ports_pass_when_this_clusters_container_holds_them():
 def test_head_ports_with_the_mp_executor_check_the_rendezvous_port_and_ray_only_with_ray():
     with_ray = Runtime("img", ray=True, executor="mp", reason="the image has Ray")
     [result] = check_head_ports(given(a=listening(22), executor="mp", runtime=with_ray))
-    assert result.detail == "free: vLLM 8000, Ray 6379, torch.distributed 29501"
+    assert result.detail == (
+        "free: the endpoint 8000, vLLM (loopback) 30100, Ray 6379, torch.distributed 29501"
+    )
     without_ray = Runtime("img", ray=False, executor="mp", reason="no Ray in the image")
     [result] = check_head_ports(given(a=listening(6379), executor="mp", runtime=without_ray))
     assert (result.status, result.detail) == (
         Status.PASS,
-        "free: vLLM 8000, torch.distributed 29501",
+        "free: the endpoint 8000, vLLM (loopback) 30100, torch.distributed 29501",
     )
     assert check_head_ports(given(a=listening(29501), executor="mp"))[0].status is Status.FAIL
 
 
 def with_route(**route: Any) -> HostFacts:
     return replace(HEALTHY, route=RouteToHead(**route))
+
+
+def test_an_endpoint_without_a_key_fails_unless_anonymous_use_is_asked_for():
+    [keyed] = check_api_key(given())
+    assert keyed.status is Status.PASS
+    [missing] = check_api_key(given(secrets={}))
+    assert missing.status is Status.FAIL and "secrets.api_key" in missing.remedy
+    [anonymous] = check_api_key(given(secrets={}, router={"allow_anonymous": True}))
+    assert anonymous.status is Status.WARN and "anyone" in anonymous.detail
 
 
 def test_route_to_head_reports_the_interface():
@@ -506,6 +519,7 @@ def test_cpu_mode_skips_every_gpu_rule_once_with_the_reason():
         "gpu errors",
         "gpus idle",
         "topology",
+        "infiniband",
     ]
     assert {r.detail for r in skipped} == {"accelerator: cpu, no GPUs to check"}
     assert all(r.node is None for r in skipped)
