@@ -1,9 +1,10 @@
 """Running the chain over SSH: check the nodes, start one relay per node, stream the items once.
 
 The controller starts the relays from the last node of the chain to the first: each listens on
-its node's address, says on which port, and the one before it connects there with the round's
-token. The first relay reads the stream from its SSH channel. Every relay reports on its own
-SSH channel (progress, each item, a lost neighbour), so the controller sees every node at once.
+its node's address, says on which port, and the one before it connects there with that relay's
+own token (a token per hop: a token opens one relay only). The first relay reads the stream
+from its SSH channel. Every relay reports on its own SSH channel (progress, each item, a lost
+neighbour), so the controller sees every node at once.
 
 A round ends when the stream has passed; nodes whose relay died or could not write are failed
 (named with the item); nodes cut off behind them are served by the next round, without them.
@@ -24,13 +25,14 @@ from pathlib import Path
 
 import paramiko
 
+from cluster.distribution import relay
 from cluster.distribution.chain import Routed, chain_order, lacking, require_room, routed_items
 from cluster.distribution.manifest import Item
 from cluster.errors import VclusterError
 from cluster.progress import Meter, ProgressBoard, describe_transfer
 from cluster.transport.ssh import SshConnection
 
-CHUNK = 1 << 20
+CHUNK = relay.CHUNK
 RELAY_SOURCE = (Path(__file__).with_name("relay.py")).read_text()
 STARTUP_TIMEOUT_S = 60.0
 
@@ -64,6 +66,10 @@ class NodeReport:
     """No node before it connected: the nodes cannot reach each other (a firewall?)."""
     next_lost: str | None = None
     """The node after it stopped taking the stream (its own report says why)."""
+    refused_connections: int = 0
+    """Connections to its relay that did not present the token in time."""
+    bad_stream: str | None = None
+    """Why the relay stopped reading a stream that broke its format (a frame too long...)."""
     exit_status: int | None = None
 
     def failure(self) -> str | None:
@@ -71,15 +77,31 @@ class NodeReport:
         if self.errors:
             path, error = next(iter(self.errors.items()))
             return f"could not write {path}: {error}"
+        if self.bad_stream:
+            return f"refused the stream it received: {self.bad_stream}"
         if self.no_upstream:
+            refused = (
+                f" ({self.refused_connections} connection(s) without its token were refused)"
+                if self.refused_connections
+                else ""
+            )
             return (
-                "the node before it never connected to it: open TCP between the nodes "
+                f"the node before it never connected to it{refused}: open TCP between the nodes "
                 "(ephemeral ports) in the firewall"
             )
         if not self.finished and not self.upstream_lost:
             where = f" during {self.item}" if self.item else ""
             return f"its relay ended{where} (exit {self.exit_status})"
         return None
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """How long a relay waits: for the node before it to connect (from the moment it listens,
+    never extended), and for a new connection to present the token before it is dropped."""
+
+    accept_timeout_s: float = relay.ACCEPT_TIMEOUT_S
+    token_timeout_s: float = relay.TOKEN_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -125,30 +147,52 @@ def _last_event(output: str, name: str) -> dict | None:
     return found
 
 
+@dataclass(frozen=True)
+class Hop:
+    """One relay of a round: where it listens (None for the first, which reads its SSH
+    channel) and the token a connection to it must open with."""
+
+    node: ChainNode
+    listen: str | None
+    token: str | None
+
+
+def plan_hops(chain: Sequence[ChainNode]) -> list[Hop]:
+    """The relays of a round: every one but the first listens, each with a token of its own
+    (128 random bits), given only to it and to the node before it."""
+    return [
+        Hop(node, node.address, secrets.token_hex(16)) if index else Hop(node, None, None)
+        for index, node in enumerate(chain)
+    ]
+
+
 def run_round(
     chain: Sequence[ChainNode],
     stream: Sequence[Routed],
     chunks: Chunks,
     board: ProgressBoard | None = None,
+    limits: RelayLimits = RelayLimits(),
 ) -> tuple[dict[str, NodeReport], int]:
     """Send `stream` once through `chain`; every node's report, and the bytes sent."""
-    token = secrets.token_hex(16)
     reports = {node.name: NodeReport() for node in chain}
     total = sum(r.item.size for r in stream)
     channels: list[tuple[ChainNode, paramiko.Channel]] = []
     readers: list[threading.Thread] = []
     following: dict | None = None
     try:
-        for index in range(len(chain) - 1, -1, -1):
-            node = chain[index]
-            config = {"mode": "relay", "root": node.root, "node": node.name, "token": token,
-                      "next": following, "listen": node.address if index else None}  # fmt: skip
+        for hop in reversed(plan_hops(chain)):
+            node = hop.node
+            config = {"mode": "relay", "root": node.root, "node": node.name, "token": hop.token,
+                      "next": following, "listen": hop.listen,
+                      "accept_timeout_s": limits.accept_timeout_s,
+                      "token_timeout_s": limits.token_timeout_s}  # fmt: skip
             channel = node.connection.open_channel(relay_argv())
             channel.sendall((json.dumps(config) + "\n").encode())
             lines = channel.makefile("r")
-            if index:
+            if hop.listen is not None:
                 port = _listening_port(lines, node.name)
-                following = {"name": node.name, "address": node.address, "port": port}
+                following = {"name": node.name, "address": node.address, "port": port,
+                             "token": hop.token}  # fmt: skip
             reader = threading.Thread(
                 target=_read_events, args=(lines, reports[node.name], board, node.name, total),
                 daemon=True,
@@ -201,9 +245,11 @@ def _send(channel: paramiko.Channel, stream: Sequence[Routed], chunks: Chunks) -
             if routed.item.kind == "link":
                 continue  # a header only
             for data in chunks(routed.item):  # this machine's own read errors propagate
-                if not put(data):
-                    return sent
-                sent += len(data)
+                for start in range(0, len(data), CHUNK):  # the relays take frames of CHUNK at most
+                    piece = data[start : start + CHUNK]
+                    if not put(piece):
+                        return sent
+                    sent += len(piece)
             if not put(b""):
                 return sent
         put(json.dumps({"kind": "end"}).encode())
@@ -237,6 +283,9 @@ def _read_events(
             report.upstream_lost = True
         elif kind == "no-upstream":
             report.no_upstream = True
+            report.refused_connections = int(event.get("refused", 0))
+        elif kind == "bad-stream":
+            report.bad_stream = str(event.get("error"))
         elif kind == "downstream-lost":
             report.next_lost = event.get("node")
         elif kind == "done":
@@ -275,6 +324,7 @@ def _in_rounds(
     chunks: Chunks,
     board: ProgressBoard | None,
     what: str,
+    limits: RelayLimits,
 ) -> Outcome:
     """Rounds until `plan` (given the failed nodes and the round number) has nothing to send,
     at most one per node; a node that still lacks `what` after the last is failed too."""
@@ -286,7 +336,7 @@ def _in_rounds(
             for node in chain:
                 failed.setdefault(node.name, f"still lacks {what} after every round")
             break
-        reports, round_sent = run_round(chain, stream, chunks, board)
+        reports, round_sent = run_round(chain, stream, chunks, board, limits)
         sent += round_sent
         rounds += 1
         for name, report in reports.items():
@@ -301,6 +351,7 @@ def distribute(
     items: Sequence[Item],
     chunks: Chunks = file_chunks,
     board: ProgressBoard | None = None,
+    limits: RelayLimits = RelayLimits(),
 ) -> Outcome:
     """Every item on every node, through a chain, in rounds until no node lacks one it can take.
 
@@ -325,7 +376,7 @@ def distribute(
             return None
         return [n for n in nodes if n.name in names], routed_items(items, needs, names)
 
-    return _in_rounds(nodes, plan, chunks, board, "files")
+    return _in_rounds(nodes, plan, chunks, board, "files", limits)
 
 
 def send_image(
@@ -334,6 +385,7 @@ def send_image(
     save: Callable[[], Iterator[bytes]],
     lacks: Callable[[str], bool],
     board: ProgressBoard | None = None,
+    limits: RelayLimits = RelayLimits(),
 ) -> Outcome:
     """`docker save` of `image` (read once per round) into `docker load` on every node that
     lacks it, through a chain; rounds as for files, around the nodes that failed."""
@@ -343,4 +395,4 @@ def send_image(
         chain = [n for n in nodes if n.name not in failed and lacks(n.name)]
         return (chain, [Routed(item, tuple(n.name for n in chain))]) if chain else None
 
-    return _in_rounds(nodes, plan, lambda _: save(), board, "the image")
+    return _in_rounds(nodes, plan, lambda _: save(), board, "the image", limits)

@@ -1,12 +1,16 @@
-"""The chain's plan and the manifest of a model folder (pure, or on local files)."""
+"""The chain's plan, the manifest of a model folder, and the relay's refusals (pure, or on
+local files)."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
+from cluster.distribution import relay
 from cluster.distribution.chain import (
     NoRoom,
     chain_order,
@@ -16,7 +20,7 @@ from cluster.distribution.chain import (
     routed_items,
 )
 from cluster.distribution.manifest import Item, SourceError, hub_folder, model_items
-from cluster.distribution.transfer import NodeReport
+from cluster.distribution.transfer import ChainNode, NodeReport, plan_hops
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +127,89 @@ def test_a_nodes_report_says_whether_it_failed_itself_or_was_cut_off():
         "could not write blobs/a: No space left on device"
     )
     assert "open TCP between the nodes" in NodeReport(no_upstream=True).failure()
+    knocked = NodeReport(no_upstream=True, refused_connections=3).failure()
+    assert knocked.startswith(
+        "the node before it never connected to it (3 connection(s) without its token were "
+        "refused): "
+    )
+    assert NodeReport(bad_stream="a frame of 4294967295 bytes (at most 4194304)").failure() == (
+        "refused the stream it received: a frame of 4294967295 bytes (at most 4194304)"
+    )
+
+
+def test_each_relay_but_the_first_listens_with_a_token_of_its_own():
+    chain = [ChainNode(f"n{i}", f"10.0.0.{i}", None, "/data/hf") for i in range(4)]  # type: ignore[arg-type]
+    hops = plan_hops(chain)
+    assert [(h.node.name, h.listen) for h in hops] == [
+        ("n0", None), ("n1", "10.0.0.1"), ("n2", "10.0.0.2"), ("n3", "10.0.0.3")
+    ]  # fmt: skip
+    assert hops[0].token is None
+    tokens = [h.token for h in hops[1:]]
+    assert len(set(tokens)) == 3 and all(len(t) == 32 for t in tokens)  # 128 bits each
+
+
+def test_the_relay_is_python_3_8():
+    ast.parse(Path(relay.__file__).read_text(), feature_version=(3, 8))
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/etc/passwd", "not inside the model cache"),
+        ("hub/../../etc", "not inside the model cache"),
+        ("./hub/x", "not inside the model cache"),
+        ("hub//x", "not inside the model cache"),
+        ("hub/x/", "not inside the model cache"),
+        (".vcluster-verified/hub/x.json", "the stamps folder is written by the relay only"),
+        ("hub/x.vcluster-partial", ".vcluster-partial names are the relay's own"),
+    ],
+)
+def test_the_relay_refuses_paths_that_leave_the_cache_or_are_its_own(path, why):
+    with pytest.raises(relay.Refused, match=f"refused path {path!r}: {why}"):
+        relay.components(path)
+
+
+def test_the_relay_takes_a_path_inside_the_cache_name_by_name():
+    assert relay.components("hub/models--a--b/blobs/x") == ["hub", "models--a--b", "blobs", "x"]
+    assert relay.components("hub/.vcluster-verified") == ["hub", ".vcluster-verified"]
+
+
+@pytest.mark.parametrize(
+    ("path", "target", "inside"),
+    [
+        ("snapshots/r/config.json", "../../blobs/a", True),  # the hub layout's own
+        ("snapshots/r/sub/w", "../../../blobs/a", True),
+        ("link", "blobs/a", True),
+        ("snapshots/r/config.json", "../../../outside", False),  # climbs above the cache
+        ("link", "/etc/passwd", False),
+        ("snapshots/r/x", "a/../../../..", False),  # `..` after a name
+        ("snapshots/r/x", "../.", False),
+        ("snapshots/r/x", "..", False),  # a folder of the cache, not a file in it
+        ("snapshots/r/x", "", False),
+    ],
+)
+def test_a_links_target_must_stay_inside_the_cache(path, target, inside):
+    if inside:
+        relay.check_target(path, target)
+    else:
+        with pytest.raises(relay.Refused, match="its target is not inside the model cache"):
+            relay.check_target(path, target)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"\xff not json", "a header that is not JSON"),
+        (b"[" * 100_000, "a header that is not JSON"),
+        (json.dumps({"kind": "exe", "path": "x"}).encode(), "a header without a known kind"),
+        (json.dumps({"kind": "file", "path": "x", "sinks": [], "size": -1, "sha256": ""}).encode(),
+         "a header with fields of the wrong types for 'x'"),
+        (json.dumps({"kind": "file", "path": "x", "sinks": [], "size": True, "sha256": ""}).encode(),
+         "a header with fields of the wrong types for 'x'"),
+        (json.dumps({"kind": "link", "path": "x", "sinks": []}).encode(),
+         "a header with fields of the wrong types for 'x'"),
+    ],
+)  # fmt: skip
+def test_a_header_that_breaks_the_format_stops_the_relay(raw, why):
+    with pytest.raises(relay.BadStream, match=why):
+        relay.parse_header(raw)
