@@ -12,6 +12,13 @@ and whether every rank got the right sum; with GPUs on several nodes, also withi
 across the nodes. Every line it means for vcluster starts with `MARK` and is one JSON event;
 every rank ends with a `done` event or an `error` event that says where it stopped.
 
+With NCCL, each rank writes NCCL's INFO log (`NCCL_DEBUG=INFO`, the INIT and NET subsystems) to
+its own file and, before its last event, sends a `transport` event: the few lines of it that say
+how NCCL connected (the network it chose, the HCA ports it opened, one line per distinct `via`
+of its channels, GPUDirect RDMA, NCCL's warnings), bounded in number and length, and what the
+container gives RDMA (`/dev/infiniband`, the memlock limit, NCCL's IB settings). vcluster reads
+them with `cluster.facts.fabric.parse_nccl_ranks`. The log itself never leaves the container.
+
 It never outlives its time limit, whatever a rank is blocked in: each rank has a watchdog thread
 (a signal handler would wait for a CUDA or NCCL call to return), and the launcher, which leads
 the process group, kills the whole group when a rank fails or the deadline passes. Its PID is in
@@ -20,6 +27,7 @@ the process group, kills the whole group when a rank fails or the deadline passe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import json
@@ -40,6 +48,14 @@ vcluster plans (sums stay far below 2**24)."""
 LAUNCHER_GRACE_S = 5.0
 """After the deadline, the ranks' watchdogs go first; then the launcher kills the group."""
 PR_SET_PDEATHSIG = 1
+NCCL_LOG = "/tmp/vcluster-collective-nccl.{rank}.log"
+"""Each rank's NCCL INFO log (NCCL_DEBUG_FILE), read back for its transport, then removed."""
+TRANSPORT_LINES = 48
+TRANSPORT_WARNINGS = 5
+LINE_CHARS = 400
+TRANSPORT_MARKERS = ("NET/IB : ", "NET/Socket : ", "Using network ", " nNodes ", " via ", " GDR ")
+"""The INFO lines that say how NCCL connected; every other line stays in the container."""
+RDMA_ENVIRONMENT = ("NCCL_IB_DISABLE", "NCCL_NET", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX")
 
 
 def bus_bandwidth(algbw: float, ranks: int) -> float:
@@ -75,19 +91,104 @@ def interface_facts() -> dict[str, Any]:
     }
 
 
+def log_nccl_to_file(rank: int) -> str:
+    """Point NCCL's INFO log of this process at its own file (before NCCL starts)."""
+    path = NCCL_LOG.format(rank=rank)
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # a check before this one, stopped before it could remove it
+    # INFO lines without a timestamp (NCCL's default; an image may ask for more): the parser
+    # reads them from their `host:pid:tid [dev] NCCL INFO` start
+    os.environ.update({"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET",
+                       "NCCL_DEBUG_FILE": path, "NCCL_DEBUG_TIMESTAMP_LEVELS": "WARN"})  # fmt: skip
+    return path
+
+
+def transport_lines(path: str) -> list[str]:
+    """The lines of a rank's NCCL log that tell its transport: each once (a channel line per
+    distinct `via ...`), NCCL's first warnings, at most TRANSPORT_LINES of LINE_CHARS."""
+    kept: list[str] = []
+    seen = set()
+    warnings = 0
+    try:
+        with open(path, errors="replace") as handle:
+            for line in handle:
+                line = line.rstrip("\n")
+                if " NCCL WARN " in line:
+                    if warnings >= TRANSPORT_WARNINGS:
+                        continue
+                    warnings += 1
+                    key = line.split(" NCCL WARN ", 1)[1]
+                elif " NCCL INFO " in line and any(m in line for m in TRANSPORT_MARKERS):
+                    text = line.split(" NCCL INFO ", 1)[1]
+                    via = text.find(" via ")
+                    key = text[via:] if text.startswith("Channel ") and via != -1 else text
+                else:
+                    continue
+                if key not in seen:
+                    seen.add(key)
+                    kept.append(line[:LINE_CHARS])
+                if len(kept) >= TRANSPORT_LINES:
+                    break
+    except OSError:
+        return []
+    return kept
+
+
+def rdma_facts() -> dict[str, Any]:
+    """What this container gives NCCL for InfiniBand/RoCE: its /dev/infiniband files (None:
+    no such folder), the memlock limit in bytes (-1: unlimited), NCCL's IB settings."""
+    try:
+        devices: list[str] | None = sorted(os.listdir("/dev/infiniband"))
+    except OSError:
+        devices = None
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        memlock: int | None = -1 if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        memlock = None
+    environment = {name: os.environ[name] for name in RDMA_ENVIRONMENT if name in os.environ}
+    return {"devices": devices, "memlock": memlock, "environment": environment}
+
+
+class Transport:
+    """Sends a rank's `transport` event once, from whichever thread ends the rank first."""
+
+    def __init__(self, nccl_log: str | None, where: dict[str, Any]) -> None:
+        self.nccl_log = nccl_log
+        self.where = where
+        self.lock = threading.Lock()
+
+    def report(self) -> None:
+        with self.lock:
+            path, self.nccl_log = self.nccl_log, None
+        if path is None:
+            return
+        lines = transport_lines(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        emit({"event": "transport", "lines": lines, "rdma": rdma_facts(), **self.where})
+
+
 class Watchdog:
     """Ends this rank at the deadline, from a thread: the main thread may be stuck in C."""
 
-    def __init__(self, deadline: float, where: dict[str, Any]) -> None:
+    def __init__(self, deadline: float, where: dict[str, Any], transport: Transport) -> None:
         self.stage = "start"
         self.where = where
+        self.transport = transport
         timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
         timer.daemon = True
         timer.start()
 
     def _expire(self) -> None:
-        emit({"event": "error", "stage": self.stage, "error": "time limit passed", **self.where})
-        os._exit(3)
+        try:
+            self.transport.report()  # a rank stuck connecting: how NCCL tried is the clue
+        finally:
+            emit({"event": "error", "stage": self.stage, "error": "time limit passed",
+                  **self.where})  # fmt: skip
+            os._exit(3)
 
 
 def run_rank(config: dict[str, Any], local_rank: int, deadline: float) -> int:
@@ -96,7 +197,9 @@ def run_rank(config: dict[str, Any], local_rank: int, deadline: float) -> int:
     nnodes, local_size = config["nnodes"], config["local_size"]
     rank, world = config["node_rank"] * local_size + local_rank, nnodes * local_size
     where = {"rank": rank, "node": config["node"], **interface_facts()}
-    watchdog = Watchdog(deadline, where)
+    nccl_log = log_nccl_to_file(rank) if config["backend"] == "nccl" else None
+    transport = Transport(nccl_log, where)
+    watchdog = Watchdog(deadline, where, transport)
     address, port = config["master"]
     joined = False
     try:
@@ -131,8 +234,10 @@ def run_rank(config: dict[str, Any], local_rank: int, deadline: float) -> int:
                     emit({"event": "result", "scope": scope, "group": label,
                           "node": config["node"], **result})  # fmt: skip
         watchdog.stage = "finish"
+        transport.report()  # before the communicators go: every channel has connected by now
         dist.destroy_process_group()
     except Exception as exc:  # every way a rank stops is reported, with where it was
+        transport.report()
         error = {"event": "error", "stage": watchdog.stage,
                  "error": f"{type(exc).__name__}: {str(exc)[:400]}", **where}  # fmt: skip
         if not joined:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from cluster.checks import CheckResult, failed
-from cluster.collective_report import CollectiveRun, summary
+from cluster.collective_report import CollectiveRun, summary, transport_summary
 from cluster.secrets import state_dir
 
 
@@ -19,7 +19,8 @@ def last_run_path(cluster: str) -> Path:
 def save_last_run(
     cluster: str, run: CollectiveRun, rows: list[CheckResult], seconds: float
 ) -> None:
-    """The largest size's figures per group, the verdict and the time: for the exporter."""
+    """The largest size's figures per group, each node's NCCL transport between the nodes, the
+    verdict and the time: for the exporter and `status`."""
     path = last_run_path(cluster)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -27,6 +28,7 @@ def save_last_run(
         "seconds": seconds,
         "ok": not failed(rows),
         "groups": summary(run),
+        "transports": transport_summary(run),
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two runs never share it
     partial.write_text(json.dumps(document, indent=2))

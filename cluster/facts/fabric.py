@@ -542,7 +542,10 @@ def parse_nccl_ranks(output: str) -> tuple[NcclRank, ...]:
         text = match["text"]
         comm = _NCCL_COMM.search(text)
         if comm:
-            facts["rank"], facts["nodes"] = int(comm["rank"]), int(comm["nodes"])
+            # a process may open several communicators (torch's subgroups): the first is the
+            # world's, whose rank is the process's own; nNodes is the widest any of them spans
+            facts.setdefault("rank", int(comm["rank"]))
+            facts["nodes"] = max(facts.get("nodes", 0), int(comm["nodes"]))
         if text.startswith("Using network "):
             facts["network"] = text.removeprefix("Using network ").strip()
         if text.startswith("NET/IB : Using"):
@@ -553,7 +556,7 @@ def parse_nccl_ranks(output: str) -> tuple[NcclRank, ...]:
             kind = "/".join(parts[:2]) if parts[0] == "NET" else parts[0]
             if kind not in facts["transports"]:
                 facts["transports"].append(kind)
-            if "GDRDMA" in parts:
+            if any(part.startswith("GDRDMA") for part in parts):  # also `GDRDMA(PCI)`
                 facts["gdr"] = True
         gdr = re.search(r"\bGDR (\d)\b", text)
         if gdr and facts.get("gdr") is not True:

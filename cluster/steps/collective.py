@@ -15,7 +15,13 @@ from pathlib import Path
 
 from cluster.checks import CheckResult, Status, failed
 from cluster.collective import MIB, PID_FILE
-from cluster.collective_report import CollectiveRun, nvlink_bandwidth, read_run, verdicts
+from cluster.collective_report import (
+    CollectiveRun,
+    NodeHcas,
+    nvlink_bandwidth,
+    read_run,
+    verdicts,
+)
 from cluster.collective_store import load_last_run, save_last_run
 from cluster.containers import inspect_container
 from cluster.errors import VclusterError
@@ -75,6 +81,22 @@ def node_configs(inventory: Inventory, plan: ClusterPlan) -> dict[str, dict]:
     return configs
 
 
+def node_hcas(inventory: Inventory, host_facts: dict[str, HostFacts]) -> dict[str, NodeHcas]:
+    """Each node's active HCA ports (those `network.ib_hcas` names), from the host probe: what
+    NCCL is expected to cross the nodes with."""
+    named = inventory.network.ib_hcas
+    found = {}
+    for name, facts in host_facts.items():
+        ib = facts.fabric.infiniband
+        ports = tuple(
+            port
+            for port in ib.active_ports
+            if named is None or port.hca in named or port.name in named
+        )
+        found[name] = NodeHcas(ports, ib.device_files, facts.fabric.peer_memory)
+    return found
+
+
 def run_collective(
     inventory: Inventory,
     session: Session,
@@ -130,7 +152,9 @@ def run_collective(
     }
     backend = next(iter(configs.values()))["backend"]
     rows = verdicts(run, backend=backend, nodes=list(configs), intra_limit=intra,
-                    join_timeout_s=inventory.collective.join_timeout_s)  # fmt: skip
+                    join_timeout_s=inventory.collective.join_timeout_s,
+                    hcas=node_hcas(inventory, host_facts),
+                    ib_disabled=inventory.env.get("NCCL_IB_DISABLE") == "1")  # fmt: skip
     rows += [
         CheckResult(
             "collective",
