@@ -1,4 +1,5 @@
-"""`vcluster down`: stop vLLM, Ray and the containers on every reachable node, in parallel.
+"""`vcluster down`: stop vLLM, Ray and the containers on every reachable node, in parallel,
+then remove the cluster's firewall chain there.
 
 Idempotent: a node without the container is fine. The model cache is never touched; images
 stay unless asked. Unreachable nodes are named, and the exit code says the job is incomplete.
@@ -18,6 +19,7 @@ from cluster.plan import container_name
 from cluster.ray_image import SOURCE_LABEL
 from cluster.session import Session
 from cluster.steps.base import Reporter, Step, run_steps
+from cluster.steps.firewall import remove_firewall
 from cluster.transport.fanout import FanOutError
 
 
@@ -67,6 +69,11 @@ def _remove(context: DownContext) -> str:
     return "; ".join(parts) or "nothing to do"
 
 
+def _remove_firewall(context: DownContext) -> str:
+    """The cluster's chain off every reached node, after its ports closed (docs/firewall.md)."""
+    return remove_firewall(context.inventory, context.session)
+
+
 def down(inventory: Inventory, reporter: Reporter, *, remove_images: bool = False) -> None:
     """Remove the cluster's containers everywhere; raise naming unreachable nodes, if any."""
     with Session(inventory) as session:
@@ -80,8 +87,10 @@ def down(inventory: Inventory, reporter: Reporter, *, remove_images: bool = Fals
         )
         with lock:
             if session.connections:
-                run_steps(
-                    [Step("Removing vLLM, Ray and the containers", _remove)], context, reporter
-                )
+                steps = [
+                    Step("Removing vLLM, Ray and the containers", _remove),
+                    Step("Removing the firewall", _remove_firewall),
+                ]
+                run_steps(steps, context, reporter)
         if session.failed:
             raise FanOutError(session.failed, "reaching hosts (their containers may remain)")

@@ -22,6 +22,7 @@ from cluster.steps.connect import connect_to_hosts
 from cluster.steps.containers import start_head, start_workers
 from cluster.steps.context import UpContext, UpOptions
 from cluster.steps.facts import gather_facts
+from cluster.steps.firewall import firewall_results, install_firewall
 from cluster.steps.image import ensure_image
 from cluster.steps.image_facts import learn_image, learn_runtime
 from cluster.steps.model_files import model_files_step
@@ -61,6 +62,7 @@ STEPS: list[Step[UpContext]] = [
     Step("Gathering facts", gather_facts),
     Step("Preflight checks", run_preflight),
     Step("Planning", _plan),
+    Step("Firewall on every node", install_firewall),
     Step("Image on every node", ensure_image),
     Step("Model files on every node", model_files_step),
     Step("Image facts", learn_image),
@@ -103,6 +105,7 @@ def gather_checks(
         run_steps([STEPS[0]], context, reporter)
         results = context_preflight_results(context)
         results += port_results(inventory, session)
+        results += firewall_results(inventory, session, context.host_facts)
         if not collective:
             return CheckReport(results)
         outcome = _collective(context)
