@@ -33,7 +33,7 @@ from cluster.checks import CheckResult, Status
 from cluster.errors import VclusterError
 from cluster.facts.probe import ProbeOutput, split_sections
 from cluster.inventory import Inventory
-from cluster.listeners import RAY_FIXED_METRICS_PORTS
+from cluster.ray import RAY_FIXED_METRICS_PORTS
 from cluster.supervisor import TCP_LISTEN, parse_tcp_table
 
 CHAIN_PREFIX = "VCLUSTER-"

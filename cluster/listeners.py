@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.checks import CheckResult, Status
+from cluster.firewall import protected_ports
 from cluster.inventory import Inventory
+from cluster.ray import RAY_FIXED_METRICS_PORTS
 from cluster.supervisor import TCP_LISTEN, parse_tcp_table
 
 # Prints one marked JSON line: the kernel's TCP tables and each process's command line and
@@ -41,9 +43,6 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 print("VCLUSTER-LISTENERS " + json.dumps({"tables": tables, "processes": processes}))
 """
 _MARKER = "VCLUSTER-LISTENERS "
-RAY_FIXED_METRICS_PORTS = (44217, 44227)
-"""Ray's defaults for the autoscaler's and the dashboard's Prometheus metrics
-(AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT in ray_constants)."""
 HOST_PROCESS = "?"
 """The owner of a socket that no process in the container holds: one of the host's."""
 
@@ -61,6 +60,9 @@ class Listener:
     @property
     def open_to_anyone(self) -> bool:
         return self.protection.startswith("none")
+
+
+FIREWALLED = "cluster nodes only (firewall)"
 
 
 def listeners_argv() -> list[str]:
@@ -103,7 +105,20 @@ def classify(address: str, port: int, process: str, inventory: Inventory) -> Lis
         protection = "agent token"
     else:
         protection = "none"
+    if protection.startswith("none") and _firewalled(port, component, inventory):
+        protection = FIREWALLED
     return Listener(address, port, _short(process), component, protection)
+
+
+def _firewalled(port: int, component: str, inventory: Inventory) -> bool:
+    """Whether vcluster's firewall lets only the cluster's nodes reach the port: its fixed
+    unauthenticated ports, and the ranks' ports the kernel picks (the ephemeral range); the
+    `firewall` check verifies that the rules hold."""
+    if not inventory.network.firewall:
+        return False
+    if component == "vLLM internal (ZMQ, gloo)":
+        return True
+    return any(port in span for span in protected_ports(inventory))
 
 
 def _component(port: int, process: str, inventory: Inventory) -> str:
@@ -179,8 +194,8 @@ def check_listeners(
                     + ", ".join(f"{e.port} {e.component}" for e in unprotected)
                     + f"; all: {detail}",
                     node,
-                    "let only the cluster's nodes reach these ports (a firewall between the "
-                    "nodes and everyone else); see docs/security.md",
+                    "let only the cluster's nodes reach these ports: `network.firewall: true` "
+                    "(the default) or a firewall of your own; see docs/firewall.md",
                 )
             )
         else:

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+RAY_FIXED_METRICS_PORTS = (44217, 44227)
+"""Ray's defaults for the autoscaler's and the dashboard's Prometheus metrics
+(AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT in ray_constants)."""
+
 # Prints one JSON list of Ray's nodes. The address comes in argv[1], never pasted into the code.
 RAY_NODES_SCRIPT = """\
 import json, sys

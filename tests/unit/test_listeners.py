@@ -9,7 +9,13 @@ import yaml
 
 from cluster.checks import Status
 from cluster.inventory import Inventory, load_inventory
-from cluster.listeners import Listener, check_listeners, classify, parse_listeners
+from cluster.listeners import (
+    FIREWALLED,
+    Listener,
+    check_listeners,
+    classify,
+    parse_listeners,
+)
 from tests.unit.test_plan import example
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +34,18 @@ def by_port(found: list[Listener]) -> dict[int, set[tuple[str, str]]]:
     return ports
 
 
+def test_with_the_firewall_the_ports_without_authentication_are_for_the_nodes_only():
+    inventory = example("cpu-2.yaml")
+    found = {"node-1": listeners("sandbox-head.txt", inventory)}
+    ports = by_port(found["node-1"])
+    assert ports[29501] == {("vLLM rendezvous (torch.distributed store)", FIREWALLED)}
+    assert ports[8080] == {("Ray metrics (Prometheus)", FIREWALLED)}
+    (result,) = check_listeners(inventory, found)
+    assert result.status is Status.PASS and "29501 vLLM rendezvous" in result.detail
+
+
 def test_the_heads_ray_ports_require_the_token_and_the_dashboard_is_local():
-    ports = by_port(listeners("sandbox-head.txt", example("cpu-2.yaml")))
+    ports = by_port(listeners("sandbox-head.txt", without_firewall(example("cpu-2.yaml"))))
     assert ports[6379] == {("Ray GCS", "Ray token")}
     assert ("Ray client server", "Ray token") in ports[10001]
     assert ports[8265] == {("Ray dashboard", "localhost only")}
@@ -39,8 +55,14 @@ def test_the_heads_ray_ports_require_the_token_and_the_dashboard_is_local():
     assert ports[22] == {("sshd", "not vcluster's")}
 
 
-def test_the_check_warns_about_every_port_open_without_authentication():
-    inventory = example("cpu-2.yaml")
+def without_firewall(inventory: Inventory) -> Inventory:
+    return inventory.model_copy(
+        update={"network": inventory.network.model_copy(update={"firewall": False})}
+    )
+
+
+def test_without_the_firewall_the_check_warns_about_every_port_open_without_authentication():
+    inventory = without_firewall(example("cpu-2.yaml"))
     found = {
         "node-1": listeners("sandbox-head.txt", inventory),
         "node-2": listeners("sandbox-worker.txt", inventory),
@@ -89,6 +111,6 @@ def test_with_several_models_the_router_agents_and_models_servers_are_named(tmp_
     assert head[8000] == {("router (the endpoint)", "API key")}
     assert head[29513] == {("model agent", "agent token")}
     assert head[30100] == {("a model's own API server", "localhost only")}
-    assert head[30101] == {("a model's rendezvous (torch.distributed store)", "none")}
+    assert head[30101] == {("a model's rendezvous (torch.distributed store)", FIREWALLED)}
     worker = by_port(listeners("routed-worker.txt", inventory))
     assert worker[29513] == {("model agent", "agent token")}
