@@ -2,6 +2,7 @@
 own start, on the sandbox (2 nodes, the tiny model over both: pipeline parallel 2).
 
     .venv/bin/python bench/router [--keep] [--json] [--round-s S] [--rounds N]
+    .venv/bin/python bench/router --standin [--seconds S] ...   (bench/router/standin_bench.py)
 
 1. Throughput, concurrency 1 and 16: completions of 16 tokens, closed loop, the same loaded
    model through the endpoint (router) and directly (its API server, with the agent token),
@@ -120,7 +121,18 @@ def in_head(inventory: Inventory, argv: list[str]) -> str:
 
 
 def main() -> None:
+    if "--standin" in sys.argv[1:]:  # its own options: see bench/router/standin_bench.py
+        import standin_bench  # this folder is the script's, first on sys.path
+
+        standin_bench.main([a for a in sys.argv[1:] if a != "--standin"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--standin",
+        action="store_true",
+        help="instead: chunks/s direct, through the router and through nginx, in front of a "
+        "stand-in server (no sandbox; --standin --help for its options)",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the sandbox up")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--round-s", type=float, default=10.0)
