@@ -114,3 +114,18 @@ def test_with_several_models_the_router_agents_and_models_servers_are_named(tmp_
     assert head[30101] == {("a model's rendezvous (torch.distributed store)", FIREWALLED)}
     worker = by_port(listeners("routed-worker.txt", inventory))
     assert worker[29513] == {("model agent", "agent token")}
+
+
+def test_with_one_model_the_router_is_the_endpoint_and_vllm_listens_on_loopback_only():
+    inventory = example("cpu-2.yaml")
+    head = by_port(listeners("front-node-1.txt", inventory))
+    assert head[8000] == {("router (the endpoint)", "API key")}
+    assert head[30100] == {("vLLM API", "localhost only")}
+    assert head[29501] == {("vLLM rendezvous (torch.distributed store)", FIREWALLED)}
+    found = {
+        "node-1": listeners("front-node-1.txt", inventory),
+        "node-2": listeners("front-node-2.txt", inventory),
+    }
+    results = check_listeners(inventory, found)
+    assert [r.status for r in results] == [Status.PASS, Status.PASS]
+    assert all(e.protection != "none" for found_here in found.values() for e in found_here)
