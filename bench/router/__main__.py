@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cluster.inventory import Inventory, load_inventory
 from cluster.model_admin import load_model, models_report, unload_model
-from cluster.plan import container_name
+from cluster.plan import SECRETS_PATH, container_name
 from cluster.sandbox.sandbox import sandbox_down, sandbox_up
 from cluster.serving.agent import rank_argv
-from cluster.serving.catalog import ServingConfig
+from cluster.serving.catalog import AGENT_TOKEN_FILE, ServingConfig
 from cluster.session import Session
 from cluster.steps.base import SilentReporter
 from cluster.steps.context import UpOptions
@@ -88,16 +88,17 @@ def vllm_alone_cold_start(
     head = serving.head
     pids: dict[str, str] = {}
     with nodes_of(inventory) as nodes:
-        token = nodes.in_container(head.name, ["printenv", "VCLUSTER_AGENT_TOKEN"]).strip()
+        token = nodes.in_container(head.name, ["cat", f"{SECRETS_PATH}/{AGENT_TOKEN_FILE}"]).strip()
         started = time.monotonic()
         for rank, (node, _) in enumerate(placement):
             argv = rank_argv(serving, model, placement, rank)
             if rank == 0:
                 argv[argv.index("--host") + 1] = head.address
                 argv[argv.index("--port") + 1] = str(port)
-            # its own session, so that the whole of it can be stopped; the key from the env
-            script = 'VLLM_API_KEY="$VCLUSTER_AGENT_TOKEN" setsid "$@" >/tmp/bench-vllm.log 2>&1 & echo $!'
-            pids[node] = nodes.in_container(node, ["sh", "-c", script, "sh", *argv]).strip()
+            # its own session, so that the whole of it can be stopped; the key from its file
+            script = 'VLLM_API_KEY="$(cat "$0")" setsid "$@" >/tmp/bench-vllm.log 2>&1 & echo $!'
+            key_file = f"{SECRETS_PATH}/{AGENT_TOKEN_FILE}"
+            pids[node] = nodes.in_container(node, ["sh", "-c", script, key_file, *argv]).strip()
         api = client(f"http://{head.address}:{port}/v1", token)
         try:
             while True:

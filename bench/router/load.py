@@ -1,8 +1,8 @@
 """The load generator of bench/router, run inside the head container (`python3 -c SOURCE
 CONFIG`), so the router and the model's own server are measured from the same place.
 
-It reads the keys from the container's environment (VLLM_API_KEY: the users' key for the
-router; VCLUSTER_AGENT_TOKEN: the model server's key) and prints one JSON document.
+It reads the keys from the container's secret files (`api-key`: the users' key for the
+router; `agent-token`: the model server's key) and prints one JSON document.
 Standard library and aiohttp only (every vLLM image has both).
 """
 
@@ -14,6 +14,8 @@ import sys
 import time
 
 import aiohttp
+
+SECRETS_PATH = "/var/lib/vcluster/secrets"
 
 
 async def completion(session, target, model, max_tokens):
@@ -44,10 +46,19 @@ async def closed_loop(session, target, model, concurrency, duration_s, max_token
     return done, time.perf_counter() - started
 
 
+def secret(name):
+    """One of the container's secret files (cluster.serving.catalog.SECRETS_DIR)."""
+    try:
+        with open(os.path.join(SECRETS_PATH, name)) as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return None
+
+
 async def main(config):
     targets = {
-        "router": (config["router_url"], os.environ.get("VLLM_API_KEY", "none")),
-        "direct": (config["direct_url"], os.environ["VCLUSTER_AGENT_TOKEN"]),
+        "router": (config["router_url"], secret("api-key") or "none"),
+        "direct": (config["direct_url"], secret("agent-token")),
     }
     model = config["model"]
     result = {"throughput": {}, "latency": {}}
