@@ -92,18 +92,7 @@ def serving_config(
                 master_port=inventory.ports.models + 2 * index + 1,
             )
         )
-    return ServingConfig(
-        cluster=inventory.cluster,
-        accelerator=inventory.accelerator,
-        models=tuple(models),
-        nodes=nodes,
-        port=inventory.ports.vllm,
-        agent_port=inventory.ports.agent,
-        request_wait_s=inventory.router.request_wait_s,
-        start_timeout_s=inventory.router.start_timeout_s,
-        state_dir=state_dir,
-        log_dir=MODEL_LOG_DIR,
-    )
+    return _serving_config(inventory, tuple(models), nodes, state_dir)
 
 
 def front_config(
@@ -128,10 +117,19 @@ def front_config(
         master_port=inventory.ports.master,
         external=True,
     )
+    return _serving_config(inventory, (entry,), nodes, state_dir)
+
+
+def _serving_config(
+    inventory: Inventory,
+    models: tuple[ModelEntry, ...],
+    nodes: tuple[NodeDevices, ...],
+    state_dir: str,
+) -> ServingConfig:
     return ServingConfig(
         cluster=inventory.cluster,
         accelerator=inventory.accelerator,
-        models=(entry,),
+        models=models,
         nodes=nodes,
         port=inventory.ports.vllm,
         agent_port=inventory.ports.agent,

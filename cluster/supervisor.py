@@ -367,10 +367,7 @@ class Supervisor:
             return
         if wanted is None or time.monotonic() < self.front_next_start:
             return
-        with open(wanted["log"], "ab") as log:
-            process = subprocess.Popen(
-                wanted["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        process = _spawn(wanted["argv"], wanted["log"], "the front")
         self.front = FrontRun(list(wanted["argv"]), process)
         self._log(f"front started (pid {process.pid})")
 
@@ -386,13 +383,7 @@ class Supervisor:
     # vLLM's life
 
     def _start_vllm(self, desired: dict[str, Any]) -> None:
-        log_path = desired["log"]
-        with open(log_path, "ab") as log:
-            log.write(f"\n==== vcluster: vLLM start at {time.ctime()} ====\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                desired["argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        process = _spawn(desired["argv"], desired["log"], "vLLM")
         self.vllm = VllmRun(
             desired["spec_id"],
             bool(desired.get("watch_titled", True)),
@@ -489,6 +480,14 @@ class Supervisor:
 
     def _log(self, text: str) -> None:
         print(f"vcluster-supervisor: {text}", flush=True)
+
+
+def _spawn(argv: list[str], log_path: str, what: str) -> subprocess.Popen[bytes]:
+    """Start `argv` in a session of its own, its output appended to `log_path`."""
+    with open(log_path, "ab") as log:
+        log.write(f"\n==== vcluster: {what} start at {time.ctime()} ====\n".encode())
+        log.flush()
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _signal(pid: int, signum: int) -> None:
