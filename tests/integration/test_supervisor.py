@@ -137,3 +137,40 @@ def test_without_ray_the_supervisor_keeps_vllm_running_and_stops_it_on_sigterm(t
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+FRONT = ["bash", "-c", "exec -a vcluster-front-standin sleep 600"]
+
+
+def front_pids() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if cmdline.startswith(b"vcluster-front-standin") and stat.split(") ")[1][0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_the_front_runs_beside_vllm_is_restarted_when_it_dies_and_stops_with_the_request(
+    supervisor,
+):
+    _, state_dir = supervisor
+    request = {"spec_id": "spec-f", "launch": "1", "argv": FAKE_VLLM,
+               "log": str(state_dir / "vllm.log"),
+               "front": {"argv": FRONT, "log": str(state_dir / "front.log")}}  # fmt: skip
+    (state_dir / SERVE_FILE).write_text(json.dumps(request))
+    [first] = wait_for(front_pids)
+    vllm = wait_for(lambda: report(state_dir).get("state") == "running" and report(state_dir))
+    os.kill(first, signal.SIGKILL)  # the front dies: it comes back, vLLM is not touched
+    [second] = wait_for(lambda: [p for p in front_pids() if p != first])
+    assert report(state_dir)["pid"] == vllm["pid"] and report(state_dir)["restarts"] == 0
+    (state_dir / SERVE_FILE).unlink()  # `down` or a new request: the front stops too
+    wait_for(lambda: not front_pids())
+    assert "vcluster: the front start" in (state_dir / "front.log").read_text()
+    assert second != first
