@@ -101,8 +101,11 @@ def classify(address: str, port: int, process: str, inventory: Inventory) -> Lis
         protection = "Ray token"
     elif component in ("vLLM API", "router (the endpoint)"):
         protection = "API key" if inventory.secrets.api_key is not None else "none"
-    elif component in ("model agent", "a model's own API server"):
+    elif component == "model agent":
         protection = "agent token"
+    elif component == "a model's own API server":
+        # vLLM checks its key (the agent token) only under /v1 (vllm-project/vllm#58144)
+        protection = "none beyond /v1 (agent token)"
     else:
         protection = "none"
     if protection.startswith("none") and _firewalled(port, component, inventory):

@@ -129,3 +129,15 @@ def test_with_one_model_the_router_is_the_endpoint_and_vllm_listens_on_loopback_
     results = check_listeners(inventory, found)
     assert [r.status for r in results] == [Status.PASS, Status.PASS]
     assert all(e.protection != "none" for found_here in found.values() for e in found_here)
+
+
+def test_a_models_own_server_off_the_head_is_open_beyond_v1_unless_the_firewall_holds(tmp_path):
+    inventory = routed_inventory(tmp_path)
+    process = "/opt/venv/bin/python3 /opt/venv/bin/vllm serve /data/hf/models/tiny-llama-b"
+    firewalled = classify("172.30.0.12", 30102, process, inventory)
+    assert (firewalled.component, firewalled.protection) == (
+        "a model's own API server",
+        FIREWALLED,
+    )
+    exposed = classify("172.30.0.12", 30102, process, without_firewall(inventory))
+    assert exposed.protection == "none beyond /v1 (agent token)" and exposed.open_to_anyone
