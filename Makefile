@@ -10,11 +10,12 @@ SYSTEM_PACKAGES := openssh-server openssh-client iproute2 docker.io debootstrap 
 # commands whose absence means a package above is missing
 SYSTEM_COMMANDS := /usr/sbin/sshd ssh ssh-keygen ip dockerd debootstrap pgrep curl
 
-.PHONY: help demo test unit integration e2e lint bench images system-deps venv clean
+.PHONY: help demo test test-fast unit integration e2e lint bench images system-deps venv clean
 
 help:
 	@echo "make demo   - bring up the local sandbox cluster (no GPU needed) and serve a model"
 	@echo "make test   - install what is needed and run lint, unit, integration and e2e tests"
+	@echo "make test-fast - lint and every test not marked slow (no e2e): the inner loop"
 	@echo "make bench  - run the benchmarks in bench/ and print their ratios (about 45 minutes)"
 
 system-deps:
@@ -58,6 +59,12 @@ images: system-deps venv
 
 test: system-deps venv lint images
 	$(BIN)/pytest -q -rs tests
+
+# The inner loop: lint, then every test but those marked `slow` (docs/testing.md). The images
+# are a prerequisite still (a few fast integration tests run the workload image); cached, they
+# cost nothing.
+test-fast: system-deps venv lint images
+	$(BIN)/pytest -q -rs -m "not slow" tests
 
 bench: system-deps venv
 	$(BIN)/python bench/fanout

@@ -34,6 +34,7 @@ from cluster.serving.catalog import (
     SECRETS_DIR,
     ServingConfig,
 )
+from cluster.shipped import SUPERVISOR, source
 from cluster.traps import Mitigation, ModelShape, TrapFacts, choose_mitigations, mitigated_argv
 
 LABEL_PREFIX = "vcluster"
@@ -229,7 +230,7 @@ class ClusterPlan:
 
 def supervisor_source() -> str:
     """The supervisor's code, which each container runs as `python3 -c SOURCE CONFIG`."""
-    return (Path(__file__).with_name("supervisor.py")).read_text()
+    return source(SUPERVISOR)
 
 
 def supervisor_argv(spec: ContainerSpec) -> list[str]:

@@ -26,7 +26,7 @@ from cluster.checks import (
 )
 from cluster.containers import inspect_container
 from cluster.distribution.manifest import SourceError, model_items
-from cluster.distribution.transfer import check_node
+from cluster.distribution.transfer import chain_nodes, check_node
 from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
@@ -36,7 +36,6 @@ from cluster.listeners import Listener, check_listeners, classify, listeners_arg
 from cluster.plan import container_name
 from cluster.runtime import Runtime
 from cluster.session import Session
-from cluster.steps.model_files import chain_nodes
 
 REACH_TIMEOUT_S = 5.0
 

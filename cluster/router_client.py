@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from cluster.serving.catalog import ROUTER_SOCKET
 
 # Constant; the socket, method, path and timeout reach it as arguments.
-_CALL = """\
+ROUTER_CALL_SCRIPT = """\
 import http.client, socket, sys
 class Unix(http.client.HTTPConnection):
     def connect(self):
@@ -62,7 +62,7 @@ def call_router(
 def router_call_argv(state_dir: str, method: str, path: str, timeout_s: float = 30.0) -> list[str]:
     """argv for `docker exec` in the head container: one request to the router."""
     socket_path = str(PurePosixPath(state_dir) / ROUTER_SOCKET)
-    return ["python3", "-c", _CALL, socket_path, method, path, str(timeout_s)]
+    return ["python3", "-c", ROUTER_CALL_SCRIPT, socket_path, method, path, str(timeout_s)]
 
 
 def parse_router_reply(output: str) -> RouterReply:

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from cluster.collective_store import load_last_run
 from cluster.containers import ContainerState, inspect_container
-from cluster.distribution.manifest import Item, SourceError, model_items
-from cluster.distribution.transfer import ChainNode, check_node
+from cluster.distribution.manifest import Item, SourceError, model_items, models_with_source
+from cluster.distribution.transfer import ChainNode, chain_nodes, check_node
 from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuInfo
 from cluster.facts.host import HostFacts, parse_probe
@@ -31,7 +31,6 @@ from cluster.plan import SUPERVISOR_STATE_DIR, container_name
 from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
 from cluster.router_client import ModelStatus
 from cluster.session import Session
-from cluster.steps.model_files import chain_nodes, models_with_source
 from cluster.transport.ssh import SshConnection
 from cluster.vllm import (
     ServingMetrics,

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 SERVE_FILE = "serve.json"
 STATE_FILE = "vllm.json"
@@ -144,8 +144,9 @@ def socket_inodes(pids: list[int]) -> set[int]:
     return inodes
 
 
-PeerConnection = tuple[int, str, int]
-"""(local port, peer address, peer port) of a TCP connection to another rank's node."""
+if TYPE_CHECKING:  # annotations only: `tuple[...]` at run time needs Python 3.9
+    PeerConnection = tuple[int, str, int]
+    """(local port, peer address, peer port) of a TCP connection to another rank's node."""
 
 
 def peer_connections(

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cluster.errors import VclusterError
+from cluster.inventory import Inventory, Model
 from cluster.secrets import state_dir
 
 CHUNK = 1 << 20
@@ -137,3 +139,8 @@ class _HashCache:
 
 def wire_list(items: list[Item]) -> str:
     return json.dumps([item.wire() for item in items])
+
+
+def models_with_source(inventory: Inventory, names: Sequence[str] = ()) -> list[Model]:
+    """The inventory's models that have a `source` (those named, when names are given)."""
+    return [m for m in inventory.model_list if m.source and (not names or m.served in names)]

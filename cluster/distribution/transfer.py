@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import paramiko
 
@@ -29,11 +28,14 @@ from cluster.distribution import relay
 from cluster.distribution.chain import Routed, chain_order, lacking, require_room, routed_items
 from cluster.distribution.manifest import Item
 from cluster.errors import VclusterError
+from cluster.inventory import Inventory
 from cluster.progress import Meter, ProgressBoard, describe_transfer
+from cluster.session import Session
+from cluster.shipped import RELAY, source
 from cluster.transport.ssh import SshConnection
 
 CHUNK = relay.CHUNK
-RELAY_SOURCE = (Path(__file__).with_name("relay.py")).read_text()
+RELAY_SOURCE = source(RELAY)
 STARTUP_TIMEOUT_S = 60.0
 
 Chunks = Callable[[Item], Iterator[bytes]]
@@ -112,6 +114,29 @@ class ChainNode:
     address: str
     connection: SshConnection
     root: str
+
+
+def chain_nodes(
+    inventory: Inventory,
+    session: Session,
+    addresses: Mapping[str, str] | None = None,
+    *,
+    reachable_only: bool = False,
+) -> list[ChainNode]:
+    """Every node (or every node connected), head first, at its cluster address (the
+    inventory's when not known)."""
+    ordered = inventory.head_first
+    if reachable_only:
+        ordered = [node for node in ordered if node.node_name in session.connections]
+    return [
+        ChainNode(
+            node.node_name,
+            (addresses or {}).get(node.node_name, node.address),
+            session.ssh(node.node_name),
+            inventory.model_cache,
+        )
+        for node in ordered
+    ]
 
 
 def check_node(

@@ -25,7 +25,8 @@ import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from cluster.shipped import MULTICAST, source
 
 MULTICAST_MARKER = "VCLUSTER-MULTICAST "
 MULTICAST_ATTRIBUTE = 132
@@ -39,7 +40,7 @@ MULTICAST_CALLS = frozenset(
 
 def multicast_program() -> str:
     """The program the probe runs with the host's python3 (`python3 -c SOURCE MODE`)."""
-    return Path(__file__).with_name("multicast_program.py").read_text()
+    return source(MULTICAST)
 
 
 INFINIBAND_SCRIPT = r"""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import json
 import os
 import signal
@@ -23,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -38,6 +40,14 @@ from cluster.serving.placement import Placement
 STOP_GRACE_S = 8.0
 
 LOG_TAIL_BYTES = 64 * 1024
+
+Result = TypeVar("Result")
+
+
+async def in_thread(function: Callable[..., Result], *args: Any) -> Result:
+    """`asyncio.to_thread`, which came with Python 3.9 (the images' Python may be 3.8)."""
+    call = functools.partial(contextvars.copy_context().run, function, *args)
+    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def rank_argv(
@@ -289,7 +299,8 @@ def _read_tail(path: Path) -> str:
         return ""
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+if TYPE_CHECKING:  # annotations only: `Callable[...]` at run time needs Python 3.9
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def token_required(token: str) -> Middleware:
@@ -328,7 +339,7 @@ def agent_app(agent: Agent, token: str) -> web.Application:
         except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and nesting errors too
             return web.json_response({"error": f"a bad start request: {exc}"}, status=400)
         try:
-            started = await asyncio.to_thread(agent.start, served, launch, rank, placement)
+            started = await in_thread(agent.start, served, launch, rank, placement)
         except KeyError:
             return unknown(served)
         except (ValueError, OSError) as exc:
@@ -339,11 +350,11 @@ def agent_app(agent: Agent, token: str) -> web.Application:
         served = request.match_info["served"]
         if agent.config.model(served) is None:
             return unknown(served)
-        await asyncio.to_thread(agent.stop, served)
+        await in_thread(agent.stop, served)
         return web.json_response({})
 
     async def stop_all(request: web.Request) -> web.Response:
-        await asyncio.to_thread(agent.stop_all)
+        await in_thread(agent.stop_all)
         return web.json_response({})
 
     app.router.add_get("/ranks", ranks)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from pathlib import Path
 
-import cluster
+from cluster.shipped import PACKAGE, serving_files
 
 BUNDLE_NAME = "serving.pyz"
-_PACKAGE = Path(__file__).parent
 
 
 def bundle_bytes() -> bytes:
@@ -19,16 +17,15 @@ def bundle_bytes() -> bytes:
     fixed = (2020, 1, 1, 0, 0, 0)  # the same bytes for the same code: its digest names it
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(
-            zipfile.ZipInfo("__main__.py", fixed), (_PACKAGE / "__main__.py").read_bytes()
+            zipfile.ZipInfo("__main__.py", fixed), (PACKAGE / "serving/__main__.py").read_bytes()
         )
-        archive.writestr(zipfile.ZipInfo("cluster/__init__.py", fixed),
-                         Path(cluster.__file__).read_bytes())  # fmt: skip
-        for path in sorted(_PACKAGE.glob("*.py")):
-            if path.name == "bundle.py":
-                continue
-            info = zipfile.ZipInfo(f"cluster/serving/{path.name}", fixed)
+        archive.writestr(
+            zipfile.ZipInfo("cluster/__init__.py", fixed), (PACKAGE / "__init__.py").read_bytes()
+        )
+        for path in serving_files():
+            info = zipfile.ZipInfo(f"cluster/{path}", fixed)
             info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, path.read_bytes())
+            archive.writestr(info, (PACKAGE / path).read_bytes())
     return buffer.getvalue()
 
 

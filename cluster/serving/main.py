@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cluster.serving.agent import Agent, agent_app
+from cluster.serving.agent import Agent, agent_app, in_thread
 from cluster.serving.catalog import (
     AGENT_TOKEN_ENV,
     AGENT_TOKEN_FILE,
@@ -74,7 +74,7 @@ async def serve(role: str, config: ServingConfig, node: str) -> None:
         for runner in runners:
             await runner.cleanup()
         if agent is not None:
-            await asyncio.to_thread(agent.stop_all)
+            await in_thread(agent.stop_all)
 
 
 def main(argv: list[str]) -> int:

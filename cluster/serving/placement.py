@@ -12,12 +12,14 @@ those the new model turns out not to need are kept.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cluster.serving.catalog import NodeDevices
 
-Placement = tuple[tuple[str, tuple[int, ...]], ...]
+# typing.Tuple: the alias is evaluated at run time, where `tuple[...]` needs Python 3.9
+Placement = typing.Tuple[typing.Tuple[str, typing.Tuple[int, ...]], ...]  # noqa: UP006
 """Per rank, in rank order: the node's name and the devices that rank uses."""
 
 

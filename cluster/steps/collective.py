@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from cluster.checks import CheckResult, Status, failed
 from cluster.collective import MIB, PID_FILE
@@ -29,6 +28,7 @@ from cluster.facts.host import HostFacts
 from cluster.inventory import Inventory
 from cluster.plan import ClusterPlan
 from cluster.session import Session
+from cluster.shipped import COLLECTIVE, source
 from cluster.steps.context import UpContext
 from cluster.transport.ssh import CommandTimeout
 
@@ -49,7 +49,7 @@ class CollectiveOutcome:
 
 def program_source() -> str:
     """The program each container runs as `python3 -c SOURCE CONFIG`."""
-    return Path(__file__).resolve().parents[1].joinpath("collective.py").read_text()
+    return source(COLLECTIVE)
 
 
 def sizes(max_size_mib: int) -> list[int]:

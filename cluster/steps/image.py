@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import docker
 
-from cluster.distribution.transfer import send_image
+from cluster.distribution.transfer import chain_nodes, send_image
 from cluster.errors import VclusterError
 from cluster.images import (
     ImageError,
@@ -29,7 +29,6 @@ from cluster.images import (
 from cluster.progress import format_bytes
 from cluster.steps.base import progress_board
 from cluster.steps.context import UpContext
-from cluster.steps.model_files import chain_nodes
 
 
 class ImageMismatch(VclusterError):

@@ -6,41 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cluster.distribution.manifest import Item, model_items
-from cluster.distribution.transfer import ChainNode, DistributionError, Outcome, distribute
+from cluster.distribution.manifest import Item, model_items, models_with_source
+from cluster.distribution.transfer import DistributionError, Outcome, chain_nodes, distribute
 from cluster.inventory import Inventory, Model
 from cluster.progress import format_bytes
 from cluster.session import Session
 from cluster.steps.base import Reporter, progress_board
 from cluster.steps.context import UpContext
-
-
-def models_with_source(inventory: Inventory, names: Sequence[str] = ()) -> list[Model]:
-    """The inventory's models that have a `source` (those named, when names are given)."""
-    return [m for m in inventory.model_list if m.source and (not names or m.served in names)]
-
-
-def chain_nodes(
-    inventory: Inventory,
-    session: Session,
-    addresses: Mapping[str, str] | None = None,
-    *,
-    reachable_only: bool = False,
-) -> list[ChainNode]:
-    """Every node (or every node connected), head first, at its cluster address (the
-    inventory's when not known)."""
-    ordered = inventory.head_first
-    if reachable_only:
-        ordered = [node for node in ordered if node.node_name in session.connections]
-    return [
-        ChainNode(
-            node.node_name,
-            (addresses or {}).get(node.node_name, node.address),
-            session.ssh(node.node_name),
-            inventory.model_cache,
-        )
-        for node in ordered
-    ]
 
 
 def send_models(

@@ -13,7 +13,8 @@ import pytest
 from cluster.inventory import Inventory, load_inventory
 from tests.support.cli import UP_TIMEOUT_S, vcluster
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 SANDBOX_UP_TIMEOUT_S = 3600  # a cold machine builds the images first
 SANDBOX = "e2e"  # its own name, network and nodes: a developer's sandbox may be up meanwhile
 
@@ -27,6 +28,13 @@ def _sandbox(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         check=False,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in this folder runs vcluster on the sandbox (minutes each): mark it `slow`."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from cluster.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.slow,  # two sandboxes brought up (about 90 s), one moved to disk and back (80 s)
     pytest.mark.timeout(3600),
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's Docker daemon needs root"),
 ]

@@ -89,6 +89,7 @@ def test_on_every_cpu_kind_vllm_finds_the_kernel_build_it_chooses(docker_argv):
     assert len(set(chosen.values())) == len(CPU_KINDS), f"one build for two CPU kinds: {chosen}"
 
 
+@pytest.mark.slow  # about 20 s: two containers of the image per CPU kind
 def test_the_build_check_lets_vllm_choose_on_every_cpu_kind(docker_argv):
     for kind in CPU_KINDS:
         alone = _as_if_on(docker_argv, kind)
