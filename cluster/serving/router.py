@@ -17,6 +17,7 @@ decoded is refused before routing. The models' own API servers take the cluster'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 if TYPE_CHECKING:  # aiohttp has named it since 3.9; annotations only
     from aiohttp.typedefs import Middleware
@@ -37,6 +38,14 @@ from cluster.serving.auth import bearer_matches
 from cluster.serving.catalog import ModelEntry, ServingConfig
 from cluster.serving.placement import Activation, Placement, Resident, plan_activation
 from cluster.serving.routes import ADMIN_PREFIX, HEALTH, MODELS, is_openai_route, path_problem
+from cluster.serving.upstream import (
+    ClientGone,
+    Downstream,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    request_bytes,
+)
 
 log = logging.getLogger("vcluster.router")
 
@@ -135,6 +144,8 @@ class Router:
         self.models = {m.served: ModelState(m) for m in config.models}
         self.placing = asyncio.Lock()
         self.http: aiohttp.ClientSession | None = None
+        self.upstream = UpstreamPool()
+        """The proxied requests' connections; `http` is for health checks and agents."""
         self.agent_misses: dict[str, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -167,6 +178,7 @@ class Router:
             task.cancel()
         if self.http is not None:
             await self.http.close()
+        self.upstream.close()
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -414,58 +426,112 @@ class Router:
     # proxying
 
     def _backend(self, model: ModelState) -> str:
+        host, port = self._api_server(model)
+        return f"http://{host}:{port}"
+
+    def _api_server(self, model: ModelState) -> tuple[str, int]:
         if model.entry.external:
-            return f"http://127.0.0.1:{model.entry.api_port}"
+            return "127.0.0.1", model.entry.api_port
         assert model.placement is not None
-        return f"http://{api_host(self.config, model.placement)}:{model.entry.api_port}"
+        return api_host(self.config, model.placement), model.entry.api_port
 
     async def forward(
         self, request: web.Request, model: ModelState, body: bytes
     ) -> web.StreamResponse:
-        """Pass the request to the model's API server and its answer back as it comes."""
-        assert self.http is not None
+        """Pass the request to the model's API server and its answer back as it comes.
+
+        The request goes over a kept-alive connection of `cluster.serving.upstream`; a
+        streamed (chunked) answer passes to the client's connection as it is read, its chunks
+        as the server framed them (see `_stream`).
+        """
         if model.state != LOADED or (model.placement is None and not model.entry.external):
             # unloaded while the request woke
             raise Unavailable(503, f"model {model.entry.served!r} was just unloaded", RETRY_AFTER_S)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        server = self._api_server(model)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         if not model.entry.external:  # on loopback, the supervisor's vLLM has no key
-            headers["Authorization"] = f"Bearer {self.agent_token}"
+            headers.append(("Authorization", f"Bearer {self.agent_token}"))
+        # a client of HTTP/1.0 takes no chunks: the server is asked in HTTP/1.0 too
+        chunked = request.version >= HttpVersion11
         # the raw path, checked by `path_problem` before routing: what the client sent, as sent
-        url = f"{self._backend(model)}{request.raw_path}"
+        message = request_bytes(
+            request.method, request.raw_path, server, headers, body, http11=chunked
+        )
         model.in_flight += 1
         model.requests += 1
         model.last_used = time.monotonic()
-        streaming: web.StreamResponse | None = None
         try:
-            async with self.http.request(
-                request.method, url, data=body, headers=headers
-            ) as upstream:
-                passed = [
-                    (name, value)
-                    for name, value in upstream.headers.items()
-                    if name.lower() not in HOP_BY_HOP
-                ]
-                if upstream.headers.get("Content-Type", "").startswith("application/json"):
-                    # a whole answer, not a stream: one write costs less than chunk by chunk
-                    whole = web.Response(status=upstream.status, body=await upstream.read())
-                    whole.headers.extend(passed)
-                    return whole
-                streaming = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                streaming.headers.extend(passed)
-                await streaming.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await streaming.write(chunk)
-                await streaming.write_eof()
-                return streaming
-        except aiohttp.ClientConnectionError as exc:
-            if streaming is not None and streaming.prepared:
-                # the answer has begun: it ends here, cut (no second status line inside it)
-                log.warning("%s: a stream was cut: %s", model.entry.served, exc)
-                return streaming
-            raise Unavailable(502, f"model {model.entry.served!r} did not answer: {exc}") from None
+            try:
+                answer = await self.upstream.exchange(server, message, client_chunked=chunked)
+            except UpstreamError as exc:
+                raise Unavailable(
+                    502, f"model {model.entry.served!r} did not answer: {exc}"
+                ) from None
+            try:
+                return await self._pass_answer(request, model, answer)
+            finally:
+                self.upstream.release(answer)  # kept for another request if read whole
         finally:
             model.in_flight -= 1
             model.last_used = time.monotonic()
+
+    async def _pass_answer(
+        self, request: web.Request, model: ModelState, answer: UpstreamConnection
+    ) -> web.StreamResponse:
+        """The answer whose head came: whole when it has a length, else streamed."""
+        head = answer.head
+        assert head is not None
+        passed = [(name, value) for name, value in head.headers if name.lower() not in HOP_BY_HOP]
+        if head.length is not None:  # a whole answer: one write costs less than chunk by chunk
+            try:
+                body = await answer.read_body()
+            except UpstreamError as exc:
+                raise Unavailable(
+                    502, f"model {model.entry.served!r} answered in part: {exc}"
+                ) from None
+            whole = web.Response(status=head.status, reason=head.reason or None, body=body)
+            whole.headers.extend(passed)
+            return whole
+        if head.chunked and request.version < HttpVersion11:
+            raise Unavailable(502, f"model {model.entry.served!r} answered HTTP/1.0 with chunks")
+        streaming = web.StreamResponse(status=head.status, reason=head.reason or None)
+        streaming.headers.extend(passed)
+        return await self._stream(request, model, answer, streaming)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        model: ModelState,
+        answer: UpstreamConnection,
+        streaming: web.StreamResponse,
+    ) -> web.StreamResponse:
+        """Stream the body to the client's transport, bypassing aiohttp's writer.
+
+        aiohttp writes the head (`prepare`) and the last chunk (`write_eof`); in between, the
+        server's chunks go to the client's transport as they are read, framing and all (the
+        client's answer is chunked too), with back-pressure through the writer's `drain`.
+        All of it public aiohttp API (3.9 to 3.14: `prepare` returns the writer, and a
+        StreamResponse's head is out once `write` has been called).
+        """
+        writer = await streaming.prepare(request)
+        await streaming.write(b"")  # the head out now, on every aiohttp 3.x
+        client = request.transport
+        if writer is None or client is None or client.is_closing():
+            return streaming  # the client left already; `release` closes the connection
+        try:
+            await answer.stream_to(Downstream(client, writer.drain))
+        except UpstreamError as exc:
+            # The answer has begun: it ends here, cut, as it is (no last chunk, so the client
+            # can tell; no second status line inside it).
+            log.warning("%s: a stream was cut: %s", model.entry.served, exc)
+            client.close()
+            return streaming
+        except ClientGone:  # its connection to the server is closed: vLLM stops generating
+            log.info("%s: the client left mid-stream", model.entry.served)
+            return streaming
+        with contextlib.suppress(ConnectionError):  # the client left after the last chunk
+            await streaming.write_eof()
+        return streaming
 
     # agents
 
@@ -518,7 +584,8 @@ def openai_error(status: int, message: str, retry_after: int | None = None) -> w
     return response
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+if TYPE_CHECKING:  # annotations only: Callable[...] at run time needs Python 3.9
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def path_checked() -> Middleware:

@@ -7,6 +7,9 @@ reply, an SSE stream, and a start-up time. It is not vLLM: the e2e tests run the
 `--stream-chunks N` is bench/router's streaming-speed mode: every streamed chat answer is N
 chunks shaped like vLLM's (`data: {...chat.completion.chunk...}`, then `data: [DONE]`), one
 write each, as fast as the server can (prepared once, no delay; uvloop when installed).
+
+`GET /standin/connections` says how many chat requests came, on how many connections: a
+proxy's keep-alive, seen from the server.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def main() -> None:
             time.sleep(3600)
     key = os.environ.get("VLLM_API_KEY")
     fast = vllm_chunks(args.served_model_name or args.model, args.stream_chunks)
+    peers: set[object] = set()  # the connections chat requests came on (their peer address)
+    chats = [0]
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="")
@@ -53,6 +58,8 @@ def main() -> None:
         if key and request.headers.get("Authorization") != f"Bearer {key}":
             return web.json_response({"error": "unauthorized"}, status=401)
         body = await request.json()
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        chats[0] += 1
         if not body.get("stream"):
             return web.json_response(
                 {"object": "chat.completion", "model": body["model"], "pid": os.getpid(),
@@ -71,6 +78,10 @@ def main() -> None:
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    async def connections(request: web.Request) -> web.Response:
+        """How many chat requests came, on how many connections (keep-alive seen from here)."""
+        return web.json_response({"requests": chats[0], "connections": len(peers)})
+
     if fast:
         with contextlib.suppress(ImportError):  # as the router: vLLM's images have uvloop
             import uvloop
@@ -79,6 +90,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/standin/connections", connections)
     # vLLM serves many routes besides the OpenAI API (/invocations, /tokenize, /pause, ...):
     # any path that reaches this server says so, so a test sees what a proxy let through.
     app.router.add_route("*", "/{tail:.*}", reached)
