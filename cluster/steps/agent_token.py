@@ -13,7 +13,7 @@ from cluster.steps.context import UpContext
 
 def ensure_agent_token(context: UpContext) -> str:
     if not context.require_plan().routed:
-        return "not applicable: one model, served by vLLM itself"
+        return "not applicable: one model (the router in front of it starts no ranks)"
     path = agent_token_path(context.inventory.cluster)
     if not ensure_token_file(path):
         return f"{path} (owner-only)"
