@@ -1,4 +1,4 @@
-"""The entry point in the containers: `python3 serving.pyz router|agent CONFIG NODE`.
+"""The entry point in the containers: `python3 serving.pyz router|agent|front CONFIG NODE`.
 
 `router` (the head, several models) serves the endpoint and runs the head's agent; `agent`
 (every other node) runs the node's agent only; both stop every rank they started when they are
