@@ -27,15 +27,15 @@ from pathlib import Path
 # Run as a script from the repository root: make the package importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cluster.distribution.manifest import model_items
-from cluster.distribution.transfer import ChainNode, distribute, send_image
-from cluster.images import image_id, saved_here
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
+from cluster.decide.manifest import model_items
+from cluster.nodes.images import image_id, saved_here
+from cluster.nodes.session import Session
+from cluster.nodes.transfer import ChainNode, distribute, send_image
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import WORKLOAD_IMAGE
 from cluster.sandbox.nodes import network_name
 from cluster.sandbox.sandbox import sandbox_down, sandbox_up
-from cluster.session import Session
 
 NAME = "dist"
 MODEL_ID = "bench/synthetic-2g"

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from cluster.transport.fanout import fan_out
-from cluster.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
+from cluster.nodes.transport.fanout import fan_out
+from cluster.nodes.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
 from tests.support.ssh_lab import LabHost, SshLab
 
 OPENSSH_TIMEOUT_S = 300.0

@@ -22,13 +22,13 @@ from pathlib import Path
 # Run as a script from the repository root: make the package importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cluster.inventory import Inventory, load_inventory
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.nodes.vllm import request_serve_argv, request_stop_argv
 from cluster.sandbox.sandbox import sandbox_down, sandbox_up
 from cluster.steps.base import SilentReporter
 from cluster.steps.down import down
 from cluster.steps.serve import spec_id
 from cluster.steps.up import live_plan, up
-from cluster.vllm import request_serve_argv, request_stop_argv
 from tests.support.faults import FAULTS, nodes_of, seconds_to_first_chat
 
 TIMEOUT_S = 900.0

@@ -32,13 +32,13 @@ import openai
 # Run as a script from the repository root: make the package importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cluster.inventory import Inventory, load_inventory
-from cluster.model_admin import load_model, models_report, unload_model
-from cluster.plan import SECRETS_PATH, container_name
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.decide.plan import SECRETS_PATH, container_name
+from cluster.nodes.model_admin import load_model, models_report, unload_model
+from cluster.nodes.session import Session
+from cluster.remote.serving.agent import rank_argv
+from cluster.remote.serving.catalog import AGENT_TOKEN_FILE, ServingConfig
 from cluster.sandbox.sandbox import sandbox_down, sandbox_up
-from cluster.serving.agent import rank_argv
-from cluster.serving.catalog import AGENT_TOKEN_FILE, ServingConfig
-from cluster.session import Session
 from cluster.steps.base import SilentReporter
 from cluster.steps.context import UpOptions
 from cluster.steps.down import down

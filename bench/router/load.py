@@ -47,7 +47,7 @@ async def closed_loop(session, target, model, concurrency, duration_s, max_token
 
 
 def secret(name):
-    """One of the container's secret files (cluster.serving.catalog.SECRETS_DIR)."""
+    """One of the container's secret files (cluster.remote.serving.catalog.SECRETS_DIR)."""
     try:
         with open(os.path.join(SECRETS_PATH, name)) as handle:
             return handle.read().strip()

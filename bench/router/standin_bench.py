@@ -8,7 +8,7 @@ The three in front of a stand-in that streams as fast as it can (no sandbox, no 
 
 The stand-in is tests/support/standin_vllm.py with `--stream-chunks 200`: every streamed chat
 answer is 200 vLLM-shaped chunks, then `data: [DONE]`. It is started the production way: the
-real router and its agent (`python -m cluster.serving router CONFIG head`, the users' API key
+real router and its agent (`python -m cluster.remote.serving router CONFIG head`, the users' API key
 set and sent) start it as the model's rank on loopback. Three paths to the same stand-in, for
 each concurrency, one after another, `--seconds` each:
 
@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cluster.serving.catalog import (
+from cluster.remote.serving.catalog import (
     AGENT_TOKEN_FILE,
     API_KEY_FILE,
     SECRETS_DIR,
@@ -231,7 +231,7 @@ def measure(options: argparse.Namespace) -> dict[str, Any]:
     nginx_conf.write_text(NGINX_CONF.format(work=WORK, upstream=ports["model"],
                                             port=ports["nginx"], token=model_key))  # fmt: skip
     nginx_conf.chmod(0o600)
-    router = ["taskset", "-c", proxy_cpu, options.python, "-m", "cluster.serving",
+    router = ["taskset", "-c", proxy_cpu, options.python, "-m", "cluster.remote.serving",
               options.role, str(config_path), "head"]  # fmt: skip
     router_log = WORK / "router.log"
     before = load_average()
@@ -305,7 +305,7 @@ def report(result: dict[str, Any]) -> None:
           f"standin_vllm.py --stream-chunks), {setup['seconds_per_figure']:g} s per figure{rounds}")  # fmt: skip
     print(f"pinned with taskset on {setup['cpu_count']} CPUs: stand-in on CPU {cpus['stand-in']}, "
           f"router / nginx on CPU {cpus['proxy']}, load generator on CPU {cpus['load generator']}")  # fmt: skip
-    print(f"router: python -m cluster.serving {setup['role']}, API key set and sent, uvloop "
+    print(f"router: python -m cluster.remote.serving {setup['role']}, API key set and sent, uvloop "
           f"{'yes' if uvloop['router'] else 'NO (production has it: pip install uvloop)'}; "
           f"nginx {setup['nginx']}: 1 worker, proxy_buffering off, upstream keepalive, HTTP/1.1")  # fmt: skip
     print(f"load average before {setup['load_average_before']}, after {setup['load_average_after']}")  # fmt: skip

@@ -21,13 +21,13 @@ from pathlib import Path
 # Run as a script from the repository root: make the package importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cluster.inventory import load_inventory
-from cluster.plan import container_name
+from cluster.decide.inventory import load_inventory
+from cluster.decide.plan import container_name
+from cluster.nodes.session import Session
+from cluster.nodes.vllm import http_get
 from cluster.sandbox.sandbox import sandbox_down, sandbox_up
-from cluster.session import Session
 from cluster.steps.down import down
 from cluster.steps.up import up
-from cluster.vllm import http_get
 
 RAY_STEPS = {"Waiting for the Ray head", "Waiting for every node in Ray"}
 VLLM_STEPS = {"Waiting for vLLM to serve"}

@@ -8,7 +8,7 @@ import click
 
 from cluster.cli.common import INVENTORY, reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
 from cluster.steps.ray_image import build_ray_image
 
 

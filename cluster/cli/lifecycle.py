@@ -16,24 +16,29 @@ from rich.markup import escape
 from rich.status import Status
 from rich.text import Text
 
-from cluster.checks import exit_code as checks_exit_code
-from cluster.checks import results_as_dicts, results_table
 from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
-from cluster.collective_report import figures_table
-from cluster.containers import inspect_container
+from cluster.decide.checks import exit_code as checks_exit_code
+from cluster.decide.checks import results_as_dicts, results_table
+from cluster.decide.collective_report import figures_table
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.decide.node_commands import COMPONENTS, Component, exec_argv, logs_argv
+from cluster.decide.plan import container_name
 from cluster.errors import ExitCode, UsageError
-from cluster.exporter import DEFAULT_ADDRESS, DEFAULT_INTERVAL_S, DEFAULT_PORT, ClusterCollector
-from cluster.inventory import Inventory, load_inventory
-from cluster.node_commands import COMPONENTS, Component, exec_argv, logs_argv
-from cluster.plan import container_name
-from cluster.session import Session
-from cluster.status import gather_status, render_table
+from cluster.nodes.containers import inspect_container
+from cluster.nodes.session import Session
+from cluster.nodes.transport.fanout import FanOutError
+from cluster.nodes.transport.terminal import interact, stream, terminal_size
+from cluster.report.exporter import (
+    DEFAULT_ADDRESS,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_PORT,
+    ClusterCollector,
+)
+from cluster.report.status import gather_status, render_table
 from cluster.steps.context import DEFAULT_RAY_TIMEOUT_S, DEFAULT_READY_TIMEOUT_S, UpOptions
 from cluster.steps.down import down as run_down
 from cluster.steps.up import gather_checks
 from cluster.steps.up import up as run_up
-from cluster.transport.fanout import FanOutError
-from cluster.transport.terminal import interact, stream, terminal_size
 
 
 class ConsoleReporter:

@@ -13,15 +13,15 @@ from rich.table import Table
 
 from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter, one_node_session
-from cluster.distribution.manifest import models_with_source
+from cluster.decide.inventory import load_inventory
+from cluster.decide.manifest import models_with_source
 from cluster.errors import UsageError
-from cluster.inventory import load_inventory
-from cluster.lock import ClusterLock
-from cluster.model_admin import load_model, models_report, unload_model
-from cluster.router_client import ModelStatus
-from cluster.session import Session
+from cluster.nodes.lock import ClusterLock
+from cluster.nodes.model_admin import load_model, models_report, unload_model
+from cluster.nodes.router_client import ModelStatus
+from cluster.nodes.session import Session
+from cluster.nodes.transport.fanout import FanOutError
 from cluster.steps.model_files import send_models
-from cluster.transport.fanout import FanOutError
 
 
 class _ListByDefault(click.Group):

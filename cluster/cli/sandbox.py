@@ -12,8 +12,8 @@ import click
 from cluster.cli.common import reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter, curl_line
 from cluster.cli.live import progress_output
+from cluster.decide.inventory import Inventory, load_inventory
 from cluster.errors import VclusterError
-from cluster.inventory import Inventory, load_inventory
 from cluster.sandbox import storage
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import build_images

@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cluster.shipped import MULTICAST, source
+from cluster.remote.registry import MULTICAST, source
 
 MULTICAST_MARKER = "VCLUSTER-MULTICAST "
 MULTICAST_ATTRIBUTE = 132

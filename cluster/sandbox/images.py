@@ -34,7 +34,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.build_progress import (
+from cluster.decide.python_packages import normalize_name
+from cluster.errors import VclusterError
+from cluster.nodes.build_progress import (
     CommandOutput,
     DockerBuildProgress,
     OutputWatch,
@@ -42,9 +44,7 @@ from cluster.build_progress import (
     is_raw_progress,
     pip_has_raw_progress,
 )
-from cluster.errors import VclusterError
 from cluster.progress import board_for
-from cluster.python_packages import normalize_name
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
 from cluster.sandbox.filelock import file_lock
 

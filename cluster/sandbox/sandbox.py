@@ -18,6 +18,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.nodes.transport.fanout import fan_out
+from cluster.nodes.transport.ssh import (
+    HostUnreachable,
+    SshConnection,
+    SshTarget,
+    SshTimeouts,
+    connect,
+)
 from cluster.progress import prefixed
 from cluster.sandbox import keys
 from cluster.sandbox.dockerd import RUN_DIR, LocalDocker, ensure_local_docker
@@ -48,8 +56,6 @@ from cluster.sandbox.nodes import (
 )
 from cluster.sandbox.storage import AUTO, NodeStorage, choose_node_storage, mem_total_bytes
 from cluster.sandbox.transfer import image_to_nodes, model_to_node
-from cluster.transport.fanout import fan_out
-from cluster.transport.ssh import HostUnreachable, SshConnection, SshTarget, SshTimeouts, connect
 
 Progress = Callable[[str], None]
 DEFAULT_NAME = "sandbox"

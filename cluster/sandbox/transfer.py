@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster.nodes.transport.fanout import fan_out
+from cluster.nodes.transport.ssh import SshConnection
 from cluster.progress import ProgressBoard, board_for, format_bytes, metered
 from cluster.sandbox.dockerd import LocalDocker
 from cluster.sandbox.filelock import file_lock
 from cluster.sandbox.images import CACHE_DIR
 from cluster.sandbox.model import RECIPE_FILE
 from cluster.sandbox.nodes import NODE_MODEL_CACHE, SandboxError
-from cluster.transport.fanout import fan_out
-from cluster.transport.ssh import SshConnection
 
 ARCHIVE_DIR = CACHE_DIR / "images"
 SAVE_TIMEOUT_S = 900.0

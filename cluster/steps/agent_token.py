@@ -5,9 +5,9 @@ their key). vcluster makes it; a new one restarts the cluster's containers, so a
 
 from __future__ import annotations
 
-from cluster.containers import inspect_container
-from cluster.plan import agent_token_path
-from cluster.secrets import ensure_token_file
+from cluster.decide.plan import agent_token_path
+from cluster.decide.secrets import ensure_token_file
+from cluster.nodes.containers import inspect_container
 from cluster.steps.context import UpContext
 
 

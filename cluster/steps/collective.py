@@ -12,25 +12,25 @@ import json
 import time
 from dataclasses import dataclass
 
-from cluster.checks import CheckResult, Status, failed
-from cluster.collective import MIB, PID_FILE
-from cluster.collective_report import (
+from cluster.decide.checks import CheckResult, Status, failed
+from cluster.decide.collective_report import (
     CollectiveRun,
     NodeHcas,
     nvlink_bandwidth,
     read_run,
     verdicts,
 )
-from cluster.collective_store import load_last_run, save_last_run
-from cluster.containers import inspect_container
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import ClusterPlan
 from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
-from cluster.inventory import Inventory
-from cluster.plan import ClusterPlan
-from cluster.session import Session
-from cluster.shipped import COLLECTIVE, source
+from cluster.nodes.containers import inspect_container
+from cluster.nodes.session import Session
+from cluster.nodes.transport.ssh import CommandTimeout
+from cluster.remote.collective import MIB, PID_FILE
+from cluster.remote.registry import COLLECTIVE, source
+from cluster.report.collective_store import load_last_run, save_last_run
 from cluster.steps.context import UpContext
-from cluster.transport.ssh import CommandTimeout
 
 SSH_GRACE_S = 30.0
 """Beyond the check's own time limit, for the nodes' alarms to fire and their lines to arrive."""

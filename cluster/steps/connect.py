@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from cluster.nodes.transport.fanout import FanOutError
 from cluster.steps.context import UpContext
-from cluster.transport.fanout import FanOutError
 
 
 def connect_to_hosts(context: UpContext) -> str:

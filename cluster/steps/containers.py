@@ -8,9 +8,14 @@ joined the old Ray head.
 
 from __future__ import annotations
 
-from cluster.containers import ContainerState, create_container, inspect_container, remove_container
+from cluster.decide.plan import NodePlan
 from cluster.errors import VclusterError
-from cluster.plan import NodePlan
+from cluster.nodes.containers import (
+    ContainerState,
+    create_container,
+    inspect_container,
+    remove_container,
+)
 from cluster.steps.context import UpContext
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import ClusterPlan, NodeFacts
+from cluster.decide.runtime import Runtime
 from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
-from cluster.inventory import Inventory
-from cluster.plan import ClusterPlan, NodeFacts
-from cluster.runtime import Runtime
-from cluster.session import Session
+from cluster.nodes.session import Session
 from cluster.steps.base import Reporter
 
 DEFAULT_RAY_TIMEOUT_S = 180.0

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import docker.errors
 
-from cluster.containers import remove_container
-from cluster.inventory import Inventory
-from cluster.lock import ClusterLock
-from cluster.plan import container_name
-from cluster.ray_image import SOURCE_LABEL
-from cluster.session import Session
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import container_name
+from cluster.decide.ray_image import SOURCE_LABEL
+from cluster.nodes.containers import remove_container
+from cluster.nodes.lock import ClusterLock
+from cluster.nodes.session import Session
+from cluster.nodes.transport.fanout import FanOutError
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.firewall import remove_firewall
-from cluster.transport.fanout import FanOutError
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import NodeFacts
 from cluster.facts.host import HostFacts, parse_probe, probe_argv
-from cluster.inventory import Inventory
-from cluster.plan import NodeFacts
 from cluster.steps.context import UpContext
 
 

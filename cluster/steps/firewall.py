@@ -1,7 +1,7 @@
 """The firewall on every node, over SSH: installed by `up`, removed by `down`, read by `check`.
 
 One probe per host reads its state (the ephemeral port range, its addresses, what listens,
-each filter table as root); the rules are decided from it (cluster/firewall.py, pure); one
+each filter table as root); the rules are decided from it (cluster/decide/firewall.py, pure); one
 `iptables-restore` transaction per IP version changes what differs, or nothing. The design,
 and what it means for other software on the hosts: docs/firewall.md.
 """
@@ -11,11 +11,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 
-from cluster.checks import CheckResult, Status
-from cluster.containers import inspect_container
-from cluster.errors import VclusterError
-from cluster.facts.host import HostFacts
-from cluster.firewall import (
+from cluster.decide.checks import CheckResult, Status
+from cluster.decide.firewall import (
     CHECK_NAME,
     DOCS,
     Attempt,
@@ -37,9 +34,12 @@ from cluster.firewall import (
     protected_ports,
     unreadable_error,
 )
-from cluster.inventory import Inventory
-from cluster.plan import container_name
-from cluster.session import Session
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import container_name
+from cluster.errors import VclusterError
+from cluster.facts.host import HostFacts
+from cluster.nodes.containers import inspect_container
+from cluster.nodes.session import Session
 from cluster.steps.context import UpContext
 
 CONNECT_TIMEOUT_S = 3.0

@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 import docker
 
-from cluster.distribution.transfer import chain_nodes, send_image
 from cluster.errors import VclusterError
-from cluster.images import (
+from cluster.nodes.images import (
     ImageError,
     image_id,
     image_size,
@@ -26,6 +25,7 @@ from cluster.images import (
     saved_on_node,
     try_pull,
 )
+from cluster.nodes.transfer import chain_nodes, send_image
 from cluster.progress import format_bytes
 from cluster.steps.base import progress_board
 from cluster.steps.context import UpContext

@@ -14,15 +14,15 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from cluster.checks import check_runtime, failed
+from cluster.decide.checks import check_runtime, failed
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import build_plan
+from cluster.decide.ray_image import SOURCE_ID_LABEL, RayImageError, index_address, recipe_for
+from cluster.decide.runtime import RaySupply, Runtime, choose_runtime
 from cluster.errors import VclusterError
 from cluster.facts.image import PROBE_TIMEOUT_S, ImageFacts, parse_image_probe, probe_argv
-from cluster.image_cache import ImageFactsCache, image_facts_cache
-from cluster.inventory import Inventory
-from cluster.plan import build_plan
-from cluster.ray_image import SOURCE_ID_LABEL, RayImageError, index_address, recipe_for
-from cluster.runtime import RaySupply, Runtime, choose_runtime
-from cluster.session import Session
+from cluster.nodes.image_cache import ImageFactsCache, image_facts_cache
+from cluster.nodes.session import Session
 from cluster.steps.containers import require_unchanged_or_recreate
 from cluster.steps.context import UpContext
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cluster.distribution.manifest import Item, model_items, models_with_source
-from cluster.distribution.transfer import DistributionError, Outcome, chain_nodes, distribute
-from cluster.inventory import Inventory, Model
+from cluster.decide.inventory import Inventory, Model
+from cluster.decide.manifest import Item, model_items, models_with_source
+from cluster.nodes.session import Session
+from cluster.nodes.transfer import DistributionError, Outcome, chain_nodes, distribute
 from cluster.progress import format_bytes
-from cluster.session import Session
 from cluster.steps.base import Reporter, progress_board
 from cluster.steps.context import UpContext
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cluster.checks import CheckResult, Status, failed
-from cluster.containers import inspect_container
+from cluster.decide.checks import CheckResult, Status, failed
+from cluster.decide.plan import container_name
 from cluster.errors import VclusterError
-from cluster.plan import container_name
-from cluster.preflight import preflight_results
+from cluster.nodes.containers import inspect_container
+from cluster.nodes.preflight import preflight_results
 from cluster.steps.context import UpContext
 from cluster.steps.image_facts import learn_runtime
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from cluster.containers import container_logs, inspect_container
+from cluster.decide.plan import NodePlan
 from cluster.errors import VclusterError
-from cluster.plan import NodePlan
-from cluster.ray import RayNode, RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
+from cluster.facts.ray import (
+    RayNode,
+    RayQueryError,
+    alive_by_address,
+    parse_ray_nodes,
+    ray_nodes_argv,
+)
+from cluster.nodes.containers import container_logs, inspect_container
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
 

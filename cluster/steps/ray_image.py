@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 
+from cluster.decide.inventory import Inventory
+from cluster.decide.ray_image import RayImageRecipe
+from cluster.decide.runtime import ADD_RAY_FIX, RaySupply, choose_runtime, ray_ready
 from cluster.errors import VclusterError
-from cluster.image_build import build_on_node, built_recipe, wheel_bytes
-from cluster.inventory import Inventory
-from cluster.lock import ClusterLock
+from cluster.nodes.image_build import build_on_node, built_recipe, wheel_bytes
+from cluster.nodes.lock import ClusterLock
+from cluster.nodes.session import Session
 from cluster.progress import format_bytes
-from cluster.ray_image import RayImageRecipe
-from cluster.runtime import ADD_RAY_FIX, RaySupply, choose_runtime, ray_ready
-from cluster.session import Session
 from cluster.steps.base import Reporter, Step, progress_board, run_steps
 from cluster.steps.connect import connect_to_hosts
 from cluster.steps.context import UpContext

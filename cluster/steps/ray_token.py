@@ -6,10 +6,10 @@ a client that lacks it. vcluster makes one per cluster unless the inventory give
 
 from __future__ import annotations
 
-from cluster.containers import inspect_container
+from cluster.decide.inventory import generated_ray_token_path
+from cluster.decide.secrets import ensure_token_file
 from cluster.errors import VclusterError
-from cluster.inventory import generated_ray_token_path
-from cluster.secrets import ensure_token_file
+from cluster.nodes.containers import inspect_container
 from cluster.steps.context import UpContext
 
 

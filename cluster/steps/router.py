@@ -8,14 +8,14 @@ import tarfile
 import time
 from typing import Any
 
+from cluster.decide.model_plan import SERVING_CONFIG_NAME
 from cluster.errors import VclusterError
-from cluster.model_plan import SERVING_CONFIG_NAME
-from cluster.router_client import call_router, router_path
-from cluster.serving.bundle import BUNDLE_NAME, bundle_bytes
-from cluster.serving.catalog import ServingConfig
+from cluster.nodes.router_client import call_router, router_path
+from cluster.nodes.vllm import http_get
+from cluster.remote.serving.bundle import BUNDLE_NAME, bundle_bytes
+from cluster.remote.serving.catalog import ServingConfig
 from cluster.steps.base import wait_until
 from cluster.steps.context import UpContext
-from cluster.vllm import http_get
 
 POLL_INTERVAL_S = 2.0
 

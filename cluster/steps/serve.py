@@ -13,15 +13,9 @@ import json
 import time
 import uuid
 
+from cluster.decide.plan import NodePlan
 from cluster.errors import VclusterError
-from cluster.plan import NodePlan
-from cluster.serving.bundle import bundle_digest
-from cluster.serving.catalog import ServingConfig
-from cluster.serving.failures import error_lines, likely_cause
-from cluster.steps.base import wait_until
-from cluster.steps.context import UpContext
-from cluster.steps.router import put_serving_files, wait_for_router
-from cluster.vllm import (
+from cluster.nodes.vllm import (
     SupervisedVllm,
     http_get,
     log_tail_argv,
@@ -31,6 +25,12 @@ from cluster.vllm import (
     served_models,
     supervisor_state_argv,
 )
+from cluster.remote.serving.bundle import bundle_digest
+from cluster.remote.serving.catalog import ServingConfig
+from cluster.remote.serving.failures import error_lines, likely_cause
+from cluster.steps.base import wait_until
+from cluster.steps.context import UpContext
+from cluster.steps.router import put_serving_files, wait_for_router
 
 POLL_INTERVAL_S = 2.0
 LAUNCH_TIMEOUT_S = 30.0

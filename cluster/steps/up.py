@@ -6,15 +6,15 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.checks import CheckResult, Status
-from cluster.collective_report import CollectiveRun
+from cluster.decide.checks import CheckResult, Status
+from cluster.decide.collective_report import CollectiveRun
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import ClusterPlan, build_plan
+from cluster.decide.runtime import assumed_runtime
 from cluster.errors import VclusterError
-from cluster.inventory import Inventory
-from cluster.lock import ClusterLock
-from cluster.plan import ClusterPlan, build_plan
-from cluster.preflight import port_results
-from cluster.runtime import assumed_runtime
-from cluster.session import Session
+from cluster.nodes.lock import ClusterLock
+from cluster.nodes.preflight import port_results
+from cluster.nodes.session import Session
 from cluster.steps.agent_token import ensure_agent_token
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.collective import CollectiveOutcome, collective_step, run_collective

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.inventory import Inventory, load_inventory
+from cluster.decide.inventory import Inventory, load_inventory
 from tests.support.cli import UP_TIMEOUT_S, vcluster
 
 HERE = Path(__file__).resolve().parent

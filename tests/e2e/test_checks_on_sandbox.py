@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
 from cluster.sandbox.dockerd import ensure_local_docker
 from tests.support.faults import link_cut
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.inventory import Inventory
+from cluster.decide.inventory import Inventory
 from cluster.sandbox.dockerd import ensure_local_docker
 from tests.support.cli import UP_TIMEOUT_S, vcluster
 from tests.support.faults import link_cut

@@ -11,8 +11,8 @@ import openai
 import pytest
 import yaml
 
-from cluster.distribution.manifest import hub_folder
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
+from cluster.decide.manifest import hub_folder
 from cluster.sandbox.inventory_file import MODEL_ARGS
 from cluster.sandbox.model import SECOND_MODEL_NAME, ensure_tiny_model
 from tests.support.cli import UP_TIMEOUT_S, vcluster

@@ -16,10 +16,10 @@ import subprocess
 
 import pytest
 
-from cluster.firewall import PortSpan, chain_name, open_ports, protected_ports
-from cluster.inventory import Inventory, Node
+from cluster.decide.firewall import PortSpan, chain_name, open_ports, protected_ports
+from cluster.decide.inventory import Inventory, Node
+from cluster.remote.supervisor import TCP_LISTEN, parse_tcp_table
 from cluster.sandbox.dockerd import ensure_local_docker
-from cluster.supervisor import TCP_LISTEN, parse_tcp_table
 from tests.support.cli import vcluster
 
 pytestmark = pytest.mark.e2e

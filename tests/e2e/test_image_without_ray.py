@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.inventory import Inventory, load_inventory
-from cluster.ray_image import SOURCE_ID_LABEL
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.decide.ray_image import SOURCE_ID_LABEL
+from cluster.nodes.session import Session
 from cluster.sandbox.images import WHEELHOUSE, WORKLOAD_IMAGE_WITHOUT_RAY
-from cluster.session import Session
 from tests.support.cli import UP_TIMEOUT_S, vcluster
 from tests.support.faults import seconds_to_first_chat
 from tests.support.images import put_on_nodes

@@ -21,8 +21,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster.inventory import load_inventory
-from cluster.session import Session
+from cluster.decide.inventory import load_inventory
+from cluster.nodes.session import Session
 
 pytestmark = pytest.mark.e2e
 

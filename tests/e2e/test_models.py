@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster.inventory import Inventory, load_inventory
+from cluster.decide.inventory import Inventory, load_inventory
 from tests.support.cli import UP_TIMEOUT_S, vcluster
 from tests.support.routed import MODEL_B, tiny, write_routed_inventory
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.transport.ssh import SshTarget
+from cluster.nodes.transport.ssh import SshTarget
 from tests.support.ssh_lab import LabHost, SshLab, cleanup_stale
 
 LAB_HOSTS = 4

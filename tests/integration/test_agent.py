@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from cluster.serving.catalog import (
+from cluster.remote.serving.catalog import (
     AGENT_TOKEN_FILE,
     SECRETS_DIR,
     ModelEntry,
@@ -97,7 +97,7 @@ class AgentProcess:
         self.log_path = tmp_path / "agent.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.serving", "agent", str(path), "worker"],
+            [sys.executable, "-m", "cluster.remote.serving", "agent", str(path), "worker"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 20

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster.collective import PID_FILE
+from cluster.remote.collective import PID_FILE
 from cluster.steps.collective import STOP_SCRIPT
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.distribution.chain import NoRoom
-from cluster.distribution.manifest import Item, hub_folder, model_items
-from cluster.distribution.transfer import ChainNode, check_node, distribute
-from cluster.transport.ssh import connect
+from cluster.decide.chain import NoRoom
+from cluster.decide.manifest import Item, hub_folder, model_items
+from cluster.nodes.transfer import ChainNode, check_node, distribute
+from cluster.nodes.transport.ssh import connect
 from tests.integration.conftest import lab_target
 from tests.support.ssh_lab import SshLab
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.checks import Status
-from cluster.firewall import EPHEMERAL_CHAIN
-from cluster.inventory import Inventory, load_inventory
-from cluster.session import Session
+from cluster.decide.checks import Status
+from cluster.decide.firewall import EPHEMERAL_CHAIN
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.nodes.session import Session
 from cluster.steps.base import SilentReporter
 from cluster.steps.context import UpContext
 from cluster.steps.firewall import firewall_results, install_firewall, remove_firewall

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.lock import LOCK_DIR, ClusterBusy, ClusterLock, lock_path
+from cluster.nodes.lock import LOCK_DIR, ClusterBusy, ClusterLock, lock_path
+from cluster.nodes.transport.docker import docker_client
+from cluster.nodes.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
 from cluster.sandbox.dockerd import LocalDocker, ensure_local_docker
-from cluster.transport.docker import docker_client
-from cluster.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
 from tests.support.ssh_lab import SshLab
 
 pytestmark = pytest.mark.integration

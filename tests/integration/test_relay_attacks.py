@@ -24,10 +24,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from cluster.distribution.manifest import Item
-from cluster.distribution.relay import CHUNK, MAX_FRAME, STAMPS
-from cluster.distribution.transfer import ChainNode, check_node, frame, relay_argv
-from cluster.transport.ssh import connect
+from cluster.decide.manifest import Item
+from cluster.nodes.transfer import ChainNode, check_node, frame, relay_argv
+from cluster.nodes.transport.ssh import connect
+from cluster.remote.relay import CHUNK, MAX_FRAME, STAMPS
 from tests.integration.conftest import lab_target
 from tests.support.ssh_lab import SshLab
 

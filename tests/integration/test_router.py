@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.serving.catalog import ModelEntry, NodeDevices, ServingConfig
+from cluster.remote.serving.catalog import ModelEntry, NodeDevices, ServingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "support" / "standin_vllm.py"
@@ -80,7 +80,7 @@ class Cluster:
         self.log = open(tmp_path / "router.log", "wb")  # noqa: SIM115 (closed in stop)
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "cluster.serving", role, str(path), node],
+                [sys.executable, "-m", "cluster.remote.serving", role, str(path), node],
                 env=env,
                 stdout=self.log,
                 stderr=subprocess.STDOUT,

@@ -1,10 +1,10 @@
-"""How the router passes answers on (cluster/serving/upstream.py), against real servers.
+"""How the router passes answers on (cluster/remote/serving/upstream.py), against real servers.
 
 The model is either the stand-in (tests/support/standin_vllm.py: many streams at once, kept-alive
 connections, a client that leaves) or a tiny raw-socket server started by the test, which
 answers exactly the bytes the test needs: chunk extensions and trailers, size lines and CRLFs
 cut between reads, streams cut midway, idle connections closed, Content-Length answers. The
-router is the real one (`python -m cluster.serving`), as in tests/integration/test_router.py,
+router is the real one (`python -m cluster.remote.serving`), as in tests/integration/test_router.py,
 whose harness this reuses.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.serving.catalog import ModelEntry
+from cluster.remote.serving.catalog import ModelEntry
 from tests.integration.test_router import (
     KEY,
     PORT,

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
+from cluster.nodes.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import WORKLOAD_IMAGE, image_id
 from cluster.sandbox.nodes import SANDBOX_LABEL
 from cluster.sandbox.sandbox import Sandbox, sandbox_down, sandbox_up
-from cluster.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
 
 pytestmark = [
     pytest.mark.integration,

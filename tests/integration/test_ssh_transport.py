@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.transport.fanout import FanOutError, fan_out
-from cluster.transport.ssh import (
+from cluster.nodes.transport.fanout import FanOutError, fan_out
+from cluster.nodes.transport.ssh import (
     NO_EXIT_STATUS,
     AuthenticationFailed,
     CommandFailed,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.plan import supervisor_source
-from cluster.supervisor import SERVE_FILE, STATE_FILE, session_members
+from cluster.decide.plan import supervisor_source
+from cluster.remote.supervisor import SERVE_FILE, STATE_FILE, session_members
 
 # The stand-in vLLM: a leader that outlives its child titled like vLLM's engine core (as vLLM's
 # API server can outlive its engine core).

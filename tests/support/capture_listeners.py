@@ -3,7 +3,7 @@ from and the listener fixtures are parsed from.
 
     python -m tests.support.capture_listeners INVENTORY OUTDIR [--name PREFIX]
 
-Runs `cluster.listeners.LISTENERS_SCRIPT` in each node's container (`vcluster exec`), writes
+Runs `cluster.decide.listeners.LISTENERS_SCRIPT` in each node's container (`vcluster exec`), writes
 OUTDIR/PREFIX-NODE.txt, and prints what listens where and what protects it, as `check` names it.
 """
 
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.inventory import load_inventory
-from cluster.listeners import LISTENERS_SCRIPT, classify, parse_listeners
+from cluster.decide.inventory import load_inventory
+from cluster.decide.listeners import LISTENERS_SCRIPT, classify, parse_listeners
 from tests.support.cli import vcluster
 
 

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 
 import openai
 
-from cluster.inventory import Inventory
-from cluster.plan import SUPERVISOR_STATE_DIR, container_name
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import SUPERVISOR_STATE_DIR, container_name
+from cluster.nodes.session import Session
+from cluster.remote.supervisor import STATE_FILE
 from cluster.sandbox.dockerd import ensure_local_docker
-from cluster.session import Session
-from cluster.supervisor import STATE_FILE
 
 
 class Nodes:

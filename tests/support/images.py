@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
+from cluster.nodes.session import Session
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import build_images, image_id
 from cluster.sandbox.transfer import image_to_nodes
-from cluster.session import Session
 
 
 def put_on_nodes(inventory_path: Path, image: str) -> str:

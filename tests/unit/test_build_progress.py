@@ -10,7 +10,8 @@ from typing import TypeVar
 
 import pytest
 
-from cluster.build_progress import (
+from cluster.errors import VclusterError
+from cluster.nodes.build_progress import (
     BuildStep,
     CommandOutput,
     DockerBuildProgress,
@@ -23,7 +24,6 @@ from cluster.build_progress import (
     pip_has_raw_progress,
     shorten,
 )
-from cluster.errors import VclusterError
 from cluster.progress import ProgressBoard
 from cluster.sandbox.images import _run_logged
 from tests.support.probe_output import FIXTURES

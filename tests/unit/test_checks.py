@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from cluster.checks import (
+from cluster.decide.checks import (
     GIB,
     RULES,
     CheckInput,
@@ -43,10 +43,10 @@ from cluster.checks import (
     results_table,
     run_checks,
 )
+from cluster.decide.inventory import Inventory
+from cluster.decide.runtime import Runtime
 from cluster.facts.gpu import GpuFacts, GpuProblemKind, GpuProcess, parse_topology
 from cluster.facts.host import DiskSpace, DockerFacts, HostFacts, RouteToHead, parse_probe
-from cluster.inventory import Inventory
-from cluster.runtime import Runtime
 from tests.support.probe_output import H200, H200X2, compose_probe, h200_sections, read
 
 HEALTHY = parse_probe(compose_probe(h200_sections()))

@@ -19,10 +19,8 @@ from typing import Any
 
 import pytest
 
-from cluster import collective
-from cluster.checks import Status, failed
-from cluster.collective import MARK, MIB, bus_bandwidth, iterations_for
-from cluster.collective_report import (
+from cluster.decide.checks import Status, failed
+from cluster.decide.collective_report import (
     CollectiveRun,
     NodeHcas,
     figures_table,
@@ -33,12 +31,14 @@ from cluster.collective_report import (
     transport_summary,
     verdicts,
 )
-from cluster.collective_store import load_last_run, save_last_run
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import NodeFacts, build_plan
 from cluster.facts.fabric import INFINIBAND_SCRIPT, HcaPort, parse_infiniband, parse_nccl_ranks
 from cluster.facts.gpu import parse_topology
 from cluster.facts.host import parse_probe
-from cluster.inventory import Inventory
-from cluster.plan import NodeFacts, build_plan
+from cluster.remote import collective
+from cluster.remote.collective import MARK, MIB, bus_bandwidth, iterations_for
+from cluster.report.collective_store import load_last_run, save_last_run
 from cluster.steps.collective import node_configs, node_hcas, program_source, sizes
 from tests.support.probe_output import compose_probe, h200_sections
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.distribution import relay
-from cluster.distribution.chain import (
+from cluster.decide.chain import (
     NoRoom,
     chain_order,
     lacking,
@@ -19,8 +18,9 @@ from cluster.distribution.chain import (
     room_problems,
     routed_items,
 )
-from cluster.distribution.manifest import Item, SourceError, hub_folder, model_items
-from cluster.distribution.transfer import ChainNode, NodeReport, plan_hops
+from cluster.decide.manifest import Item, SourceError, hub_folder, model_items
+from cluster.nodes.transfer import ChainNode, NodeReport, plan_hops
+from cluster.remote import relay
 
 
 @pytest.fixture(autouse=True)

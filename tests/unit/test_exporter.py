@@ -17,8 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.exporter import STALE_AFTER_INTERVALS, ClusterCollector
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
+from cluster.report.exporter import STALE_AFTER_INTERVALS, ClusterCollector
 from tests.unit.test_metrics import snapshot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_a_fresh_snapshot_is_served_as_it_was_taken():
 
 def test_a_snapshot_older_than_the_stale_limit_reads_every_node_down(caplog):
     collector = collector_with(refreshed_seconds_ago=(STALE_AFTER_INTERVALS + 1) * INTERVAL_S)
-    with caplog.at_level(logging.WARNING, logger="cluster.exporter"):
+    with caplog.at_level(logging.WARNING, logger="cluster.report.exporter"):
         assert samples(collector, "vcluster_node_up") == {"gpu-a": 0.0, "gpu-b": 0.0}
         assert samples(collector, "vcluster_node_healthy") == {"gpu-a": 0.0, "gpu-b": 0.0}
         assert samples(collector, "vcluster_vllm_up") == {"": 0.0}
@@ -72,7 +72,7 @@ def test_the_warning_shows_where_the_stuck_refresh_waits(caplog):
     try:
         while collector._refresher is None:
             time.sleep(0.01)
-        with caplog.at_level(logging.WARNING, logger="cluster.exporter"):
+        with caplog.at_level(logging.WARNING, logger="cluster.report.exporter"):
             samples(collector, "vcluster_node_up")
     finally:
         release.set()

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from cluster.checks import CheckInput, Status, check_infiniband
+from cluster.decide.checks import CheckInput, Status, check_infiniband
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import MEMLOCK_UNLIMITED, NodeFacts, build_plan, render_text
 from cluster.facts.fabric import (
     INFINIBAND_SCRIPT,
     Gid,
@@ -36,8 +38,6 @@ from cluster.facts.fabric import (
 )
 from cluster.facts.host import HostFacts, parse_probe
 from cluster.facts.probe import probe_argv
-from cluster.inventory import Inventory
-from cluster.plan import MEMLOCK_UNLIMITED, NodeFacts, build_plan, render_text
 from tests.support.probe_output import FABRIC, H200, H200X2, compose_probe, h200_sections, read
 
 H100 = FABRIC / "h100x1"

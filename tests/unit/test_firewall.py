@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.checks import Status
-from cluster.firewall import (
+from cluster.decide.checks import Status
+from cluster.decide.firewall import (
     CHAIN_NAME_MAX,
     EPHEMERAL_CHAIN,
     LOOPBACK,
@@ -40,7 +40,7 @@ from cluster.firewall import (
     transaction,
     wanted_chains,
 )
-from cluster.inventory import Inventory, load_inventory
+from cluster.decide.inventory import Inventory, load_inventory
 from cluster.steps.firewall import restore_message
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from cluster.facts.image import (
     parse_image_probe,
     probe_argv,
 )
-from cluster.image_cache import ImageFactsCache
+from cluster.nodes.image_cache import ImageFactsCache
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "image-facts"
 

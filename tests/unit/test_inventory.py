@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.decide.inventory import load_inventory
 from cluster.errors import ExitCode, InventoryError
-from cluster.inventory import load_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,10 +1,10 @@
 """The import layering of `cluster/`: what decides never reaches a node, nothing imports back up.
 
-Layers, from the top: the CLI (`cluster/cli`), the steps of `up` and `down` (`cluster/steps`),
-the modules that touch nodes (over `cluster.session`, `cluster.transport`, paramiko, docker),
-and the pure modules that decide (inventory, plan, checks, parsers of facts). Read from each
-module's own imports (`ast`, every import in the file, `TYPE_CHECKING` ones too): a module
-imports what it names, and through it everything that one imports.
+The package's folders are layers (LAYERS, from the bottom up): the programs shipped to nodes,
+the probes of facts, the pure decisions, the node layer, the reports, the steps of `up` and
+`down`, the CLI. Read from each module's own imports (`ast`, every import in the file,
+`TYPE_CHECKING` ones too): a module imports what it names, and through it everything that one
+imports.
 """
 
 from __future__ import annotations
@@ -15,44 +15,32 @@ from pathlib import Path
 
 import pytest
 
-from cluster.shipped import PACKAGE, SHIPPED_FILES
+from cluster.remote.registry import PACKAGE, SHIPPED_FILES
 
-IMPORTS_CLI = {
-    "cluster.__main__": "`python -m cluster` is the CLI's entry point",
-}
-"""Modules outside `cluster/cli` that may import it, each with its reason."""
+LAYERS = (
+    ("cluster.remote", "programs shipped to nodes: standard library and each other only"),
+    ("cluster.errors", "the error types every layer raises"),
+    ("cluster.progress", "the progress lines every layer writes"),
+    ("cluster.facts", "probes: what to run on a node, and pure parsers of what it printed"),
+    ("cluster.decide", "pure decisions: inventory, plan, checks, runtime, traps"),
+    ("cluster.nodes", "effects on nodes: transport, session, containers, images, clients"),
+    ("cluster.sandbox", "the local GPU-less cluster, built on the node layer"),
+    ("cluster.report", "status, metrics and the exporter, gathered over the node layer"),
+    ("cluster.steps", "the steps of `up` and `down`"),
+    ("cluster.cli", "commands and every table a person reads"),
+    ("cluster.__main__", "`python -m cluster`"),
+)
+"""The package's folders from the bottom up, each with its job: a module imports only from its
+own folder and the folders below it."""
 
-IMPORTS_STEPS: dict[str, str] = {}
-"""Modules outside `cluster/steps` and `cluster/cli` that may import `cluster.steps`, each with
-its reason (none today)."""
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
+"""(importing module, imported module) pairs that run against the layers, each with its reason
+(none today)."""
 
-PURE = [
-    "cluster.checks",
-    "cluster.collective_report",
-    "cluster.errors",
-    "cluster.facts.fabric",
-    "cluster.facts.gpu",
-    "cluster.facts.host",
-    "cluster.facts.image",
-    "cluster.facts.probe",
-    "cluster.firewall",
-    "cluster.inventory",
-    "cluster.distribution.chain",
-    "cluster.model_plan",
-    "cluster.plan",
-    "cluster.python_packages",
-    "cluster.ray",
-    "cluster.ray_image",
-    "cluster.runtime",
-    "cluster.serving.catalog",
-    "cluster.serving.placement",
-    "cluster.serving.routes",
-    "cluster.traps",
-    "cluster.yaml_positions",
-]
-"""The modules that decide: data in, data out, no node reached."""
+PURE_LAYERS = ("cluster.facts", "cluster.decide")
+"""The layers that decide: data in, data out, no node reached."""
 
-NODE_LAYER = ("paramiko", "docker", "cluster.transport", "cluster.session")
+NODE_LAYER = ("paramiko", "docker", "cluster.nodes.transport", "cluster.nodes.session")
 
 
 def module_name(path: Path) -> str:
@@ -103,24 +91,43 @@ def importers_of(package: str, allowed: tuple[str, ...]) -> dict[str, list[str]]
     }
 
 
-def test_only_the_cli_imports_the_cli():
-    found = importers_of("cluster.cli", ("cluster.cli",))
-    assert set(found) == set(IMPORTS_CLI), found
+def layer_of(module: str) -> int:
+    """The module's place in LAYERS (the package's bare `__init__` sits below them all)."""
+    if module == "cluster":
+        return -1
+    for rank, (folder, _job) in enumerate(LAYERS):
+        if within(module, folder):
+            return rank
+    raise AssertionError(f"{module} is in no layer: give its folder a place in LAYERS")
 
 
-def test_only_the_cli_and_the_steps_import_the_steps():
-    found = importers_of("cluster.steps", ("cluster.steps", "cluster.cli"))
-    assert set(found) == set(IMPORTS_STEPS), found
+def test_every_module_is_in_a_layer():
+    for module in imports():
+        layer_of(module)
 
 
-@pytest.mark.parametrize("module", PURE)
+def test_no_import_runs_up_the_layers():
+    upward = sorted(
+        (module, imported)
+        for module, imported_modules in imports().items()
+        for imported in imported_modules
+        if imported in imports()  # a module, not a name imported from one
+        and layer_of(imported) > layer_of(module)
+        and (module, imported) not in ALLOWED_UPWARD
+    )
+    assert upward == [], "imports that run up the layers: " + ", ".join(
+        f"{module} -> {imported}" for module, imported in upward
+    )
+
+
+def pure_modules() -> list[str]:
+    return sorted(m for m in imports() if any(within(m, layer) for layer in PURE_LAYERS))
+
+
+@pytest.mark.parametrize("module", pure_modules())
 def test_a_module_that_decides_reaches_no_node(module: str):
     reaching = sorted(i for i in reached(module) if any(within(i, n) for n in NODE_LAYER))
     assert reaching == [], f"{module} imports the node layer"
-
-
-def test_the_pure_modules_named_here_exist():
-    assert set(PURE) <= set(imports())
 
 
 def test_no_module_imports_itself_back():
@@ -135,14 +142,23 @@ def test_a_program_shipped_to_a_node_imports_only_what_is_shipped_with_it():
     for path in SHIPPED_FILES:
         module = module_name(PACKAGE / path)
         ours = {i for i in imports()[module] if within(i, "cluster")}
-        if within(module, "cluster.serving"):
-            outside = {i for i in ours if not within(i, "cluster.serving") and i != "cluster"}
+        if within(module, "cluster.remote.serving"):
+            outside = {
+                i for i in ours if not within(i, "cluster.remote.serving") and i != "cluster"
+            }
         else:
             outside = ours
         assert outside == set(), f"{path} imports {sorted(outside)}, which is not shipped with it"
 
 
 def test_the_layering_reads_real_imports():
-    """The reading itself: a known import of a step, and a known path to paramiko."""
+    """The reading itself: a known import of a step, a known path to paramiko, and an upward
+    import seen as one."""
     assert "cluster.steps.model_files" in imports()["cluster.cli.models"]
-    assert "paramiko" in reached("cluster.session")
+    assert "paramiko" in reached("cluster.nodes.session")
+    assert (
+        layer_of("cluster.steps.up")
+        > layer_of("cluster.nodes.session")
+        > layer_of("cluster.decide.plan")
+    )
+    assert len(pure_modules()) > 20

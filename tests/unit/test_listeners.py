@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from cluster.checks import Status
-from cluster.inventory import Inventory, load_inventory
-from cluster.listeners import (
+from cluster.decide.checks import Status
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.decide.listeners import (
     FIREWALLED,
     Listener,
     check_listeners,

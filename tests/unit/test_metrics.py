@@ -10,9 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from cluster.facts.gpu import parse_query_gpu
-from cluster.metrics import cluster_metrics
-from cluster.status import ClusterStatus, NodeStatus, VllmStatus
-from cluster.vllm import parse_serving_metrics
+from cluster.nodes.vllm import parse_serving_metrics
+from cluster.report.metrics import cluster_metrics
+from cluster.report.status import ClusterStatus, NodeStatus, VllmStatus
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 H200_GPUS, _ = parse_query_gpu(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.inventory import load_inventory
-from cluster.plan import NodeFacts, PlanError, build_plan, render_text
-from cluster.serving.agent import api_host, rank_argv, rank_environment
-from cluster.serving.catalog import ServingConfig
+from cluster.decide.inventory import load_inventory
+from cluster.decide.plan import NodeFacts, PlanError, build_plan, render_text
+from cluster.remote.serving.agent import api_host, rank_argv, rank_environment
+from cluster.remote.serving.catalog import ServingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventory" / "gpu-models.yaml"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.node_commands import exec_argv, logs_argv
+from cluster.decide.node_commands import exec_argv, logs_argv
 
 
 def test_exec_passes_the_command_as_argv_items():

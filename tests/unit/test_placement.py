@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.facts.gpu import parse_query_gpu
-from cluster.serving.catalog import NodeDevices
-from cluster.serving.placement import (
+from cluster.remote.serving.catalog import NodeDevices
+from cluster.remote.serving.placement import (
     Activation,
     NoRoom,
     Resident,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.facts.image import parse_image_probe
-from cluster.inventory import Inventory, load_inventory
-from cluster.plan import (
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.decide.plan import (
     LABEL_CLUSTER,
     LABEL_EXECUTOR,
     LABEL_NODE,
@@ -23,8 +22,9 @@ from cluster.plan import (
     render_text,
     supervisor_argv,
 )
-from cluster.ray_image import recipe_for
-from cluster.runtime import RaySupply, Runtime, choose_runtime
+from cluster.decide.ray_image import recipe_for
+from cluster.decide.runtime import RaySupply, Runtime, choose_runtime
+from cluster.facts.image import parse_image_probe
 
 REPO = Path(__file__).resolve().parents[2]
 

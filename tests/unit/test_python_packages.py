@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.python_packages import normalize_name, parse_wheel_name, version_tuple
+from cluster.decide.python_packages import normalize_name, parse_wheel_name, version_tuple
 
 
 def test_names_are_compared_as_pep_503_says():

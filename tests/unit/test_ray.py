@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
+from cluster.facts.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ray"
 
@@ -48,7 +48,7 @@ def test_the_head_address_is_an_argument_not_part_of_the_script():
 def test_a_real_h200_node_is_read_with_its_two_gpus_and_agrees_with_nvidia_smi():
     # vcluster's own query (RAY_NODES_SCRIPT) against Ray 2.60.0 with token authentication on a
     # lent 2 x H200 machine (tests/fixtures/ray/capture-h200.sh)
-    from cluster.checks import Status, check_ray_nodes
+    from cluster.decide.checks import Status, check_ray_nodes
     from cluster.facts.host import parse_probe
     from tests.support.probe_output import H200X2, read
 

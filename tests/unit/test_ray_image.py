@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.facts.image import parse_image_probe
-from cluster.image_build import build_context
-from cluster.ray_image import (
+from cluster.decide.ray_image import (
     DEFAULT_INDEX_URL,
     RayImageError,
     constraints_text,
@@ -21,6 +19,8 @@ from cluster.ray_image import (
     ray_requirement,
     recipe_for,
 )
+from cluster.facts.image import parse_image_probe
+from cluster.nodes.image_build import build_context
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "image-facts"
 SOURCE_ID = "sha256:2ad7ec1c6bbc52fb488edd7caca61df5324dab0d5408bde7cee25ea657ab5ccf"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cluster.checks import Status, check_runtime
+from cluster.decide.checks import Status, check_runtime
+from cluster.decide.inventory import Inventory
+from cluster.decide.ray_image import recipe_for
+from cluster.decide.runtime import RaySupply, assumed_runtime, choose_runtime
 from cluster.facts.image import parse_image_probe
-from cluster.inventory import Inventory
-from cluster.ray_image import recipe_for
-from cluster.runtime import RaySupply, assumed_runtime, choose_runtime
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "image-facts"
 WITH_RAY = parse_image_probe((FIXTURES / "vllm-cpu-0.32.0.txt").read_text(), "sha256:" + "a" * 64)

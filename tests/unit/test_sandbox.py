@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.inventory import load_inventory
+from cluster.decide.inventory import load_inventory
 from cluster.sandbox.dockerd import LocalDocker, dockerd_argv
 from cluster.sandbox.images import (
     docker_build_argv,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.decide.inventory import generated_ray_token_path
+from cluster.decide.plan import agent_token_path
+from cluster.decide.secrets import SecretRef, ensure_token_file, state_dir
 from cluster.errors import VclusterError
-from cluster.inventory import generated_ray_token_path
-from cluster.plan import agent_token_path
-from cluster.secrets import SecretRef, ensure_token_file, state_dir
 
 
 def test_a_made_token_is_random_long_and_readable_by_its_owner_only(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.serving.auth import bearer_matches
+from cluster.remote.serving.auth import bearer_matches
 
 SECRET = "s3cret-key"
 

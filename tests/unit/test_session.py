@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.inventory import load_inventory
-from cluster.session import ssh_target, ssh_timeouts
+from cluster.decide.inventory import load_inventory
+from cluster.nodes.session import ssh_target, ssh_timeouts
 
 REPO = Path(__file__).resolve().parents[2]
 

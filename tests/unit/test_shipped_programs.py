@@ -1,7 +1,7 @@
 """Every program vcluster runs on a node keeps to the oldest Python it promises there (3.8).
 
 The controller runs 3.11, so nothing else would notice a newer construct before a host does.
-Three checks per program of `cluster.shipped`: its grammar (`ast.parse(feature_version=)`), a walk
+Three checks per program of `cluster.remote.registry`: its grammar (`ast.parse(feature_version=)`), a walk
 for the newer library uses that pass the grammar check (`str.removeprefix`, `list[int]` or
 `int | None` evaluated at run time, `zip(strict=)`, ...), and, where a Python 3.8 interpreter is
 installed, the program compiled and its top level run by it. And the registry is complete: no
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.serving.bundle import bundle_bytes
-from cluster.shipped import (
+from cluster.remote.registry import (
     COLLECTIVE,
     MULTICAST,
     OLDEST_PYTHON,
@@ -36,11 +35,12 @@ from cluster.shipped import (
     shipped_sources,
     source,
 )
+from cluster.remote.serving.bundle import bundle_bytes
 
 PROGRAMS = [(path, source(path)) for path in SHIPPED_FILES] + sorted(shipped_sources().items())
 
 ONLY_READ_BESIDE_ITSELF = {
-    "cluster/shipped.py": "the registry: it reads the shipped modules",
+    "cluster/remote/registry.py": "the registry: it reads the shipped modules",
     "cluster/sandbox/images.py": "the sandbox's image recipes (images/), used on the controller",
 }
 """The modules that may name `__file__`: any other one that reads code beside itself would be
@@ -408,7 +408,7 @@ def test_no_module_but_the_registry_reads_code_beside_itself():
     }
     assert naming_file == set(ONLY_READ_BESIDE_ITSELF), (
         "a module that reads a file beside itself to send it to a node: add the file to "
-        "cluster.shipped.SHIPPED_FILES and read it with cluster.shipped.source()"
+        "cluster.remote.registry.SHIPPED_FILES and read it with cluster.remote.registry.source()"
     )
 
 
@@ -433,7 +433,7 @@ def test_every_program_kept_in_a_string_is_registered():
             ):
                 name = module.removesuffix(".py").replace("/", ".")
                 found |= {(name, t.id) for t in node.targets if isinstance(t, ast.Name)}
-    assert found == set(SHIPPED_SOURCES), "add it to cluster.shipped.SHIPPED_SOURCES"
+    assert found == set(SHIPPED_SOURCES), "add it to cluster.remote.registry.SHIPPED_SOURCES"
 
 
 def _from_registry(tree: ast.Module, module: str) -> set[str]:
@@ -477,7 +477,7 @@ def test_every_python_dash_c_takes_its_program_from_the_registry():
             if _shape(program) not in registered:
                 unregistered.append(f"{module}:{node.lineno}: python3 -c {ast.unparse(program)}")
     assert unregistered == [], (
-        "take the program from cluster.shipped (SHIPPED_FILES, SHIPPED_SOURCES)"
+        "take the program from cluster.remote.registry (SHIPPED_FILES, SHIPPED_SOURCES)"
     )
 
 

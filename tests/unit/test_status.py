@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from cluster.facts.image import parse_image_probe
-from cluster.status import ClusterStatus, NodeStatus, VllmStatus, render_table, uptime
+from cluster.report.status import ClusterStatus, NodeStatus, VllmStatus, render_table, uptime
 
 REPO = Path(__file__).resolve().parents[2]
 

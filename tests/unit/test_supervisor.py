@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.plan import build_plan, supervisor_argv
-from cluster.supervisor import (
+from cluster.decide.plan import build_plan, supervisor_argv
+from cluster.remote.supervisor import (
     BACKOFF_S,
     TCP_CLOSE_WAIT,
     backoff_s,

@@ -15,14 +15,11 @@ from typing import Any
 
 import pytest
 
-from cluster.checks import CheckInput, Status, check_known_traps
-from cluster.errors import InventoryError
-from cluster.facts.fabric import Multicast, parse_multicast
-from cluster.facts.host import HostFacts, parse_probe
-from cluster.inventory import Inventory, load_inventory
-from cluster.plan import NodeFacts, build_plan, render_text
-from cluster.runtime import Runtime
-from cluster.traps import (
+from cluster.decide.checks import CheckInput, Status, check_known_traps
+from cluster.decide.inventory import Inventory, load_inventory
+from cluster.decide.plan import NodeFacts, build_plan, render_text
+from cluster.decide.runtime import Runtime
+from cluster.decide.traps import (
     TRAP_NAMES,
     TRAPS,
     CompilationConfig,
@@ -33,6 +30,9 @@ from cluster.traps import (
     choose_mitigations,
     mitigated_argv,
 )
+from cluster.errors import InventoryError
+from cluster.facts.fabric import Multicast, parse_multicast
+from cluster.facts.host import HostFacts, parse_probe
 from tests.support.probe_output import FABRIC, H200X2, compose_probe, read
 
 MNNVL = "flashinfer-allreduce-without-multicast"

@@ -1,4 +1,4 @@
-"""The router's upstream side (cluster/serving/upstream.py): an answer's head, the framing of a
+"""The router's upstream side (cluster/remote/serving/upstream.py): an answer's head, the framing of a
 chunked body followed over the pieces it arrives in, and the request bytes.
 
 The answers are real ones, captured from uvicorn, the server vLLM's API server runs on
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.serving import upstream
-from cluster.serving.upstream import (
+from cluster.remote.serving import upstream
+from cluster.remote.serving.upstream import (
     MAX_CHUNK_LINE_BYTES,
     MAX_HEAD_BYTES,
     MAX_TRAILER_BYTES,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.plan import ServeSpec
-from cluster.serving.failures import error_lines, likely_cause
-from cluster.vllm import (
+from cluster.decide.plan import ServeSpec
+from cluster.nodes.vllm import (
     parse_supervisor_state,
     request_serve_argv,
     served_models,
 )
+from cluster.remote.serving.failures import error_lines, likely_cause
 
 # Lines vLLM really printed (FACTS.md, checked on this machine).
 SHM_FAILURE = (

@@ -1,0 +1,451 @@
+"""One health snapshot of the cluster: SSH, containers, Ray and vLLM, gathered in parallel.
+
+`gather_status` costs about one round trip per host (all hosts at once) plus the Ray and vLLM
+queries on the head; `ClusterStatus` renders as a table or JSON and decides health.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import docker
+from rich.table import Table
+
+from cluster.decide.inventory import Inventory
+from cluster.decide.manifest import Item, SourceError, model_items, models_with_source
+from cluster.decide.plan import SUPERVISOR_STATE_DIR, container_name
+from cluster.errors import VclusterError
+from cluster.facts.gpu import GpuInfo
+from cluster.facts.host import HostFacts, parse_probe
+from cluster.facts.image import ImageFacts
+from cluster.facts.probe import probe_argv
+from cluster.facts.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
+from cluster.nodes.containers import ContainerState, inspect_container
+from cluster.nodes.image_cache import image_facts_cache
+from cluster.nodes.model_admin import models_report
+from cluster.nodes.router_client import ModelStatus
+from cluster.nodes.session import Session
+from cluster.nodes.transfer import ChainNode, chain_nodes, check_node
+from cluster.nodes.transport.ssh import SshConnection
+from cluster.nodes.vllm import (
+    ServingMetrics,
+    SupervisedVllm,
+    http_get,
+    parse_serving_metrics,
+    parse_supervisor_state,
+    served_models,
+    supervisor_state_argv,
+)
+from cluster.report.collective_store import load_last_run
+
+STATUS_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    address: str
+    role: str
+    reachable: bool
+    error: str | None = None
+    container: str | None = None  # docker's state, or None when there is no container
+    started_at: str | None = None
+    image_id: str | None = None
+    ray_alive: bool | None = False
+    """None where the cluster runs no Ray: not applicable, not a failure."""
+    vllm_process: bool | None = None  # None where no vLLM process belongs
+    vllm_state: str | None = None  # the supervisor's: running, backoff, stopped, waiting for X
+    vllm_restarts: int | None = None  # restarts by the supervisor since the container was made
+    vllm_last_exit: str | None = None  # why vLLM last stopped on its own
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_problem: str | None = None
+    model_files: dict[str, str] = field(default_factory=dict)
+    """With models that have a `source`: `3/3 verified` (or what lacks) per model."""
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self.reachable
+            and self.container == "running"
+            and self.ray_alive is not False
+            and self.vllm_process is not False
+            and self.gpu_problem is None
+        )
+
+
+@dataclass(frozen=True)
+class VllmStatus:
+    health: bool = False
+    models: tuple[str, ...] = ()
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    kv_cache_usage: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    cluster: str
+    endpoint: str
+    served_model_name: str
+    accelerator: str
+    nodes: tuple[NodeStatus, ...]
+    ray_nodes_alive: int
+    ray_nodes_expected: int
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    ray_error: str | None = None
+    vllm: VllmStatus = VllmStatus()
+    ray_cluster: bool = True
+    """False when the cluster runs vLLM's own multi-node mode without Ray."""
+    image: ImageFacts | None = None
+    """What the head's image holds, when the controller has probed it (`up` does)."""
+    collective: dict | None = None
+    """The last collective check's figures on this controller (`finished_at`, `ok`, `groups`)."""
+    models: tuple[ModelStatus, ...] = ()
+    """With several models: each as the router reports it."""
+    models_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            all(n.healthy for n in self.nodes)
+            and (not self.ray_cluster or self.ray_nodes_alive == self.ray_nodes_expected)
+            and self.vllm.health
+            and self.served_model_name in self.vllm.models
+            and all(m.state == "loaded" for m in self.models if m.keep_loaded)
+            and self.models_error is None
+        )
+
+    def to_dict(self) -> dict:
+        """The `status --json` document (schema in docs/status.md)."""
+        data = asdict(self)
+        data["image"] = self.image.to_dict() if self.image else None
+        data["schema_version"] = STATUS_SCHEMA_VERSION
+        data["healthy"] = self.healthy
+        for node_data, node in zip(data["nodes"], self.nodes, strict=True):
+            node_data["healthy"] = node.healthy
+        return data
+
+
+def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
+    """Query every node at once, then Ray and vLLM on the head."""
+    session.open()
+    name = container_name(inventory.cluster)
+    head_name = inventory.head.node_name
+    # read the multicast attribute only: no multicast object on GPUs that are serving
+    probe = probe_argv(
+        head_address=inventory.head.address, model_cache=inventory.model_cache, multicast="read"
+    )
+    states = session.on_each(
+        lambda node: _node_state(session, inventory, node, name, node == head_name, probe)
+    )
+    head_state = states.succeeded.get(head_name, (None, None, None, False))[0]
+    ray_cluster = head_state is None or head_state.ray
+    if ray_cluster:
+        ray_alive, resources, ray_error = _ray_view(inventory, session, name)
+    else:
+        ray_alive, resources, ray_error = set(), {}, None
+    nodes = []
+    for node in inventory.nodes:
+        node_name = node.node_name
+        role = "head" if node is inventory.head else "worker"
+        if node_name in session.failed:
+            error = session.failed[node_name].one_line()
+            nodes.append(NodeStatus(node_name, node.address, role, False, error=error))
+            continue
+        outcome = states[node_name]
+        if outcome.error is not None:
+            nodes.append(
+                NodeStatus(node_name, node.address, role, True, error=outcome.error.one_line())
+            )
+            continue
+        state, supervised, facts, serves = outcome.value  # type: ignore[misc]
+        nodes.append(
+            NodeStatus(
+                node_name,
+                node.address,
+                role,
+                True,
+                container=state.status if state else None,
+                started_at=state.started_at if state else None,
+                image_id=state.image_id if state else None,
+                ray_alive=node.address in ray_alive if ray_cluster else None,
+                vllm_process=bool(supervised and supervised.running) if serves else None,
+                vllm_state=supervised.state if supervised else None,
+                vllm_restarts=supervised.restarts if supervised else None,
+                vllm_last_exit=supervised.last_exit_cause if supervised else None,
+                gpus=facts.gpu.gpus,
+                gpu_problem=(
+                    facts.gpu.problem.detail
+                    if facts.gpu.problem and inventory.accelerator == "nvidia"
+                    else None
+                ),
+            )
+        )
+    served = inventory.primary_model.served
+    head_address = inventory.head.address
+    models, models_error = _models_view(inventory, session)
+    files = _model_files_view(inventory, session)
+    nodes = [dataclasses.replace(n, model_files=files.get(n.name, {})) for n in nodes]
+    return ClusterStatus(
+        cluster=inventory.cluster,
+        endpoint=f"http://{head_address}:{inventory.ports.vllm}/v1",
+        served_model_name=served,
+        accelerator=inventory.accelerator,
+        nodes=tuple(nodes),
+        ray_nodes_alive=sum(1 for n in inventory.nodes if n.address in ray_alive),
+        ray_nodes_expected=len(inventory.nodes),
+        ray_resources=resources,
+        ray_error=ray_error,
+        vllm=_vllm_view(inventory, session),
+        ray_cluster=ray_cluster,
+        image=image_facts_cache().get(head_state.image_id) if head_state else None,
+        collective=load_last_run(inventory.cluster),
+        models=models,
+        models_error=models_error,
+    )
+
+
+def _model_files_view(inventory: Inventory, session: Session) -> dict[str, dict[str, str]]:
+    """Per node and model with a `source`: how many of its files a stamp vouches for (no file
+    is read: `check` verifies, `models pull` repairs)."""
+    views: dict[str, dict[str, str]] = {}
+    models = models_with_source(inventory)
+    if not models:
+        return views
+    chain = {n.name: n for n in chain_nodes(inventory, session, reachable_only=True)}
+    for model in models:
+        assert model.source is not None
+        try:
+            items = model_items(Path(model.source).expanduser(), model.name, inventory.model_cache)
+        except SourceError as error:
+            for name in chain:
+                views.setdefault(name, {})[model.served] = f"source unreadable: {error.message}"
+            continue
+        files = [i for i in items if i.kind == "file"]
+        found = session.on_each(functools.partial(_stamped, chain=chain, items=items), list(chain))
+        for name, states in found.succeeded.items():
+            good = sum(1 for i in files if states.get(i.path) == "ok")
+            views.setdefault(name, {})[model.served] = f"{good}/{len(files)} verified"
+    return views
+
+
+def _stamped(name: str, *, chain: dict[str, ChainNode], items: list[Item]) -> dict[str, str]:
+    return check_node(chain[name], items, rehash=False)[0]
+
+
+def _models_view(
+    inventory: Inventory, session: Session
+) -> tuple[tuple[ModelStatus, ...], str | None]:
+    if not inventory.routed:
+        return (), None
+    try:
+        return models_report(inventory, session), None
+    except (VclusterError, KeyError, docker.errors.DockerException) as exc:
+        return (), str(exc)
+
+
+def _node_state(
+    session: Session, inventory: Inventory, node: str, name: str, is_head: bool, probe: list[str]
+) -> tuple[ContainerState | None, SupervisedVllm | None, HostFacts, bool]:
+    """The node's container, its supervisor's report and its facts, and whether vLLM runs
+    there (on every node with vLLM's own executor, on the head alone with Ray's)."""
+    facts = parse_probe(session.ssh(node).run(probe).stdout)
+    client = session.docker(node)
+    state = inspect_container(client, name)
+    executor = (state.executor if state else None) or inventory.default_executor
+    serves = is_head or executor == "mp"
+    if not serves or state is None or not state.running:
+        return state, None, facts, serves
+    result = client.containers.get(name).exec_run(supervisor_state_argv(SUPERVISOR_STATE_DIR))
+    if result.exit_code != 0:
+        return state, None, facts, serves
+    supervised = parse_supervisor_state(result.output.decode(errors="replace"))
+    return state, supervised, facts, serves
+
+
+def _ray_view(
+    inventory: Inventory, session: Session, name: str
+) -> tuple[set[str], dict[str, float], str | None]:
+    head = inventory.head
+    if head.node_name not in session.connections:
+        return set(), {}, "head unreachable"
+    client = session.docker(head.node_name)
+    state = inspect_container(client, name)
+    if state is None or not state.running:
+        return set(), {}, "head container not running"
+    result = client.containers.get(name).exec_run(ray_nodes_argv(head.address, inventory.ports.ray))
+    try:
+        alive = alive_by_address(parse_ray_nodes(result.output.decode(errors="replace")))
+    except RayQueryError:
+        return set(), {}, "Ray head not answering"
+    resources = {
+        "CPU": sum(n.cpus for n in alive.values()),
+        "GPU": sum(n.gpus for n in alive.values()),
+    }
+    return set(alive), resources, None
+
+
+def _vllm_view(inventory: Inventory, session: Session) -> VllmStatus:
+    head = inventory.head
+    if head.node_name not in session.connections:
+        return VllmStatus(error="head unreachable")
+    ssh = session.ssh(head.node_name)
+    port = inventory.ports.vllm
+    key_ref = inventory.secrets.api_key
+    key = key_ref.resolve() if key_ref is not None else None
+    try:
+        health = http_get(ssh, head.address, port, "/health")
+        models = http_get(ssh, head.address, port, "/v1/models", api_key=key)
+    except OSError as exc:
+        return VllmStatus(error=str(exc))
+    load = None if inventory.routed else _vllm_load(ssh, inventory.ports.models)
+    return VllmStatus(
+        health=health.status == 200,
+        models=tuple(served_models(models.body)) if models.status == 200 else (),
+        requests_running=load.requests_running if load else None,
+        requests_waiting=load.requests_waiting if load else None,
+        kv_cache_usage=load.kv_cache_usage if load else None,
+        error=None if models.status == 200 else f"/v1/models answered {models.status}",
+    )
+
+
+def _vllm_load(ssh: SshConnection, port: int) -> ServingMetrics | None:
+    """The one model's load, from its vLLM on the head's loopback (behind the router)."""
+    try:
+        metrics = http_get(ssh, "127.0.0.1", port, "/metrics")
+    except OSError:
+        return None
+    return parse_serving_metrics(metrics.body) if metrics.status == 200 else None
+
+
+def uptime(started_at: str | None, now: dt.datetime | None = None) -> str:
+    """A short age like `3h12m` from Docker's StartedAt timestamp."""
+    if not started_at or started_at.startswith("0001"):
+        return "-"
+    started = dt.datetime.fromisoformat(started_at[:26].rstrip("Z") + "+00:00")
+    seconds = int(((now or dt.datetime.now(dt.UTC)) - started).total_seconds())
+    hours, rest = divmod(max(seconds, 0), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _mark(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def _vllm_cell(node: NodeStatus) -> str:
+    if node.vllm_process is None or node.vllm_process or node.vllm_state is None:
+        return _mark(node.vllm_process)
+    return f"NO ({node.vllm_state})"
+
+
+def render_table(status: ClusterStatus) -> list[Table | str]:
+    """The human view of `status`: a node table, then the cluster and vLLM lines."""
+    table = Table(title=f"cluster {status.cluster}")
+    columns = ("node", "address", "role", "ssh", "container", "up", "image", "ray", "vllm",
+               "restarts")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+    for node in status.nodes:
+        table.add_row(
+            node.name,
+            node.address,
+            node.role,
+            "ok" if node.reachable else "UNREACHABLE",
+            node.container or ("-" if not node.reachable else "NONE"),
+            uptime(node.started_at),
+            (node.image_id or "-").removeprefix("sha256:")[:12],
+            _mark(node.ray_alive) if node.reachable else "-",
+            _vllm_cell(node),
+            "-" if node.vllm_restarts is None else str(node.vllm_restarts),
+        )
+    resources = ", ".join(f"{v:g} {k}" for k, v in status.ray_resources.items() if v)
+    ray_line = f"ray: {status.ray_nodes_alive}/{status.ray_nodes_expected} nodes alive" + (
+        f", {resources}" if resources else ""
+    )
+    if status.ray_error:
+        ray_line += f" ({status.ray_error})"
+    if not status.ray_cluster:
+        ray_line = "ray: not applicable (no Ray cluster: vLLM's own multi-node mode)"
+    vllm = status.vllm
+    if vllm.error and not vllm.health:
+        vllm_line = f"vllm: DOWN ({vllm.error})"
+    else:
+        load = (
+            f"; running {vllm.requests_running:g}, waiting {vllm.requests_waiting:g}"
+            if vllm.requests_running is not None and vllm.requests_waiting is not None
+            else ""
+        )
+        kv = f"; KV cache {vllm.kv_cache_usage:.0%}" if vllm.kv_cache_usage is not None else ""
+        vllm_line = (
+            f"vllm: {'healthy' if vllm.health else 'UNHEALTHY'} at {status.endpoint}, "
+            f"models {', '.join(vllm.models) or 'none'}{load}{kv}"
+        )
+    gpu_table = _gpu_table(status)
+    problems = [f"{n.name}: {n.error}" for n in status.nodes if n.error]
+    problems += [
+        f"{n.name}: vLLM restarted {n.vllm_restarts} time(s), last because {n.vllm_last_exit}"
+        for n in status.nodes
+        if n.vllm_restarts and n.vllm_last_exit
+    ]
+    problems += [f"{n.name}: GPUs: {n.gpu_problem}" for n in status.nodes if n.gpu_problem]
+    files_lines = [
+        f"{n.name}: model files " + ", ".join(f"{m} {state}" for m, state in n.model_files.items())
+        for n in status.nodes
+        if n.model_files
+    ]
+    verdict = "healthy" if status.healthy else "DEGRADED"
+    parts: list[Table | str] = [table]
+    if gpu_table is not None:
+        parts.append(gpu_table)
+    image_line = [f"image: {status.image.summary()}"] if status.image else []
+    models_lines = [
+        f"model {m.name}: {m.state}"
+        + (f" on {m.where}" if m.placement else "")
+        + f", {m.requests} request(s), {m.activations} activation(s)"
+        + (f", last start {m.last_activation_s:g} s" if m.last_activation_s is not None else "")
+        + (f" ({m.failure})" if m.failure and m.state != "loaded" else "")
+        for m in status.models
+    ]
+    if status.models_error:
+        models_lines.append(f"models: the router did not answer ({status.models_error})")
+    return [
+        *parts, *image_line, ray_line, vllm_line, *models_lines, *files_lines, *problems,
+        f"cluster {status.cluster}: {verdict}",
+    ]  # fmt: skip
+
+
+def _value(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:g}{unit}"
+
+
+def _gpu_table(status: ClusterStatus) -> Table | None:
+    """One row per GPU of every node; None in cpu mode or when no node listed a GPU."""
+    if status.accelerator == "cpu" or not any(n.gpus for n in status.nodes):
+        return None
+    table = Table(title="GPUs")
+    for column in ("node", "gpu", "model", "util", "memory", "temp", "power", "ecc", "errors"):
+        table.add_column(column)
+    for node in status.nodes:
+        for gpu in node.gpus:
+            memory = (
+                f"{gpu.memory_used_mib}/{gpu.memory_total_mib} MiB"
+                if gpu.memory_used_mib is not None and gpu.memory_total_mib is not None
+                else "-"
+            )
+            table.add_row(
+                node.name,
+                str(gpu.index),
+                gpu.name or "-",
+                _value(gpu.utilization_pct, "%"),
+                memory,
+                _value(gpu.temperature_c, "C"),
+                _value(gpu.power_draw_w, "W"),
+                _value(gpu.ecc_uncorrected),
+                ", ".join(gpu.errors) or "-",
+            )
+    return table
