@@ -21,8 +21,9 @@ from cluster.cli.lifecycle import (
     status,
     up,
 )
+from cluster.cli.plan_text import render_text
 from cluster.decide.inventory import Inventory, load_inventory
-from cluster.decide.plan import build_plan, declared_facts, render_text
+from cluster.decide.plan import build_plan, declared_facts
 from cluster.steps.up import live_plan
 
 

@@ -17,9 +17,9 @@ from rich.status import Status
 from rich.text import Text
 
 from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
+from cluster.cli.tables import figures_table, results_table, status_view
 from cluster.decide.checks import exit_code as checks_exit_code
-from cluster.decide.checks import results_as_dicts, results_table
-from cluster.decide.collective_report import figures_table
+from cluster.decide.checks import results_as_dicts
 from cluster.decide.inventory import Inventory, load_inventory
 from cluster.decide.node_commands import COMPONENTS, Component, exec_argv, logs_argv
 from cluster.decide.plan import container_name
@@ -34,7 +34,7 @@ from cluster.report.exporter import (
     DEFAULT_PORT,
     ClusterCollector,
 )
-from cluster.report.status import gather_status, render_table
+from cluster.report.status import gather_status
 from cluster.steps.context import DEFAULT_RAY_TIMEOUT_S, DEFAULT_READY_TIMEOUT_S, UpOptions
 from cluster.steps.down import down as run_down
 from cluster.steps.up import gather_checks
@@ -161,7 +161,7 @@ def status(inventory: Path, as_json: bool, watch_s: float | None) -> None:
         click.echo(json.dumps(snapshot.to_dict(), indent=2))
     else:
         console = Console(width=None if sys.stdout.isatty() else 140)
-        for part in render_table(snapshot):
+        for part in status_view(snapshot):
             console.print(escape(part) if isinstance(part, str) else part, highlight=False)
     if not snapshot.healthy:
         sys.exit(int(ExitCode.UNHEALTHY))
@@ -177,7 +177,7 @@ def _watch(inventory: Inventory, interval_s: float) -> None:
                     snapshot = gather_status(inventory, session)
                 taken = time.strftime("%H:%M:%S")
                 parts = [
-                    *render_table(snapshot),
+                    *status_view(snapshot),
                     f"(at {taken}, every {interval_s:g}s; Ctrl-C stops)",
                 ]
                 live.update(Group(*parts), refresh=True)

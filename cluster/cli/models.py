@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cluster.cli.common import INVENTORY, JSON, reports_errors, stderr_console
 from cluster.cli.lifecycle import ConsoleReporter, one_node_session
+from cluster.decide.hub import hub_models
 from cluster.decide.inventory import load_inventory
 from cluster.decide.manifest import models_with_source
 from cluster.errors import UsageError
@@ -21,6 +22,7 @@ from cluster.nodes.model_admin import load_model, models_report, unload_model
 from cluster.nodes.router_client import ModelStatus
 from cluster.nodes.session import Session
 from cluster.nodes.transport.fanout import FanOutError
+from cluster.steps.hub_models import send_hub_models
 from cluster.steps.model_files import send_models
 
 
@@ -59,13 +61,22 @@ def list_(inventory: Path, as_json: bool) -> None:
     for model in report:
         if model.state == "failed" or (model.failure and model.state != "loaded"):
             click.echo(f"{model.name}: {model.failure}")
+        if model.wake_failure:
+            click.echo(f"{model.name}: its last wake failed, it was started cold: "
+                       f"{model.wake_failure}")  # fmt: skip
 
 
 @models.command()
 @INVENTORY
 @click.argument("name")
-@click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
-              help="Seconds to wait for the model to serve.")  # fmt: skip
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for the model to serve.",
+)
 @reports_errors
 def load(inventory: Path, name: str, wait_s: float) -> None:
     """Load NAME now (idle models give way if its GPUs are taken)."""
@@ -80,19 +91,24 @@ def load(inventory: Path, name: str, wait_s: float) -> None:
 @click.argument("names", nargs=-1)
 @reports_errors
 def pull(inventory: Path, names: tuple[str, ...]) -> None:
-    """Send each model's source folder (or the NAMES) to every node, once, through the nodes."""
+    """Send each model's source folder, or its download from the hub (made once), to every
+    node (only the NAMES when given), once, through the nodes."""
     loaded = load_inventory(inventory)
     chosen = models_with_source(loaded, names)
+    from_hub = hub_models(loaded, names)
     unknown = sorted(set(names) - {m.served for m in loaded.model_list})
-    unknown += sorted(set(names) - {m.served for m in chosen} - set(unknown))
-    if unknown or not chosen:
-        with_source = [m.served for m in models_with_source(loaded)]
+    unknown += sorted(set(names) - {m.served for m in chosen + from_hub} - set(unknown))
+    if unknown or not (chosen or from_hub):
+        with_source = [m.served for m in models_with_source(loaded) + hub_models(loaded)]
         raise UsageError(
-            f"no model {', '.join(unknown)} with a source folder in {inventory}" if unknown
-            else f"no model in {inventory} has a source folder",
-            fix=f"models with a source: {', '.join(with_source)}" if with_source
-            else "add source: /folder/on/this/machine to a model",
-        )  # fmt: skip
+            f"no model {', '.join(unknown)} with a source folder or a hub download in {inventory}"
+            if unknown
+            else f"no model in {inventory} has a source folder or a hub download",
+            fix=f"models vcluster sends: {', '.join(with_source)}"
+            if with_source
+            else "add source: /folder/on/this/machine to a model, or name it by its hub id "
+            "(without download: nodes)",
+        )
     with Session(loaded) as session:
         outcome = session.open()
         if outcome.failed:
@@ -101,6 +117,7 @@ def pull(inventory: Path, names: tuple[str, ...]) -> None:
         # not while `up` or `down` changes the cluster
         with ClusterLock(session.ssh(loaded.head.node_name), loaded.cluster, "models pull"):
             lines = send_models(loaded, session, reporter, chosen)
+            lines += send_hub_models(loaded, session, reporter, from_hub)
     for line in lines:
         click.echo(line)
 
@@ -119,11 +136,22 @@ def unload(inventory: Path, name: str) -> None:
 
 def models_table(report: tuple[ModelStatus, ...]) -> Table:
     table = Table(title="models")
-    for column in ("model", "state", "TP x PP", "GPUs", "last used", "in flight", "requests",
-                   "activations", "last start"):  # fmt: skip
+    for column in (
+        "model",
+        "state",
+        "TP x PP",
+        "GPUs",
+        "last used",
+        "in flight",
+        "requests",
+        "activations",
+        "last start",
+        "host memory",
+        "last wake",
+    ):
         table.add_column(column, no_wrap=column in ("model", "state"))
     for model in report:
-        state = model.state + (" (kept)" if model.keep_loaded else "")
+        state = model.shown_state + (" (kept)" if model.keep_loaded else "")
         table.add_row(
             model.name,
             state if model.state != "failed" else "FAILED (below)",
@@ -134,8 +162,16 @@ def models_table(report: tuple[ModelStatus, ...]) -> Table:
             str(model.requests),
             str(model.activations),
             "-" if model.last_activation_s is None else f"{model.last_activation_s:g} s",
+            _gib(model.host_memory_bytes) if model.state == "sleeping" else "-",
+            "-"
+            if model.last_wake_s is None
+            else f"{model.last_wake_s:g} s, {_ago(model.last_wake_at)} ({model.wakes} wake(s))",
         )
     return table
+
+
+def _gib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 1024**3:.1f} GiB"
 
 
 def _ago(epoch: float | None) -> str:

@@ -19,9 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rich.table import Table
-
-from cluster.decide.checks import CheckResult, Status
+from cluster.decide.checks.result import CheckResult, Status
 from cluster.facts.fabric import HcaPort, NcclRank, parse_nccl_ranks, sockets_despite_hcas
 from cluster.facts.gpu import GpuTopology
 from cluster.remote.collective import MARK, MIB
@@ -159,9 +157,15 @@ def read_run(outputs: Mapping[str, str]) -> CollectiveRun:
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # a line cut or mangled: the rest of the run still counts
     return CollectiveRun(
-        tuple(measurements), tuple(ranks["joined"]), tuple(ranks["error"]), tuple(ranks["done"]),
-        stopped, tuple(silent), notes, tuple(transports.values()),
-    )  # fmt: skip
+        tuple(measurements),
+        tuple(ranks["joined"]),
+        tuple(ranks["error"]),
+        tuple(ranks["done"]),
+        stopped,
+        tuple(silent),
+        notes,
+        tuple(transports.values()),
+    )
 
 
 def _rank_transport(event: Mapping) -> RankTransport:
@@ -173,28 +177,41 @@ def _rank_transport(event: Mapping) -> RankTransport:
     rdma = event.get("rdma") or {}
     devices = rdma.get("devices")
     return RankTransport(
-        node=node, rank=rank, nccl=nccl, lines=lines,
+        node=node,
+        rank=rank,
+        nccl=nccl,
+        lines=lines,
         devices=tuple(str(d) for d in devices) if devices is not None else None,
         memlock=rdma.get("memlock"),
         environment={str(k): str(v) for k, v in (rdma.get("environment") or {}).items()},
-    )  # fmt: skip
+    )
 
 
 def _measurement(event: Mapping) -> Measurement:
     return Measurement(
-        scope=str(event["scope"]), group=str(event["group"]), node=str(event["node"]),
-        size=int(event["size"]), ranks=int(event["ranks"]), seconds=float(event["seconds"]),
-        algbw=float(event["algbw"]), busbw=float(event["busbw"]), correct=bool(event["correct"]),
-    )  # fmt: skip
+        scope=str(event["scope"]),
+        group=str(event["group"]),
+        node=str(event["node"]),
+        size=int(event["size"]),
+        ranks=int(event["ranks"]),
+        seconds=float(event["seconds"]),
+        algbw=float(event["algbw"]),
+        busbw=float(event["busbw"]),
+        correct=bool(event["correct"]),
+    )
 
 
 def _rank_event(event: Mapping) -> RankEvent:
     return RankEvent(
-        node=str(event.get("node")), rank=int(event.get("rank", -1)),
-        interface=event.get("interface"), address=event.get("address"),
-        speed_mbps=event.get("speed_mbps"), stage=event.get("stage"), error=event.get("error"),
+        node=str(event.get("node")),
+        rank=int(event.get("rank", -1)),
+        interface=event.get("interface"),
+        address=event.get("address"),
+        speed_mbps=event.get("speed_mbps"),
+        stage=event.get("stage"),
+        error=event.get("error"),
         master=event.get("master"),
-    )  # fmt: skip
+    )
 
 
 def nvlink_bandwidth(
@@ -300,16 +317,30 @@ def transport_rows(
         elif "Socket" in links:
             interfaces = sorted({i for i in map(_socket_interface, ranks) if i is not None})
             over = f" over {', '.join(interfaces)}" if interfaces else ""
-            row = CheckResult(NAME, Status.PASS, f"NCCL crossed to the other nodes over TCP "
-                              f"sockets{over} (no active HCA here)", node)  # fmt: skip
+            row = CheckResult(
+                NAME,
+                Status.PASS,
+                f"NCCL crossed to the other nodes over TCP sockets{over} (no active HCA here)",
+                node,
+            )
         elif links:
             link = "RoCE" if "RoCE" in links else "InfiniBand"
             devices = ", ".join(sorted({d for t in ranks for d in t.nccl.ib_devices})) or "?"
-            row = CheckResult(NAME, Status.PASS, f"NCCL crossed to the other nodes over {link} "
-                              f"({devices}); {_gdr_text(_gdr(ranks), found)}", node)  # fmt: skip
+            row = CheckResult(
+                NAME,
+                Status.PASS,
+                f"NCCL crossed to the other nodes over {link} "
+                f"({devices}); {_gdr_text(_gdr(ranks), found)}",
+                node,
+            )
         else:
-            row = CheckResult(NAME, Status.PASS, "NCCL's INFO lines show no channel of this "
-                              "node's ranks to another node: transport not known", node)  # fmt: skip
+            row = CheckResult(
+                NAME,
+                Status.PASS,
+                "NCCL's INFO lines show no channel of this "
+                "node's ranks to another node: transport not known",
+                node,
+            )
         rows.append(dataclasses.replace(row, data=data))
     return rows
 
@@ -363,9 +394,14 @@ def _sockets_despite_hcas(
     ports = ", ".join(p.name for p in found.ports)
     what += f" ({ports})"
     if ib_disabled:
-        return CheckResult(NAME, Status.WARN, f"{what}: env NCCL_IB_DISABLE=1 asks for it", node,
-                           "remove NCCL_IB_DISABLE from the inventory's env, then "
-                           "`vcluster up --recreate`, to use them")  # fmt: skip
+        return CheckResult(
+            NAME,
+            Status.WARN,
+            f"{what}: env NCCL_IB_DISABLE=1 asks for it",
+            node,
+            "remove NCCL_IB_DISABLE from the inventory's env, then "
+            "`vcluster up --recreate`, to use them",
+        )
     first = on_sockets[0] if on_sockets else ranks[0]
     cause, fix = _sockets_cause(node, first, found)
     return CheckResult(NAME, Status.FAIL, f"{what}: {cause}", node, fix)
@@ -402,10 +438,18 @@ def _sockets_cause(node: str, rank: RankTransport, found: NodeHcas) -> tuple[str
             f"the container's memlock limit is {_bytes(rank.memlock)} (RDMA pins memory)",
             recreate,
         )
-    said = rank.warnings[0] if rank.warnings else next(
-        (line.split(" NCCL INFO ", 1)[1] for line in rank.lines if "NET/IB : No device" in line),
-        "NCCL said nothing of InfiniBand",
-    )  # fmt: skip
+    said = (
+        rank.warnings[0]
+        if rank.warnings
+        else next(
+            (
+                line.split(" NCCL INFO ", 1)[1]
+                for line in rank.lines
+                if "NET/IB : No device" in line
+            ),
+            "NCCL said nothing of InfiniBand",
+        )
+    )
     return (
         f"NCCL found no usable HCA ({said[:200]})",
         f"check the RDMA modules on {node} (ib_uverbs, rdma_ucm, mlx5_ib: `lsmod`), that the "
@@ -444,7 +488,7 @@ def verdicts(
         CheckResult(
             NAME,
             Status.FAIL,
-            f"{m.scope} ({m.group}): the all-reduce of {_size(m.size)} gave wrong sums",
+            f"{m.scope} ({m.group}): the all-reduce of {size_text(m.size)} gave wrong sums",
             m.node,
             "a GPU or a link corrupts data: check ECC errors (nvidia-smi -q), run "
             "dcgmi diag, and take the node out until it is fixed",
@@ -455,10 +499,17 @@ def verdicts(
         return results + [r for r in transports if r.status is not Status.PASS]
     results = [r for r in transports if r.status is Status.FAIL]
     if not run.measurements:
-        return [CheckResult(NAME, Status.FAIL, "every rank joined, but no figure came back",
-                            nodes[0] if nodes else None,
-                            "run `vcluster check --collective` again; if it repeats, run it with a "
-                            "smaller --max-size"), *results]  # fmt: skip
+        return [
+            CheckResult(
+                NAME,
+                Status.FAIL,
+                "every rank joined, but no figure came back",
+                nodes[0] if nodes else None,
+                "run `vcluster check --collective` again; if it repeats, run it with a "
+                "smaller --max-size",
+            ),
+            *results,
+        ]
     rdma = backend != "gloo" and _crossed_over_rdma(run, nodes)
     if backend == "gloo":
         inter_limit = None
@@ -622,7 +673,7 @@ def _bandwidth_row(
     judged_elsewhere: bool,
     rdma: bool = False,
 ) -> CheckResult:
-    figure = f"{m.scope} ({m.group}, {m.ranks} ranks): {_size(m.size)} busbw {_gbs(m.busbw)}"
+    figure = f"{m.scope} ({m.group}, {m.ranks} ranks): {size_text(m.size)} busbw {bandwidth_text(m.busbw)}"
     if limit is None:
         why = "gloo on CPUs" if backend == "gloo" else "link speed unknown"
         if rdma:
@@ -633,7 +684,7 @@ def _bandwidth_row(
             NAME, Status.PASS, f"{figure}; sums right ({why}: no expectation)", m.node
         )
     allowed, basis = limit
-    detail = f"{figure} of {_gbs(allowed)} the links allow ({basis}); sums right"
+    detail = f"{figure} of {bandwidth_text(allowed)} the links allow ({basis}); sums right"
     node = None if m.scope == "inter" else m.node  # across nodes: not one node's figure
     if m.busbw > allowed and not rdma:
         detail += " (faster than the interface: NCCL uses another transport, e.g. InfiniBand)"
@@ -678,17 +729,6 @@ def _figures(group: Sequence[Measurement], limit: tuple[float, str] | None) -> d
     }
 
 
-def figures_table(run: CollectiveRun) -> Table:
-    """The measurements as nccl-tests prints them: size, time, algbw, busbw, correct."""
-    table = Table(title="all-reduce (float32, sum)")
-    for column in ("size", "scope", "group", "ranks", "time", "algbw", "busbw", "sums"):
-        table.add_column(column, justify="right" if column in ("size", "ranks", "time") else "left")
-    for m in sorted(run.measurements, key=lambda m: (m.scope, m.group, m.size)):
-        table.add_row(_size(m.size), m.scope, m.group, str(m.ranks), f"{m.seconds * 1e6:.0f} us",
-                      _gbs(m.algbw), _gbs(m.busbw), "ok" if m.correct else "WRONG")  # fmt: skip
-    return table
-
-
 def summary(run: CollectiveRun) -> list[dict]:
     """The largest size's figures per group: what the exporter's gauges show."""
     return [
@@ -718,9 +758,11 @@ def transport_summary(run: CollectiveRun) -> dict[str, dict]:
     return found
 
 
-def _size(size: int) -> str:
+def size_text(size: int) -> str:
+    """A message size as nccl-tests names it: `4 MiB`, `1 GiB`."""
     return f"{size // (1024 * MIB)} GiB" if size >= 1024 * MIB else f"{size // MIB} MiB"
 
 
-def _gbs(bytes_per_s: float) -> str:
+def bandwidth_text(bytes_per_s: float) -> str:
+    """A bandwidth in GB/s, one decimal."""
     return f"{bytes_per_s / 1e9:.1f} GB/s"

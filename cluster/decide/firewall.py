@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.decide.checks import CheckResult, Status
+from cluster.decide.checks.result import CheckResult, Status
 from cluster.decide.inventory import Inventory
 from cluster.errors import VclusterError
 from cluster.facts.probe import ProbeOutput, split_sections
@@ -148,9 +148,11 @@ def _return_to(span: PortSpan) -> Rule:
 
 def _refuse(span: PortSpan) -> Rule:
     # `--syn` as iptables prints it back: new connections only, answered with a reset
-    return ("-p", "tcp", "-m", "tcp", "--dport", span.argument,
-            "--tcp-flags", "FIN,SYN,RST,ACK", "SYN",
-            "-j", "REJECT", "--reject-with", "tcp-reset")  # fmt: skip
+    return (
+        *("-p", "tcp", "-m", "tcp", "--dport", span.argument),
+        *("--tcp-flags", "FIN,SYN,RST,ACK", "SYN"),
+        *("-j", "REJECT", "--reject-with", "tcp-reset"),
+    )
 
 
 LOOPBACK: Rule = ("-i", "lo", "-j", "RETURN")
@@ -329,8 +331,15 @@ def probe_argv() -> list[str]:
 def apply_argv(transactions: Mapping[IpVersion, str]) -> list[str]:
     """The one command that applies a host's transactions (`iptables-restore`, then
     `ip6tables-restore`), each passed as an argument, never pasted into the script."""
-    return ["sh", "-c", _APPLY_SCRIPT, "vcluster-firewall", str(LOCK_WAIT_S),
-            transactions.get(IpVersion.V4, ""), transactions.get(IpVersion.V6, "")]  # fmt: skip
+    return [
+        "sh",
+        "-c",
+        _APPLY_SCRIPT,
+        "vcluster-firewall",
+        str(LOCK_WAIT_S),
+        transactions.get(IpVersion.V4, ""),
+        transactions.get(IpVersion.V6, ""),
+    ]
 
 
 @dataclass(frozen=True)
@@ -536,9 +545,11 @@ def ports_to_try(
     ephemeral = [
         p
         for p in listening
-        if host.ephemeral is not None and p in host.ephemeral and p not in own
+        if host.ephemeral is not None
+        and p in host.ephemeral
+        and p not in own
         and not any(p in span for span in opened)
-    ]  # fmt: skip
+    ]
     return own + ephemeral[:ephemeral_tries]
 
 
@@ -568,10 +579,13 @@ def check_node(
     ]
     if drift:
         return CheckResult(
-            CHECK_NAME, Status.FAIL, "not as `up` installs it: " + "; ".join(drift), node,
+            CHECK_NAME,
+            Status.FAIL,
+            "not as `up` installs it: " + "; ".join(drift),
+            node,
             "run `vcluster up` (it puts the chains back without stopping the cluster); if they "
             f"go again, something on the host rewrites INPUT (firewalld, ufw reloads): {DOCS}",
-        )  # fmt: skip
+        )
     installed = f"{chain} installed ({versions})"
     reached = [a for a in attempts if a.outcome == "connected"]
     local = reached[0].local_address if reached else None
@@ -581,13 +595,18 @@ def check_node(
     if reached:
         ports = ", ".join(str(a.port) for a in reached)
         return CheckResult(
-            CHECK_NAME, Status.FAIL,
+            CHECK_NAME,
+            Status.FAIL,
             f"{installed}, but port(s) {ports} accepted a connection from this machine "
-            f"({local}), which is not a node", node,
+            f"({local}), which is not a node",
+            node,
             f"look for what accepts it before vcluster's jump (`iptables -S INPUT`); {DOCS}",
-        )  # fmt: skip
-    refused = [f"{a.port}" + (" (no answer)" if a.outcome == "no answer" else "")
-               for a in attempts if a.outcome in ("refused", "no answer")]  # fmt: skip
+        )
+    refused = [
+        f"{a.port}" + (" (no answer)" if a.outcome == "no answer" else "")
+        for a in attempts
+        if a.outcome in ("refused", "no answer")
+    ]
     if refused:
         detail = f"{installed}; from this machine, refused: {', '.join(refused)}"
     elif untried is not None:

@@ -23,7 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.decide.secrets import SecretRef, state_dir
+from cluster.decide.secrets import SecretRef
+from cluster.decide.state_paths import generated_ray_token_path
 from cluster.decide.traps import TRAP_NAMES
 from cluster.decide.yaml_positions import (
     KeyPath,
@@ -307,6 +308,7 @@ class Secrets(_Strict):
 
 _SERVED_NAME_MAX = 128
 _SERVED_NAME = re.compile(r"^[A-Za-z0-9._:/-]+$")
+_REVISION = re.compile(r"^[A-Za-z0-9._/-]{1,256}$")
 _SET = "is set by vcluster;"
 _USE_KEYS = f"{_SET} use the inventory keys (tensor_parallel, pipeline_parallel, ports, nodes)"
 _MANAGED_OPTIONS = {
@@ -324,6 +326,7 @@ _MANAGED_OPTIONS = {
     "--headless": _USE_KEYS,
     "--api-key": f"{_SET} the key is given by secrets.api_key (never in args: `ps` shows them)",
     "--served-model-name": f"{_SET} use served_name",
+    "--enable-sleep-mode": f"{_SET} use sleep: 1 or 2 (docs/models.md)",
     "--hf-token": "is refused (args show in `ps`): give the token by secrets.hf_token",
     "--config": "is refused (a config file could set what vcluster manages); put its options "
     "into args",
@@ -376,10 +379,29 @@ class Model(_Strict):
     source: str | None = None
     """A folder on this machine with the model's files: `up` and `models pull` send it to every
     node (once, passed on from node to node), checked file by file."""
+    download: Literal["controller", "head", "nodes"] | None = None
+    """Where a hub model without `source` is downloaded from the hub: once, on this machine
+    (`controller`, the default) or on the head (`head`), then sent to every node like a
+    `source`; or by each node's vLLM at start (`nodes`). docs/distribution.md."""
+    revision: str | None = None
+    """The hub revision downloaded (a branch, tag or commit; default main)."""
     keep_loaded: bool | None = None
     """Never unloaded (default: yes for a cluster with one model, no with several)."""
     unload_after_s: Annotated[float, Field(gt=0)] | None = None
     """Unloaded after this many seconds without a request (default: only to make room)."""
+    sleep: Literal[1, 2, "off"] | None = None
+    """How the model gives way: put to vLLM's sleep level 1 (weights to host memory) or 2
+    (weights dropped, read from disk again on wake), or `off` (stopped). Default: 1 where the
+    nodes have the host memory for its weights, else 2; off on the CPU platform."""
+
+    @field_validator("sleep", mode="before")
+    @classmethod
+    def _sleep_level(cls, value: Any) -> Any:
+        if value is False or value == "off":  # YAML reads a bare `off` as false
+            return "off"
+        if value is None or (type(value) is int and value in (1, 2)):
+            return value
+        raise ValueError(f"must be 1, 2 or off (vLLM's sleep level), got {value!r}")
 
     @field_validator("source")
     @classmethod
@@ -411,6 +433,36 @@ class Model(_Strict):
             raise ValueError(
                 f"the name is served as it is, and a served name has at most {_SERVED_NAME_MAX} "
                 "characters: give a shorter served_name"
+            )
+        return self
+
+    @field_validator("revision")
+    @classmethod
+    def _safe_revision(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not _REVISION.match(value) or ".." in value or value.startswith("/")
+        ):
+            raise ValueError(
+                f"a branch, tag or commit of letters, digits and . _ - /, got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _download_only_from_the_hub(self) -> Model:
+        if self.download is None and self.revision is None:
+            return self
+        if self.name.startswith("/"):
+            raise ValueError(
+                "a model named by a path is not downloaded: drop download and revision"
+            )
+        if self.source is not None:
+            raise ValueError(
+                "a model with source: is sent from that folder: drop download and revision"
+            )
+        if self.download == "nodes" and self.revision is not None:
+            raise ValueError(
+                "with download: nodes vLLM downloads the model: give it the revision in args "
+                "(--revision REV) instead of revision:"
             )
         return self
 
@@ -583,11 +635,6 @@ class Inventory(_Strict):
         return str(PurePosixPath(CONTAINER_CACHE_PATH) / relative)
 
 
-def generated_ray_token_path(cluster: str) -> Path:
-    """Where vcluster keeps the Ray token it made for `cluster` (owner-only, on the controller)."""
-    return state_dir() / "clusters" / cluster / "ray-token"
-
-
 def load_inventory(path: Path | str) -> Inventory:
     """Read and validate an inventory file; raise `InventoryError` with every problem found."""
     path = Path(path)
@@ -663,6 +710,33 @@ def _cross_field_problems(document: PositionedDocument) -> list[Problem]:
     problems += _parallelism_problems(document, entries)
     problems += _port_problems(document)
     problems += _model_path_problems(document)
+    problems += _sleep_problems(document)
+    return problems
+
+
+def _sleep_problems(document: PositionedDocument) -> list[Problem]:
+    """A sleep level where it cannot work: on the CPU platform (vLLM has no sleep mode
+    there), or for a model kept loaded (it never gives way)."""
+    data = document.data
+    models = _model_entries(data)
+    routed = _is_routed(data, models)
+    problems = []
+    for path, model in models:
+        level = model.get("sleep")
+        if level not in (1, 2) or isinstance(level, bool):
+            continue
+        if data.get("accelerator") == "cpu":
+            message = (
+                "vLLM has no sleep mode on the CPU platform (it refuses --enable-sleep-mode): "
+                "set sleep: off or leave it out"
+            )
+            problems.append(document.problem((*path, "sleep"), message))
+        elif model.get("keep_loaded") is True or not routed:
+            message = (
+                "a model kept loaded never gives way, so it never sleeps: "
+                "leave sleep out, or set keep_loaded: false"
+            )
+            problems.append(document.problem((*path, "sleep"), message))
     return problems
 
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cluster.decide.checks import CheckResult, Status
+from cluster.decide.checks.result import CheckResult, Status
 from cluster.decide.firewall import protected_ports
 from cluster.decide.inventory import Inventory
 from cluster.facts.ray import RAY_FIXED_METRICS_PORTS

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cluster.decide.inventory import Inventory, Model
-from cluster.decide.secrets import state_dir
+from cluster.decide.state_paths import file_hashes_path
 from cluster.errors import VclusterError
 
 CHUNK = 1 << 20
@@ -45,9 +45,12 @@ class Item:
     def wire(self) -> dict:
         """What the relays see of it (no controller path, no content)."""
         return {
-            "kind": self.kind, "path": self.path, "size": self.size,
-            "sha256": self.sha256, "target": self.target,
-        }  # fmt: skip
+            "kind": self.kind,
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "target": self.target,
+        }
 
 
 def hub_folder(model_id: str) -> str:
@@ -64,13 +67,29 @@ def model_items(source: Path, name: str, model_cache: str) -> list[Item]:
             Item("file", str(base / rel), size, digest, str(source / rel))
             for rel, size, digest in files
         ]
-    folder = PurePosixPath(hub_folder(name))
     revision = hashlib.sha1(  # noqa: S324 (a name, like git's: not a security digest)
         json.dumps(files, sort_keys=True).encode()
     ).hexdigest()
+    return hub_items(name, revision, files, source)
+
+
+def snapshot_items(snapshot: Path, name: str) -> list[Item]:
+    """Every item that puts a snapshot of the hub's cache layout on a node (`snapshot` is
+    `.../models--ORG--NAME/snapshots/COMMIT`, its files links to blobs): under the same commit."""
+    return hub_items(name, snapshot.name, _files(snapshot, follow_links=True), snapshot)
+
+
+def hub_items(
+    name: str, revision: str, files: Sequence[tuple[str, int, str]], source: Path | None
+) -> list[Item]:
+    """The hub cache layout of `files` (relative path, size, sha256) as snapshot `revision` of
+    hub model `name`, `refs/main` naming it; each file read from `source` (None: from
+    elsewhere, the caller's chunks say where)."""
+    folder = PurePosixPath(hub_folder(name))
     items: list[Item] = []
     for rel, size, digest in files:
-        items.append(Item("file", str(folder / "blobs" / digest), size, digest, str(source / rel)))
+        origin = str(source / rel) if source is not None else None
+        items.append(Item("file", str(folder / "blobs" / digest), size, digest, origin))
     for rel, _, digest in files:
         depth = len(PurePosixPath(rel).parts) - 1
         target = "/".join([".."] * (depth + 2) + ["blobs", digest])
@@ -86,8 +105,9 @@ def _unique(items: list[Item]) -> list[Item]:
     return list({item.path: item for item in items}.values())
 
 
-def _files(source: Path) -> list[tuple[str, int, str]]:
-    """(relative path, size, sha256) of every regular file under `source`, sorted."""
+def _files(source: Path, *, follow_links: bool = False) -> list[tuple[str, int, str]]:
+    """(relative path, size, sha256) of every regular file under `source`, sorted; with
+    `follow_links`, of every link to one too (a hub snapshot's files are links to blobs)."""
     if not source.is_dir():
         raise SourceError(
             f"{source} is not a folder on this machine",
@@ -95,7 +115,9 @@ def _files(source: Path) -> list[tuple[str, int, str]]:
         )
     cache = _HashCache()
     found = []
-    for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink()):
+    for path in sorted(
+        p for p in source.rglob("*") if p.is_file() and (follow_links or not p.is_symlink())
+    ):
         rel = path.relative_to(source).as_posix()
         if rel.startswith(".") or "/." in rel:
             continue  # .git, .cache: not the model's
@@ -110,7 +132,7 @@ class _HashCache:
     """sha256 of files by (path, size, mtime), in the controller's state folder."""
 
     def __init__(self) -> None:
-        self.path = state_dir() / "file-hashes.json"
+        self.path = file_hashes_path()
         try:
             self.known: dict[str, str] = json.loads(self.path.read_text())
         except (OSError, ValueError):

@@ -11,11 +11,19 @@ from cluster.decide.inventory import Inventory, Model
 from cluster.decide.traps import ModelShape, TrapFacts, choose_mitigations, mitigated_argv
 from cluster.errors import VclusterError
 from cluster.remote.serving.bundle import BUNDLE_NAME
-from cluster.remote.serving.catalog import ModelEntry, NodeDevices, ServingConfig
-from cluster.remote.serving.placement import place
+from cluster.remote.serving.catalog import (
+    DEFAULT_SLEEPERS_PER_DEVICE,
+    ModelEntry,
+    NodeDevices,
+    ServingConfig,
+)
+from cluster.remote.serving.placement import place, sleepers_per_device
 
 SERVING_CONFIG_NAME = "serving.json"
 MODEL_LOG_DIR = "/var/log/vcluster-models"
+SLEEPERS_HOST_MEMORY_SHARE = 0.5
+"""The share of a node's available host memory that the weights of level-1 sleepers may take
+together, by default (the rest stays for the page cache, the ranks and the containers)."""
 
 
 class ModelPlanError(VclusterError):
@@ -59,17 +67,63 @@ def model_parallelism(
     return tensor, pipeline
 
 
+def sleep_levels(
+    inventory: Inventory,
+    devices: Mapping[str, tuple[int, ...]],
+    weights_bytes: Mapping[str, int] | None = None,
+    host_available_bytes: Mapping[str, int] | None = None,
+) -> dict[str, int | None]:
+    """Each model's sleep level (None: stopped when it gives way), by served name.
+
+    As the inventory says, else: none on the CPU platform (vLLM has no sleep mode there) and
+    for a model kept loaded; level 1 while the weights of every level-1 model fit in the
+    share `SLEEPERS_HOST_MEMORY_SHARE` of the smallest node's available host memory (each
+    node holds 1/PP of a model's weights, and any node may hold a rank), else level 2.
+    An unknown size (no facts) means level 2: it needs no host memory.
+    """
+    weights = weights_bytes or {}
+    available = host_available_bytes or {}
+    budget = min(available.values()) * SLEEPERS_HOST_MEMORY_SHARE if available else 0.0
+    per_node = {
+        m.served: weights[m.served] / model_parallelism(inventory, m, devices)[1]
+        for m in inventory.model_list
+        if m.served in weights
+    }
+    held = sum(per_node.get(m.served, 0.0) for m in inventory.model_list if m.sleep == 1)
+    levels: dict[str, int | None] = {}
+    for model in inventory.model_list:
+        if model.sleep == "off" or inventory.keeps_loaded(model):
+            levels[model.served] = None
+        elif model.sleep in (1, 2):
+            levels[model.served] = int(model.sleep)
+        elif inventory.accelerator == "cpu":
+            levels[model.served] = None
+        elif model.served in per_node and held + per_node[model.served] <= budget:
+            held += per_node[model.served]
+            levels[model.served] = 1
+        else:
+            levels[model.served] = 2
+    return levels
+
+
 def serving_config(
     inventory: Inventory,
     addresses: Mapping[str, str],
     devices: Mapping[str, tuple[int, ...]],
     state_dir: str,
     traps: TrapFacts | None = None,
+    *,
+    weights_bytes: Mapping[str, int] | None = None,
+    host_available_bytes: Mapping[str, int] | None = None,
+    gpu_memory_gib: Mapping[str, float] | None = None,
 ) -> ServingConfig:
     """What the router and agents run on; an error for a model that can never load.
-    `traps`: the facts vLLM's known traps are judged on (cluster/decide/traps.py)."""
-    nodes = _serving_nodes(inventory, addresses, devices)
+    `traps`: the facts vLLM's known traps are judged on (cluster/decide/traps.py).
+    `weights_bytes` (by served name), `host_available_bytes` and `gpu_memory_gib` (by node):
+    what each model's sleep level and each GPU's room for sleepers are decided on."""
+    nodes = _serving_nodes(inventory, addresses, devices, gpu_memory_gib)
     free = {n.name: list(n.devices) for n in nodes}
+    levels = sleep_levels(inventory, devices, weights_bytes, host_available_bytes)
     models = []
     for index, model in enumerate(inventory.model_list):
         tensor, pipeline = model_parallelism(inventory, model, devices)
@@ -90,6 +144,7 @@ def serving_config(
                 unload_after_s=model.unload_after_s,
                 api_port=inventory.ports.models + 2 * index,
                 master_port=inventory.ports.models + 2 * index + 1,
+                sleep=levels[model.served],
             )
         )
     return _serving_config(inventory, tuple(models), nodes, state_dir)
@@ -141,11 +196,27 @@ def _serving_config(
 
 
 def _serving_nodes(
-    inventory: Inventory, addresses: Mapping[str, str], devices: Mapping[str, tuple[int, ...]]
+    inventory: Inventory,
+    addresses: Mapping[str, str],
+    devices: Mapping[str, tuple[int, ...]],
+    gpu_memory_gib: Mapping[str, float] | None = None,
 ) -> tuple[NodeDevices, ...]:
     head = inventory.head.node_name
+    memory = gpu_memory_gib or {}
+
+    def sleepers(name: str) -> int:
+        if name not in memory:
+            return DEFAULT_SLEEPERS_PER_DEVICE
+        return sleepers_per_device(memory[name])
+
     return tuple(
-        NodeDevices(n.node_name, addresses[n.node_name], devices[n.node_name], n.node_name == head)
+        NodeDevices(
+            n.node_name,
+            addresses[n.node_name],
+            devices[n.node_name],
+            n.node_name == head,
+            sleepers(n.node_name),
+        )
         for n in inventory.head_first
     )
 
@@ -160,13 +231,19 @@ def model_argv(
     """`vllm serve` for a model, without what depends on its placement (the agent adds it),
     with the mitigations of the known traps that apply to it (given `traps`)."""
     argv = [
-        "vllm", "serve", inventory.container_model_path(model),
-        "--served-model-name", model.served,
-        "--tensor-parallel-size", str(tensor),
-        "--pipeline-parallel-size", str(pipeline),
-        "--distributed-executor-backend", "mp",
+        "vllm",
+        "serve",
+        inventory.container_model_path(model),
+        "--served-model-name",
+        model.served,
+        "--tensor-parallel-size",
+        str(tensor),
+        "--pipeline-parallel-size",
+        str(pipeline),
+        "--distributed-executor-backend",
+        "mp",
         *model.args,
-    ]  # fmt: skip
+    ]
     if traps is None:
         return argv
     shape = ModelShape(tensor, tuple(model.args), model.served)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Literal, TypedDict
 
 from cluster import __version__
+from cluster.decide.hub import served_offline, token_on_nodes
 from cluster.decide.inventory import CONTAINER_CACHE_PATH, Inventory, Node
 from cluster.decide.model_plan import (
     ModelPlanError,
@@ -23,7 +22,8 @@ from cluster.decide.model_plan import (
     serving_config,
 )
 from cluster.decide.runtime import Runtime, assumed_runtime
-from cluster.decide.secrets import MASK, SecretRef, state_dir
+from cluster.decide.secrets import SecretRef
+from cluster.decide.state_paths import agent_token_path
 from cluster.decide.traps import (
     Mitigation,
     ModelShape,
@@ -294,8 +294,9 @@ def build_plan(
     else:
         tensor_parallel = serving.models[0].tensor_parallel
         pipeline_parallel = serving.models[0].pipeline_parallel
-    mitigations = _mitigations(inventory, _trap_facts(inventory, facts, runtime), serving,
-                               tensor_parallel)  # fmt: skip
+    mitigations = _mitigations(
+        inventory, _trap_facts(inventory, facts, runtime), serving, tensor_parallel
+    )
     head = inventory.head
     head_facts = facts[head.node_name]
     nodes = []
@@ -433,12 +434,11 @@ def _environment(
 ) -> dict[str, str]:
     # NCCL_IB_HCA / NCCL_IB_GID_INDEX from the facts, unless the inventory's env sets them
     environment = {**(rdma.environment if rdma else {}), **inventory.env}
-    if inventory.secrets.hf_token is not None:
+    if token_on_nodes(inventory):  # only a model that each node downloads needs it there
         environment["HF_TOKEN_PATH"] = f"{SECRETS_PATH}/{HF_TOKEN_FILE}"  # huggingface_hub's
     environment["VLLM_HOST_IP"] = facts.address
-    hub_models = [m for m in inventory.model_list if not m.name.startswith("/")]
-    if hub_models and all(m.source for m in hub_models):
-        # every hub model is sent from its source into the cache: vLLM must not ask the hub
+    if served_offline(inventory):
+        # every hub model is sent into the cache (source: or downloaded once): vLLM reads it there
         environment.setdefault("HF_HUB_OFFLINE", "1")
     if ray:
         # what vLLM's run_cluster.sh sets for multi-NIC hosts, so Ray and vLLM agree on it
@@ -454,18 +454,13 @@ def _environment(
     return dict(sorted(environment.items()))
 
 
-def agent_token_path(cluster: str) -> Path:
-    """The token of the cluster's model agents (made by `up`, owner-only, on the controller)."""
-    return state_dir() / "clusters" / cluster / "agent-token"
-
-
 def _secret_files(inventory: Inventory, role: Role, ray: bool) -> dict[str, SecretRef]:
     """The container's secret files: Ray's token, the agents' token, the hub token, and on the
     head the users' API key (the router reads it; vLLM behind the router needs none)."""
     secrets: dict[str, SecretRef] = {RAY_TOKEN_FILE: inventory.ray_token} if ray else {}
     if inventory.routed:
         secrets[AGENT_TOKEN_FILE] = SecretRef("file", str(agent_token_path(inventory.cluster)))
-    if inventory.secrets.hf_token is not None:
+    if token_on_nodes(inventory) and inventory.secrets.hf_token is not None:
         secrets[HF_TOKEN_FILE] = inventory.secrets.hf_token
     if inventory.secrets.api_key is not None and role == "head":
         secrets[API_KEY_FILE] = inventory.secrets.api_key
@@ -477,8 +472,13 @@ def _ray_command(
 ) -> tuple[str, ...]:
     port = inventory.ports.ray
     if role == "head":
-        command = ["ray", "start", "--head", f"--port={port}",
-                   f"--dashboard-host={inventory.ray.dashboard_host}"]  # fmt: skip
+        command = [
+            "ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-host={inventory.ray.dashboard_host}",
+        ]
     else:
         command = ["ray", "start", f"--address={head.address}:{port}"]
     command += [
@@ -616,19 +616,13 @@ def _serve_spec(
 ) -> ServeSpec | None:
     if executor == "ray" and role == "worker":
         return None
-    argv = [
-        "vllm", "serve", inventory.container_model_path(),
-        "--tensor-parallel-size", str(tensor_parallel),
-        "--pipeline-parallel-size", str(pipeline_parallel),
-        "--distributed-executor-backend", executor,
-    ]  # fmt: skip
+    argv = ["vllm", "serve", inventory.container_model_path()]
+    argv += ["--tensor-parallel-size", str(tensor_parallel)]
+    argv += ["--pipeline-parallel-size", str(pipeline_parallel)]
+    argv += ["--distributed-executor-backend", executor]
     if executor == "mp":
-        argv += [
-            "--nnodes", str(len(inventory.nodes)),
-            "--node-rank", str(rank),
-            "--master-addr", head.address,
-            "--master-port", str(inventory.ports.master),
-        ]  # fmt: skip
+        argv += ["--nnodes", str(len(inventory.nodes)), "--node-rank", str(rank)]
+        argv += ["--master-addr", head.address, "--master-port", str(inventory.ports.master)]
     if role == "worker":
         argv.append("--headless")
         return ServeSpec(argv=(*argv, *inventory.primary_model.args), headless=True)
@@ -639,71 +633,3 @@ def _serve_spec(
     argv += inventory.primary_model.args
     front_argv = serving_argv(front.state_dir, "front", inventory.head.node_name)
     return ServeSpec(argv=tuple(argv), front=tuple(front_argv))
-
-
-def _gpus_flag(gpus: Literal["all"] | tuple[int, ...]) -> str:
-    return gpus if gpus == "all" else "device=" + ",".join(map(str, gpus))
-
-
-def render_text(plan: ClusterPlan) -> str:
-    """A human-readable plan; secrets appear as references, never values."""
-    lines = [
-        f"cluster {plan.cluster}: {len(plan.nodes)} node(s), {plan.accelerator}, executor {plan.executor}",
-        (
-            f"models {', '.join(m.served for m in plan.serving.models)}, behind a router"
-            if plan.serving is not None
-            else f"model {plan.model} as {plan.served_model_name!r}: tensor parallel "
-            f"{plan.tensor_parallel} x pipeline parallel {plan.pipeline_parallel}"
-        ),
-        f"endpoint {plan.endpoint}",
-        f"image {plan.image}: {plan.runtime_reason}",
-        f"image facts: {plan.image_facts or 'not gathered'}",
-    ]
-    lines += [f"known vLLM trap {m.line()}" for m in plan.mitigations]
-    if plan.serving is not None:
-        lines += ["", f"router on {plan.head.name}: {len(plan.serving.models)} model(s), each "
-                  "loaded when a request asks for it, unless kept loaded"]  # fmt: skip
-        for model in plan.serving.models:
-            when = "kept loaded" if model.keep_loaded else "on demand"
-            idle = (
-                f", unloaded after {model.unload_after_s:g} s idle" if model.unload_after_s else ""
-            )
-            lines.append(
-                f"  model {model.served!r}: TP {model.tensor_parallel} x PP "
-                f"{model.pipeline_parallel}, {when}{idle}; ports {model.api_port}/{model.master_port}"
-            )
-            lines.append(f"    {shlex.join(model.argv)}")
-        devices = "; ".join(f"{n.name} {list(n.devices)}" for n in plan.serving.nodes)
-        lines.append(f"  devices: {devices}")
-    for node in plan.nodes:
-        c = node.container
-        lines.append("")
-        lines.append(f"[{node.role}] {node.name} ({node.host})")
-        lines.append(f"  container {c.name}  image {c.image}  spec {c.spec_hash}")
-        lines.append(
-            f"  --network {c.network_mode} --ipc {c.ipc_mode}"
-            + (f" --gpus {_gpus_flag(c.gpus)}" if c.gpus else "")
-            + "".join(f" -v {m.source}:{m.target}" for m in c.mounts)
-            + "".join(f" --device {d}" for d in c.devices)
-            + "".join(f" --ulimit {u.name}={u.soft}:{u.hard}" for u in c.ulimits)
-            + "".join(f" --cap-add {cap}" for cap in c.cap_add)
-        )
-        for name, value in c.environment.items():
-            lines.append(f"  env {name}={value}")
-        for name, ref in c.secret_files.items():
-            lines.append(f"  secret file {SECRETS_PATH}/{name} = {MASK} (from {ref})")
-        lines.append(f"  ray: {shlex.join(c.command)}" if c.command else "  ray: none")
-        lines.append(
-            f"  supervisor: restart policy {c.restart_policy}, "
-            + ("the router/agent" if plan.routed else "vLLM")
-            + " restarted when it dies"
-            + (f"; ranks on {', '.join(c.supervisor.peers)}" if c.supervisor.peers else "")
-        )
-        if node.serve is not None:
-            lines.append(f"  vllm: {shlex.join(node.serve.argv)}")
-        if node.serve is not None and node.serve.front is not None:
-            lines.append(
-                f"  endpoint: vcluster's router on {node.facts.address}:{plan.endpoint_port}, "
-                "in front of vLLM on 127.0.0.1 (API key on every route but /health)"
-            )
-    return "\n".join(lines)

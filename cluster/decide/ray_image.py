@@ -113,8 +113,15 @@ def dockerfile(recipe: RayImageRecipe) -> str:
     hundred MB at most): without BuildKit there is no mount to install from instead.
     """
     context = "/tmp/vcluster-ray"  # in the build only; removed in the same RUN
-    install = ["python3", "-m", "pip", "install", "--no-cache-dir",
-               "--constraint", f"{context}/{CONSTRAINTS_FILE}"]  # fmt: skip
+    install = [
+        "python3",
+        "-m",
+        "pip",
+        "install",
+        "--no-cache-dir",
+        "--constraint",
+        f"{context}/{CONSTRAINTS_FILE}",
+    ]
     if recipe.from_wheelhouse:
         install += ["--no-index", "--find-links", f"{context}/{WHEELS_DIR}"]
     else:
@@ -167,23 +174,38 @@ def recipe_for(
                 f"manylinux2014_{facts.machine} --dest {wheelhouse} 'ray[default]'",
             )
         # the newest Ray; of its wheels, a manylinux one before a plain linux one
-        ray_wheel = max(ray_wheels, key=lambda n: (version_tuple(parse_wheel_name(n)["version"]),
-                                                   "manylinux" in parse_wheel_name(n)["platform"]))  # fmt: skip
+        ray_wheel = max(
+            ray_wheels,
+            key=lambda n: (
+                version_tuple(parse_wheel_name(n)["version"]),
+                "manylinux" in parse_wheel_name(n)["platform"],
+            ),
+        )
         version = parse_wheel_name(ray_wheel)["version"]
         extra = [
-            n for n in names
+            n
+            for n in names
             if normalize_name(parse_wheel_name(n).get("name", "ray")) != "ray"
-            and _fits(n, facts) and not _installed(n, facts)
-        ]  # fmt: skip
+            and _fits(n, facts)
+            and not _installed(n, facts)
+        ]
         requirement = f"ray[default]=={version}"
         wheels = tuple(wheelhouse / n for n in sorted([ray_wheel, *extra]))
         tag = derived_tag(source, facts.image_id, requirement)
-        return RayImageRecipe(source, facts.image_id, tag, requirement, None, wheels,
-                              _constraints(facts))  # fmt: skip
+        return RayImageRecipe(
+            source, facts.image_id, tag, requirement, None, wheels, _constraints(facts)
+        )
     requirement = ray_requirement(facts.vllm, ray_version)
     tag = derived_tag(source, facts.image_id, requirement)
-    return RayImageRecipe(source, facts.image_id, tag, requirement,
-                          index_url or DEFAULT_INDEX_URL, (), _constraints(facts))  # fmt: skip
+    return RayImageRecipe(
+        source,
+        facts.image_id,
+        tag,
+        requirement,
+        index_url or DEFAULT_INDEX_URL,
+        (),
+        _constraints(facts),
+    )
 
 
 def _constraints(facts: ImageFacts) -> tuple[str, ...]:

@@ -78,12 +78,16 @@ def assumed_runtime(inventory: Inventory, why: str = "offline") -> Runtime:
 def ray_ready(inventory: Inventory, facts: ImageFacts, recipe: RayImageRecipe) -> Runtime:
     """The runtime on the Ray-ready image of `recipe`."""
     return Runtime(
-        recipe.tag, True, inventory.default_executor,
+        recipe.tag,
+        True,
+        inventory.default_executor,
         f"{_named(inventory, facts)} has no Ray: the cluster runs the Ray-ready "
         f"{recipe.describe()}",
-        derive=recipe, facts=facts.summary(), vllm_version=facts.vllm,
+        derive=recipe,
+        facts=facts.summary(),
+        vllm_version=facts.vllm,
         image_has_ray=facts.has_ray,
-    )  # fmt: skip
+    )
 
 
 def choose_runtime(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runtime:
@@ -108,30 +112,39 @@ def _choose(inventory: Inventory, facts: ImageFacts, supply: RaySupply) -> Runti
         )
     if inventory.routed:
         return Runtime(
-            image, False, "mp",
+            image,
+            False,
+            "mp",
             f"{named} has no Ray, and several models need none (each runs in vLLM's own "
             "multi-node mode): no Ray cluster",
-        )  # fmt: skip
+        )
     if supply.recipe is not None:
         return ray_ready(inventory, facts, supply.recipe)
     if supply.built is not None:
         return Runtime(
-            supply.built, True, executor,
+            supply.built,
+            True,
+            executor,
             f"{named} has no Ray: the cluster runs its Ray-ready {supply.built}, built before "
             f"(Ray cannot be added now: {supply.why_not})",
-        )  # fmt: skip
+        )
     no_ray = f"{named} has no Ray, and Ray cannot be added ({supply.why_not})"
     if inventory.executor == "ray":
         return Runtime(
-            image, False, "ray", no_ray,
+            image,
+            False,
+            "ray",
+            no_ray,
             problem=f"vLLM's Ray executor is asked for (executor: ray), but {no_ray}",
             fix=supply.fix or f"{ADD_RAY_FIX}; or set executor: mp",
-        )  # fmt: skip
+        )
     return Runtime(
-        image, False, "mp",
+        image,
+        False,
+        "mp",
         f"{no_ray}: vLLM's own multi-node mode (--nnodes/--node-rank/--headless), no Ray cluster",
         fallback=True,
-    )  # fmt: skip
+    )
 
 
 def _named(inventory: Inventory, facts: ImageFacts) -> str:

@@ -19,16 +19,6 @@ TOKEN_BYTES = 32
 """Random bytes in a token vcluster generates (256 bits, URL-safe base64 in the file)."""
 
 
-def state_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Where vcluster keeps its state on the controller: `$VCLUSTER_STATE_DIR`, or
-    `$XDG_STATE_HOME/vcluster`, or `~/.local/state/vcluster`."""
-    environ = os.environ if environ is None else environ
-    if environ.get("VCLUSTER_STATE_DIR"):
-        return Path(environ["VCLUSTER_STATE_DIR"]).expanduser()
-    xdg = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "vcluster"
-
-
 @dataclass(frozen=True)
 class SecretRef:
     """Where a secret lives: an environment variable of the controller or a file on it."""

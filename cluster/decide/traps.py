@@ -136,8 +136,10 @@ class Mitigation:
 def _tensor_parallel_without_multicast(facts: TrapFacts, model: ModelShape) -> str | None:
     if facts.accelerator != "nvidia" or model.tensor_parallel < 2:
         return None
-    verdicts = {node: facts.multicast.get(node, (Multicast.UNKNOWN, "no facts")) for node in
-                facts.nodes or facts.multicast}  # fmt: skip
+    verdicts = {
+        node: facts.multicast.get(node, (Multicast.UNKNOWN, "no facts"))
+        for node in facts.nodes or facts.multicast
+    }
     without = [f"{node} ({why})" for node, (v, why) in verdicts.items() if v is Multicast.NO]
     unknown = [f"{node} ({why})" for node, (v, why) in verdicts.items() if v is Multicast.UNKNOWN]
     if without:

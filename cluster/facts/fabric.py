@@ -61,8 +61,15 @@ true
 The GID table is read only for Ethernet (RoCE) ports: NCCL needs its index there only. The
 probe runs it without arguments; tests give it a constructed tree (`sh -c SCRIPT sh SYSFS DEV`)."""
 
-RDMA_MODULES = ("nvidia_peermem", "nv_peer_mem", "ib_core", "ib_uverbs", "rdma_ucm", "mlx5_ib",
-                "rdma_rxe")  # fmt: skip
+RDMA_MODULES = (
+    "nvidia_peermem",
+    "nv_peer_mem",
+    "ib_core",
+    "ib_uverbs",
+    "rdma_ucm",
+    "mlx5_ib",
+    "rdma_rxe",
+)
 """The modules the probe looks for in /proc/modules."""
 PEER_MEMORY_MODULES = ("nvidia_peermem", "nv_peer_mem")
 """GPUDirect RDMA through the peer-memory client (the older Mellanox module name second)."""
@@ -172,8 +179,9 @@ def parse_multicast(output: str, exit_code: int | None = 0, stderr: str = "") ->
         last = (stderr.strip() or output.strip() or "no output").splitlines()[-1]
         if exit_code == 124:
             last = "timed out"
-        return MulticastFacts(problem=f"the multicast probe printed no result (exit {exit_code}: "
-                              f"{last[:200]})")  # fmt: skip
+        return MulticastFacts(
+            problem=f"the multicast probe printed no result (exit {exit_code}: {last[:200]})"
+        )
     try:
         data = json.loads(line[len(MULTICAST_MARKER) :])
         return _multicast_facts(data)
@@ -339,8 +347,12 @@ class InfinibandFacts:
 
 _SYSFS_LINE = re.compile(r"^(?P<hca>[^/\s]+)/ports/(?P<port>\d+)/(?P<file>[\w/]+?):(?P<value>.*)$")
 _NETDEV_LINE = re.compile(r"^(?P<hca>[^/\s]+)/device/net/(?P<netdev>\S+)$")
-_PORT_FILES = {"state": "state", "phys_state": "physical_state", "link_layer": "link_layer",
-               "rate": "rate"}  # fmt: skip
+_PORT_FILES = {
+    "state": "state",
+    "phys_state": "physical_state",
+    "link_layer": "link_layer",
+    "rate": "rate",
+}
 
 
 def _without_number(value: str) -> str:

@@ -104,8 +104,18 @@ class ImageFacts:
 
 def probe_argv(image: str) -> list[str]:
     """`docker run` of the probe in a throw-away, network-less container of `image`."""
-    return ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python3",
-            image, "-c", PROBE_SOURCE]  # fmt: skip
+    return [
+        "docker",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "python3",
+        image,
+        "-c",
+        PROBE_SOURCE,
+    ]
 
 
 def parse_image_probe(output: str, image_id: str, entrypoint: tuple[str, ...] = ()) -> ImageFacts:

@@ -52,8 +52,10 @@ def built_recipe(client: docker.DockerClient, recipe: RayImageRecipe) -> str | N
 def build_context(recipe: RayImageRecipe, into: IO[bytes]) -> None:
     """Write the build context of `recipe` (a tar) into the open file `into`."""
     with tarfile.open(fileobj=into, mode="w") as tar:
-        for name, text in (("Dockerfile", dockerfile(recipe)),
-                           (CONSTRAINTS_FILE, constraints_text(recipe))):  # fmt: skip
+        for name, text in (
+            ("Dockerfile", dockerfile(recipe)),
+            (CONSTRAINTS_FILE, constraints_text(recipe)),
+        ):
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -77,9 +79,16 @@ def build_on_node(
         with tempfile.TemporaryFile() as context:
             build_context(recipe, context)
             stream = client.api.build(
-                fileobj=context, custom_context=True, tag=recipe.tag, labels=recipe.labels,
-                network_mode="host", rm=True, forcerm=True, decode=True, pull=False,
-            )  # fmt: skip
+                fileobj=context,
+                custom_context=True,
+                tag=recipe.tag,
+                labels=recipe.labels,
+                network_mode="host",
+                rm=True,
+                forcerm=True,
+                decode=True,
+                pull=False,
+            )
             for chunk in stream:
                 if "error" in chunk:
                     raise ImageBuildError(

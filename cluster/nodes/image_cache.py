@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from cluster.decide.secrets import state_dir
+from cluster.decide.state_paths import image_facts_dir
 from cluster.facts.image import ImageFacts
 
 _TEXT_FIELDS = ("image_id", "python", "machine")
@@ -56,4 +56,4 @@ class ImageFactsCache:
 
 def image_facts_cache() -> ImageFactsCache:
     """The controller's cache, under vcluster's state folder."""
-    return ImageFactsCache(state_dir() / "image-facts")
+    return ImageFactsCache(image_facts_dir())

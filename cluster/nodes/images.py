@@ -1,20 +1,27 @@
-"""Images on nodes without a registry: what a node or this machine holds, and `docker save`
-streams of it, read once and sent through the chain of nodes (cluster/distribution), as an
-air-gapped site moves images; nothing is written to disk on the way.
+"""Images on nodes without a registry: what a node or this machine holds (images, and their
+layers by chain), and `docker save` streams of it, read once and sent through the chain of nodes
+(cluster/nodes/transfer.py), as an air-gapped site moves images; nothing is written to disk on
+the way. A save can leave out the layers every receiving node has (the relay's `save` mode on a
+node, the same filter here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import docker
 import docker.errors
 
+from cluster.decide.layers import ImageLayers, NodeLayers, parse_image_layers, parse_node_layers
 from cluster.errors import VclusterError
 from cluster.nodes.transport.ssh import SshConnection
+from cluster.remote import relay
+from cluster.remote.registry import RELAY, source
 
 T = TypeVar("T")
 
@@ -39,27 +46,6 @@ def try_pull(client: docker.DockerClient, image: str) -> str | None:
         return None
 
 
-def image_size(client: docker.DockerClient, image: str) -> int | None:
-    """The size of `image`'s layers on this engine in bytes, or None when it is not there.
-
-    `docker save` streams a little more (tar headers, the image's JSON): a few percent.
-    """
-    try:
-        return int(client.images.get(image).attrs["Size"])
-    except (docker.errors.ImageNotFound, KeyError, TypeError, ValueError):
-        return None
-
-
-def local_image_id(image: str) -> str | None:
-    """The ID of `image` in the controller's own Docker (DOCKER_HOST), or None."""
-    return _on_local_docker(lambda client: image_id(client, image))
-
-
-def local_image_size(image: str) -> int | None:
-    """The size of `image` in the controller's own Docker (see `image_size`), or None."""
-    return _on_local_docker(lambda client: image_size(client, image))
-
-
 def _on_local_docker(action: Callable[[docker.DockerClient], T]) -> T | None:
     try:
         client = docker.from_env(timeout=30)
@@ -81,17 +67,94 @@ def saved_here(image: str) -> Iterator[bytes]:
         raise ImageError(f"`docker save {image}` failed here (exit {save.returncode})")
 
 
-def saved_on_node(source: SshConnection, image: str) -> Iterator[bytes]:
-    """`docker save` of `image` on a node, read over SSH chunk by chunk."""
-    channel = source.open_channel(["docker", "save", image])
+def image_layers(client: docker.DockerClient, image: str) -> ImageLayers | None:
+    """`image`'s ID, layers and their sizes on this engine, or None when it is not there."""
     try:
+        return parse_image_layers(client.api.inspect_image(image), client.api.history(image))
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def node_layers(client: docker.DockerClient) -> NodeLayers:
+    """The layers of every image on this engine (by chain), and where it keeps its data."""
+    ids = dict.fromkeys(client.api.images(all=True, quiet=True))
+    inspects = []
+    for image in ids:
+        with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
+            inspects.append(client.api.inspect_image(image))
+    return parse_node_layers(inspects, client.info())
+
+
+SaveWithout = Callable[[Sequence[str]], Iterator[bytes]]
+"""`docker save` of the image without the layers (diff IDs) given, chunk by chunk."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where this machine reads an image for the chain: a node that has it, or its own Docker."""
+
+    origin: str
+    """The node's name, or `this machine`."""
+    layers: ImageLayers
+    save: SaveWithout
+
+
+def source_on_node(
+    name: str,
+    connection: SshConnection,
+    client: docker.DockerClient,
+    image: str,
+    docker_host: str | None = None,
+) -> ImageSource | None:
+    """`image` as read from node `name`, or None when it is not there."""
+    layers = image_layers(client, image)
+    if layers is None:
+        return None
+
+    def save(drop: Sequence[str]) -> Iterator[bytes]:
+        return saved_on_node_without(connection, image, layers, drop, docker_host)
+
+    return ImageSource(name, layers, save)
+
+
+def source_here(image: str) -> ImageSource | None:
+    """`image` as read from this machine's own Docker, or None when it is not there."""
+    layers = _on_local_docker(lambda client: image_layers(client, image))
+    if layers is None:
+        return None
+
+    def save(drop: Sequence[str]) -> Iterator[bytes]:
+        return relay.filtered_save(saved_here(image), list(drop), list(layers.diff_ids))
+
+    return ImageSource("this machine", layers, save)
+
+
+def saved_on_node_without(
+    node: SshConnection,
+    image: str,
+    layers: ImageLayers,
+    drop: Sequence[str],
+    docker_host: str | None = None,
+) -> Iterator[bytes]:
+    """`docker save` of `image` on a node without the layers `drop`, filtered there by the
+    relay's `save` mode: only what the chain needs crosses the network."""
+    config = {"mode": "save", "image": image, "drop": list(drop),
+              "diff_ids": list(layers.diff_ids), "docker_host": docker_host}  # fmt: skip
+    channel = node.open_channel(["python3", "-c", source(RELAY)])
+    try:
+        channel.sendall((json.dumps(config) + "\n").encode())
+        channel.shutdown_write()
         yield from iter(lambda: channel.recv(SAVE_CHUNK), b"")
         status = channel.recv_exit_status()
+        errors = b""
+        while channel.recv_stderr_ready():
+            errors += channel.recv_stderr(SAVE_CHUNK)
     finally:
         channel.close()
     if status != 0:
+        detail = errors.decode(errors="replace").strip()[-300:]
         raise ImageError(
-            f"`docker save {image}` failed on {source.target.name} (exit {status})",
-            where=source.target.label,
-            fix="check the image there with `docker image inspect`",
+            f"`docker save {image}` failed on {node.target.name} (exit {status}): {detail}",
+            where=node.target.label,
+            fix="check the image there with `docker image inspect`; the host needs python3",
         )

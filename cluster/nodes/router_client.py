@@ -82,7 +82,7 @@ class ModelStatus:
     """One model as the router reports it (`vcluster models`, `status`, the exporter)."""
 
     name: str
-    state: str  # unloaded | loading | loaded | failed | unloading
+    state: str  # unloaded | loading | loaded | failed | unloading | sleeping | waking
     placement: tuple[tuple[str, tuple[int, ...]], ...]
     tensor_parallel: int
     pipeline_parallel: int
@@ -93,6 +93,22 @@ class ModelStatus:
     activations: int
     last_activation_s: float | None
     failure: str | None
+    sleep_level: int | None = None
+    """The vLLM sleep level it sleeps at now (None: not asleep)."""
+    host_memory_bytes: int | None = None
+    """What its ranks hold in host memory while it sleeps."""
+    wakes: int = 0
+    last_wake_s: float | None = None
+    last_wake_at: float | None = None
+    wake_failure: str | None = None
+    """Why its last wake failed (it was started cold instead)."""
+
+    @property
+    def shown_state(self) -> str:
+        """`sleeping (level N)` for a sleeper, else the state."""
+        if self.state == "sleeping" and self.sleep_level is not None:
+            return f"sleeping (level {self.sleep_level})"
+        return self.state
 
     @property
     def where(self) -> str:
@@ -116,6 +132,12 @@ def parse_models_report(data: Any) -> tuple[ModelStatus, ...]:
             activations=int(m["activations"]),
             last_activation_s=m.get("last_activation_s"),
             failure=m.get("failure"),
+            sleep_level=m.get("sleep_level"),
+            host_memory_bytes=m.get("host_memory_bytes"),
+            wakes=int(m.get("wakes") or 0),
+            last_wake_s=m.get("last_wake_s"),
+            last_wake_at=m.get("last_wake_at"),
+            wake_failure=m.get("wake_failure"),
         )
         for m in data["models"]
     )

@@ -20,14 +20,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import paramiko
 
 from cluster.decide.chain import Routed, chain_order, lacking, require_room, routed_items
 from cluster.decide.inventory import Inventory
+from cluster.decide.layers import (
+    ImageSend,
+    NodeLayers,
+    image_item,
+    plan_image_send,
+    require_image_room,
+)
 from cluster.decide.manifest import Item
 from cluster.errors import VclusterError
+from cluster.nodes.images import ImageSource
 from cluster.nodes.session import Session
 from cluster.nodes.transport.ssh import SshConnection
 from cluster.progress import Meter, ProgressBoard, describe_transfer
@@ -114,6 +123,8 @@ class ChainNode:
     address: str
     connection: SshConnection
     root: str
+    docker_host: str | None = None
+    """The Docker engine its relay loads images into; None: the host's default."""
 
 
 def chain_nodes(
@@ -145,8 +156,11 @@ def check_node(
     """The node's state of every item (`ok`, `missing`, `size`, `sha256`; `unverified` without
     `rehash` where no stamp vouches for a file) and its free bytes."""
     config = {
-        "mode": "check", "root": node.root, "entries": [i.wire() for i in items], "hash": rehash,
-    }  # fmt: skip
+        "mode": "check",
+        "root": node.root,
+        "entries": [i.wire() for i in items],
+        "hash": rehash,
+    }
     result = node.connection.run(
         relay_argv(), stdin=(json.dumps(config) + "\n").encode(), timeout=3600
     )
@@ -207,21 +221,33 @@ def run_round(
     try:
         for hop in reversed(plan_hops(chain)):
             node = hop.node
-            config = {"mode": "relay", "root": node.root, "node": node.name, "token": hop.token,
-                      "next": following, "listen": hop.listen,
-                      "accept_timeout_s": limits.accept_timeout_s,
-                      "token_timeout_s": limits.token_timeout_s}  # fmt: skip
+            config = {
+                "mode": "relay",
+                "root": node.root,
+                "node": node.name,
+                "token": hop.token,
+                "next": following,
+                "listen": hop.listen,
+                "accept_timeout_s": limits.accept_timeout_s,
+                "token_timeout_s": limits.token_timeout_s,
+                "docker_host": node.docker_host,
+            }
             channel = node.connection.open_channel(relay_argv())
             channel.sendall((json.dumps(config) + "\n").encode())
             lines = channel.makefile("r")
             if hop.listen is not None:
                 port = _listening_port(lines, node.name)
-                following = {"name": node.name, "address": node.address, "port": port,
-                             "token": hop.token}  # fmt: skip
+                following = {
+                    "name": node.name,
+                    "address": node.address,
+                    "port": port,
+                    "token": hop.token,
+                }
             reader = threading.Thread(
-                target=_read_events, args=(lines, reports[node.name], board, node.name, total),
+                target=_read_events,
+                args=(lines, reports[node.name], board, node.name, total),
                 daemon=True,
-            )  # fmt: skip
+            )
             reader.start()
             channels.append((node, channel))
             readers.append(reader)
@@ -404,20 +430,57 @@ def distribute(
     return _in_rounds(nodes, plan, chunks, board, "files", limits)
 
 
+@dataclass
+class ImageOutcome(Outcome):
+    """How an image's distribution ended, and what its first round carried."""
+
+    first_round: ImageSend | None = None
+
+
 def send_image(
     nodes: Sequence[ChainNode],
     image: str,
-    save: Callable[[], Iterator[bytes]],
+    source: ImageSource,
     lacks: Callable[[str], bool],
+    layers_on: Callable[[str], NodeLayers],
     board: ProgressBoard | None = None,
     limits: RelayLimits = RelayLimits(),
-) -> Outcome:
-    """`docker save` of `image` (read once per round) into `docker load` on every node that
-    lacks it, through a chain; rounds as for files, around the nodes that failed."""
-    item = Item("image", image)
+) -> ImageOutcome:
+    """`image` into `docker load` on every node that lacks it, through a chain; rounds as for
+    files, around the nodes that failed.
+
+    Each round asks the chain's nodes which layers they hold (`layers_on`) and carries only the
+    layers from the lowest one a node lacks (the whole image when one lacks them all), read
+    once from `source`; each relay checks every layer's sha256 against the image's diff IDs.
+    Refused before anything is sent when a node's Docker data root lacks the room.
+    """
+    planned: list[ImageSend] = []
 
     def plan(failed: Mapping[str, str], rounds: int) -> RoundPlan | None:
         chain = [n for n in nodes if n.name not in failed and lacks(n.name)]
-        return (chain, [Routed(item, tuple(n.name for n in chain))]) if chain else None
+        if not chain:
+            return None
+        held = _each(chain, lambda n: layers_on(n.name))
+        send = plan_image_send(source.layers, held)
+        if rounds == 0:
+            rooms = _each(chain, lambda n: replace(n, root=held[n.name].docker_root))
+            free = _each(chain, lambda n: check_node(rooms[n.name], [])[1])
+            roots = {name: layers.docker_root for name, layers in held.items()}
+            require_image_room(image, send, free, roots)
+        planned.append(send)
+        return chain, [Routed(image_item(image, send), tuple(n.name for n in chain))]
 
-    return _in_rounds(nodes, plan, lambda _: save(), board, "the image", limits)
+    def chunks(_: Item) -> Iterator[bytes]:
+        return source.save(planned[-1].drop)
+
+    outcome = _in_rounds(nodes, plan, chunks, board, "the image", limits)
+    return ImageOutcome(**vars(outcome), first_round=planned[0] if planned else None)
+
+
+T = TypeVar("T")
+
+
+def _each(chain: Sequence[ChainNode], action: Callable[[ChainNode], T]) -> dict[str, T]:
+    """`action` on every node of the chain at once, by name; the first failure propagates."""
+    with ThreadPoolExecutor(max_workers=max(1, len(chain))) as pool:
+        return dict(zip([n.name for n in chain], pool.map(action, chain), strict=True))

@@ -98,8 +98,14 @@ def log_nccl_to_file(rank: int) -> str:
         os.unlink(path)  # a check before this one, stopped before it could remove it
     # INFO lines without a timestamp (NCCL's default; an image may ask for more): the parser
     # reads them from their `host:pid:tid [dev] NCCL INFO` start
-    os.environ.update({"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET",
-                       "NCCL_DEBUG_FILE": path, "NCCL_DEBUG_TIMESTAMP_LEVELS": "WARN"})  # fmt: skip
+    os.environ.update(
+        {
+            "NCCL_DEBUG": "INFO",
+            "NCCL_DEBUG_SUBSYS": "INIT,NET",
+            "NCCL_DEBUG_FILE": path,
+            "NCCL_DEBUG_TIMESTAMP_LEVELS": "WARN",
+        }
+    )
     return path
 
 
@@ -186,8 +192,9 @@ class Watchdog:
         try:
             self.transport.report()  # a rank stuck connecting: how NCCL tried is the clue
         finally:
-            emit({"event": "error", "stage": self.stage, "error": "time limit passed",
-                  **self.where})  # fmt: skip
+            emit(
+                {"event": "error", "stage": self.stage, "error": "time limit passed", **self.where}
+            )
             os._exit(3)
 
 
@@ -212,12 +219,20 @@ def run_rank(config: dict[str, Any], local_rank: int, deadline: float) -> int:
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         # The rendezvous waits `join_timeout_s`; every collective after it, the time limit.
-        store = dist.TCPStore(address, port, world, is_master=rank == 0,
-                              timeout=datetime.timedelta(seconds=config["join_timeout_s"]))  # fmt: skip
+        store = dist.TCPStore(
+            address,
+            port,
+            world,
+            is_master=rank == 0,
+            timeout=datetime.timedelta(seconds=config["join_timeout_s"]),
+        )
         dist.init_process_group(
-            config["backend"], store=store, rank=rank, world_size=world,
+            config["backend"],
+            store=store,
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(seconds=config["time_limit_s"]),
-        )  # fmt: skip
+        )
         watchdog.stage = "first all-reduce"
         probe = torch.ones(1, device=device)
         dist.all_reduce(probe)  # NCCL connects here, not in init
@@ -231,15 +246,26 @@ def run_rank(config: dict[str, Any], local_rank: int, deadline: float) -> int:
                 watchdog.stage = f"{scope} all-reduce of {size // MIB} MiB"
                 result = _measure(torch, dist, device, size, group, members, rank)
                 if rank == members[0]:
-                    emit({"event": "result", "scope": scope, "group": label,
-                          "node": config["node"], **result})  # fmt: skip
+                    emit(
+                        {
+                            "event": "result",
+                            "scope": scope,
+                            "group": label,
+                            "node": config["node"],
+                            **result,
+                        }
+                    )
         watchdog.stage = "finish"
         transport.report()  # before the communicators go: every channel has connected by now
         dist.destroy_process_group()
     except Exception as exc:  # every way a rank stops is reported, with where it was
         transport.report()
-        error = {"event": "error", "stage": watchdog.stage,
-                 "error": f"{type(exc).__name__}: {str(exc)[:400]}", **where}  # fmt: skip
+        error = {
+            "event": "error",
+            "stage": watchdog.stage,
+            "error": f"{type(exc).__name__}: {str(exc)[:400]}",
+            **where,
+        }
         if not joined:
             error["master"] = f"{address}:{port}"
         emit(error)
@@ -302,9 +328,14 @@ def _measure(
     del data
     algbw = size / seconds
     return {
-        "size": size, "ranks": ranks, "seconds": seconds, "iterations": iterations,
-        "algbw": algbw, "busbw": bus_bandwidth(algbw, ranks), "correct": correct,
-    }  # fmt: skip
+        "size": size,
+        "ranks": ranks,
+        "seconds": seconds,
+        "iterations": iterations,
+        "algbw": algbw,
+        "busbw": bus_bandwidth(algbw, ranks),
+        "correct": correct,
+    }
 
 
 def _synchronize(torch: Any, device: Any) -> None:

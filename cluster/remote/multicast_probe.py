@@ -12,10 +12,13 @@ code; then it releases everything. `read` mode only reads the attributes. Withou
 says so and exits 0: a missing driver is a fact, not a failure of the probe.
 """
 
+from __future__ import annotations
+
 import ctypes
 import json
 import os
 import sys
+from typing import Any
 
 MARKER = "VCLUSTER-MULTICAST "
 MULTICAST_SUPPORTED = 132  # CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED
@@ -60,17 +63,17 @@ class AllocationProp(ctypes.Structure):
 class Driver:
     """libcuda's functions by name; a function this driver lacks answers `missing`."""
 
-    def __init__(self, library):
+    def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library
-        self.steps = []
+        self.steps: list[dict[str, Any]] = []
 
-    def call(self, name, *args):
+    def call(self, name: str, *args: Any) -> int | None:
         function = getattr(self.library, name, None)
         if function is None:
             return None
         return int(function(*args))
 
-    def error_name(self, code):
+    def error_name(self, code: int | None) -> str:
         if code is None:
             return "missing"
         text = ctypes.c_char_p()
@@ -78,14 +81,14 @@ class Driver:
             return text.value.decode()
         return "CUDA error " + str(code)
 
-    def step(self, name, gpu, *args):
+    def step(self, name: str, gpu: int | None, *args: Any) -> bool:
         """Call `name` and record its result code; True when it succeeded."""
         code = self.call(name, *args)
         self.steps.append({"call": name, "gpu": gpu, "code": code, "name": self.error_name(code)})
         return code == 0
 
 
-def read_gpus(driver):
+def read_gpus(driver: Driver) -> list[dict[str, Any]]:
     count = ctypes.c_int()
     if driver.call("cuDeviceGetCount", ctypes.byref(count)) != 0:
         return []
@@ -97,10 +100,16 @@ def read_gpus(driver):
         driver.call("cuDeviceGetPCIBusId", bus, 32, device)
         name = ctypes.create_string_buffer(128)
         driver.call("cuDeviceGetName", name, 128, device)
-        gpu = {"ordinal": ordinal, "device": device.value, "bus_id": bus.value.decode(),
-               "name": name.value.decode()}  # fmt: skip
-        for key, attribute in (("multicast_attribute", MULTICAST_SUPPORTED),
-                               ("fabric_handle_attribute", HANDLE_TYPE_FABRIC_SUPPORTED)):  # fmt: skip
+        gpu = {
+            "ordinal": ordinal,
+            "device": device.value,
+            "bus_id": bus.value.decode(),
+            "name": name.value.decode(),
+        }
+        for key, attribute in (
+            ("multicast_attribute", MULTICAST_SUPPORTED),
+            ("fabric_handle_attribute", HANDLE_TYPE_FABRIC_SUPPORTED),
+        ):
             value = ctypes.c_int()
             code = driver.call("cuDeviceGetAttribute", ctypes.byref(value), attribute, device)
             gpu[key] = value.value if code == 0 else None
@@ -108,32 +117,35 @@ def read_gpus(driver):
     return gpus
 
 
-def round_up(size, granularity):
+def round_up(size: int, granularity: int) -> int:
     return (size + granularity - 1) // granularity * granularity if granularity else size
 
 
-def try_multicast(driver, gpus):
+def try_multicast(driver: Driver, gpus: list[dict[str, Any]]) -> None:
     """Create one multicast object over every GPU, add each, bind memory of each, release."""
-    contexts: list = []
+    contexts: list[tuple[dict[str, Any], ctypes.c_void_p]] = []
     for gpu in gpus:
         context = ctypes.c_void_p()
-        if not driver.step("cuDevicePrimaryCtxRetain", gpu["ordinal"],
-                           ctypes.byref(context), gpu["device"]):  # fmt: skip
+        if not driver.step(
+            "cuDevicePrimaryCtxRetain", gpu["ordinal"], ctypes.byref(context), gpu["device"]
+        ):
             return release_contexts(driver, contexts)
         contexts.append((gpu, context))
     driver.call("cuCtxSetCurrent", contexts[0][1])
     prop = MulticastProp(numDevices=len(gpus), size=0, handleTypes=POSIX_FILE_DESCRIPTOR)
     granularity = ctypes.c_size_t()
-    if not driver.step("cuMulticastGetGranularity", None, ctypes.byref(granularity),
-                       ctypes.byref(prop), 0):  # fmt: skip
+    if not driver.step(
+        "cuMulticastGetGranularity", None, ctypes.byref(granularity), ctypes.byref(prop), 0
+    ):
         return release_contexts(driver, contexts)
     size = round_up(2 << 20, granularity.value)
     prop.size = size
     handle = ctypes.c_ulonglong()
     if not driver.step("cuMulticastCreate", None, ctypes.byref(handle), ctypes.byref(prop)):
         return release_contexts(driver, contexts)
-    added = all([driver.step("cuMulticastAddDevice", gpu["ordinal"], handle, gpu["device"])
-                 for gpu in gpus])  # fmt: skip
+    added = all(
+        [driver.step("cuMulticastAddDevice", gpu["ordinal"], handle, gpu["device"]) for gpu in gpus]
+    )
     if added:
         for gpu, context in contexts:
             bind_memory(driver, gpu, context, handle, size)
@@ -141,25 +153,56 @@ def try_multicast(driver, gpus):
     return release_contexts(driver, contexts)
 
 
-def bind_memory(driver, gpu, context, handle, size):
+def bind_memory(
+    driver: Driver,
+    gpu: dict[str, Any],
+    context: ctypes.c_void_p,
+    handle: ctypes.c_ulonglong,
+    size: int,
+) -> None:
     driver.call("cuCtxSetCurrent", context)
-    prop = AllocationProp(type=PINNED, requestedHandleTypes=POSIX_FILE_DESCRIPTOR,
-                          location=Location(LOCATION_DEVICE, gpu["device"]))  # fmt: skip
+    prop = AllocationProp(
+        type=PINNED,
+        requestedHandleTypes=POSIX_FILE_DESCRIPTOR,
+        location=Location(LOCATION_DEVICE, gpu["device"]),
+    )
     granularity = ctypes.c_size_t()
     driver.call("cuMemGetAllocationGranularity", ctypes.byref(granularity), ctypes.byref(prop), 0)
     memory = ctypes.c_ulonglong()
     length = round_up(size, granularity.value)
-    if not driver.step("cuMemCreate", gpu["ordinal"], ctypes.byref(memory), ctypes.c_size_t(length),
-                       ctypes.byref(prop), ctypes.c_ulonglong(0)):  # fmt: skip
+    if not driver.step(
+        "cuMemCreate",
+        gpu["ordinal"],
+        ctypes.byref(memory),
+        ctypes.c_size_t(length),
+        ctypes.byref(prop),
+        ctypes.c_ulonglong(0),
+    ):
         return
-    if driver.step("cuMulticastBindMem", gpu["ordinal"], handle, ctypes.c_size_t(0), memory,
-                   ctypes.c_size_t(0), ctypes.c_size_t(size), ctypes.c_ulonglong(0)):  # fmt: skip
-        driver.step("cuMulticastUnbind", gpu["ordinal"], handle, gpu["device"],
-                    ctypes.c_size_t(0), ctypes.c_size_t(size))  # fmt: skip
+    if driver.step(
+        "cuMulticastBindMem",
+        gpu["ordinal"],
+        handle,
+        ctypes.c_size_t(0),
+        memory,
+        ctypes.c_size_t(0),
+        ctypes.c_size_t(size),
+        ctypes.c_ulonglong(0),
+    ):
+        driver.step(
+            "cuMulticastUnbind",
+            gpu["ordinal"],
+            handle,
+            gpu["device"],
+            ctypes.c_size_t(0),
+            ctypes.c_size_t(size),
+        )
     driver.step("cuMemRelease", gpu["ordinal"], memory)
 
 
-def release_contexts(driver, contexts):
+def release_contexts(
+    driver: Driver, contexts: list[tuple[dict[str, Any], ctypes.c_void_p]]
+) -> None:
     for gpu, _ in contexts:
         name = "cuDevicePrimaryCtxRelease_v2"
         if getattr(driver.library, name, None) is None:
@@ -167,12 +210,20 @@ def release_contexts(driver, contexts):
         driver.call(name, gpu["device"])
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     mode = argv[1] if len(argv) > 1 and argv[1] in ("try", "read") else "try"
     # the driver's ordinals in PCI order, like nvidia-smi's indices
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    report: dict = {"mode": mode, "driver": None, "init": None, "gpus": [], "tried": False,
-              "not_tried": None, "steps": [], "error": None}  # fmt: skip
+    report: dict[str, Any] = {
+        "mode": mode,
+        "driver": None,
+        "init": None,
+        "gpus": [],
+        "tried": False,
+        "not_tried": None,
+        "steps": [],
+        "error": None,
+    }
     try:
         library = ctypes.CDLL("libcuda.so.1")
     except OSError as error:

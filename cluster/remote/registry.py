@@ -30,6 +30,8 @@ RELAY = "remote/relay.py"
 """One link of the chain that carries model files and images, run on each host."""
 MULTICAST = "remote/multicast_probe.py"
 """The NVLink multicast probe, run on each host by the host probe."""
+HUB_DOWNLOAD = "remote/hub_download.py"
+"""A model's download from the Hugging Face hub, on the head (`download: head`)."""
 
 _NOT_SERVED = frozenset({"bundle.py"})  # the controller's zipper, never inside the zip
 
@@ -49,6 +51,7 @@ SHIPPED_FILES: tuple[str, ...] = (
     COLLECTIVE,
     RELAY,
     MULTICAST,
+    HUB_DOWNLOAD,
     "__init__.py",  # the bare packages the serving zip imports through
     "remote/__init__.py",
     *serving_files(),

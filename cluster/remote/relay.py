@@ -10,12 +10,17 @@ Modes (CONFIG, the first line of stdin, is JSON; tokens are in it, never in argv
 - `relay`: receive the stream from upstream (stdin, or one TCP connection on the node's address
   that must open with this hop's token), write the items this node needs, and pass every byte
   on to the next node at once (its address, port and its own token in CONFIG's `next`).
+- `save`: `docker save` of an image on the node that has it, to stdout, without the layers in
+  `drop` (the nodes of the chain have them): the image's source for a chain.
 
 The stream is a sequence of items. Each is a header (4-byte big-endian length, JSON: kind,
 path, size, sha256, sinks: the nodes that keep it), then chunks (4-byte length, bytes), then
 an empty chunk. A file is written beside its final name and renamed only once its size and
-sha256 are right; an image goes into `docker load`. Events go to stdout as JSON lines; the
-controller reads them over SSH (progress, each item's outcome, a lost neighbour).
+sha256 are right; an image goes into `docker load`, its tar read as it passes: every layer's
+sha256 must be one of the image's diff IDs (and every content-named file's its name), and the
+end of the tar is held back until they are, so `docker load` never completes an image that
+arrived wrong. Events go to stdout as JSON lines; the controller reads them over SSH (progress,
+each item's outcome, a lost neighbour).
 
 Confinement: every write goes through directory descriptors opened from `root` down with
 O_NOFOLLOW, so no symbolic link under the cache is ever followed for a write (one there is
@@ -39,7 +44,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
 CHUNK = 1 << 20
 MAX_FRAME = 4 * CHUNK
@@ -61,7 +66,7 @@ FOLDER = os.O_RDONLY | os.O_DIRECTORY
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
-def emit(**event) -> None:
+def emit(**event: object) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
 
@@ -244,7 +249,9 @@ def _link_state(root: str, entry: dict) -> str:
         return "missing"
 
 
-def await_upstream(server: socket.socket, token: bytes, accept_s: float, token_s: float):
+def await_upstream(
+    server: socket.socket, token: bytes, accept_s: float, token_s: float
+) -> socket.socket:
     """The first connection that presents `token`; raises NoUpstream after `accept_s`.
 
     Connections wait side by side: one that sends nothing is dropped after `token_s` and holds
@@ -361,11 +368,23 @@ def parse_header(raw: bytes) -> dict:
         or not isinstance(header.get("sinks"), list)
         or (kind == "file" and not (sized and isinstance(header.get("sha256"), str)))
         or (kind == "link" and not isinstance(header.get("target"), str))
+        or (kind == "image" and not _image_fields(header))
     ):
         raise BadStream(
             f"a header with fields of the wrong types for {str(header.get('path'))[:200]!r}"
         )
     return header
+
+
+def _image_fields(header: dict) -> bool:
+    """An image's header names its ID, its diff IDs and the layers the stream carries."""
+    diff_ids, layers = header.get("diff_ids"), header.get("layers")
+    if not isinstance(diff_ids, list) or not isinstance(layers, list):
+        return False
+    digests = [header.get("image_id"), *diff_ids]
+    return all(isinstance(d, str) and d.startswith("sha256:") for d in digests) and all(
+        d in diff_ids for d in layers
+    )
 
 
 class Downstream:
@@ -415,10 +434,359 @@ class Downstream:
             self.socket = None
 
 
+BLOCK = 512
+TRAILER = bytes(2 * BLOCK)
+MAX_EXTENSION = 1 << 20
+"""The longest pax or GNU long-name record read into memory."""
+HEX = frozenset("0123456789abcdef")
+
+
+class TarError(ValueError):
+    """A tar that cannot be read, or an image file that arrived wrong."""
+
+
+def _number(field: bytes) -> int:
+    """A tar header's numeric field: octal, or base-256 for large values."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\0", b" ").strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarError(f"a tar header with a bad number {text[:20]!r}") from None
+
+
+def _pax_records(data: bytes) -> dict:
+    records = {}
+    while data:
+        length = data.partition(b" ")[0]
+        if not length.isdigit() or int(length) <= len(length) + 1:
+            raise TarError("a pax header that cannot be read")
+        size = int(length)
+        record, data = data[:size], data[size:]
+        key, _, value = record[len(length) + 1 : -1].partition(b"=")
+        records[key.decode(errors="replace")] = value.decode(errors="replace")
+    return records
+
+
+class TarWalk:
+    """A tar stream read as it passes, in pieces of any size (`feed`): `begin(name, kind, size)`
+    says whether each member passes on; its data goes through `body` and `end`. What passes is
+    returned by `feed`; the end-of-archive blocks are held back (`trailer()` gives them)."""
+
+    def __init__(self) -> None:
+        self.header = b""  # an incomplete header block
+        self.pending = b""  # the raw extension headers of the next member
+        self.extension = b""  # the data of the extension header being read
+        self.overrides: dict = {}  # from pax or GNU long-name headers, for the next member
+        self.kind = ""  # the extension being read (x, L, K, g)
+        self.left = 0  # data and padding left of the current member or extension
+        self.data_left = 0  # data left (without padding)
+        self.passing = True
+        self.state = "header"
+        self.ended = False
+
+    def begin(self, name: str, kind: str, size: int) -> bool:
+        return True
+
+    def body(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def trailer(self) -> bytes:
+        return TRAILER
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        view = memoryview(data)
+        at = 0
+        while at < len(view):
+            if self.state == "trailer":
+                break  # zero blocks (and any record padding) after the end
+            if self.state in ("data", "extension"):
+                take = min(self.left, len(view) - at)
+                piece = bytes(view[at : at + take])
+                content = piece[: self.data_left]
+                self.data_left -= len(content)
+                self.left -= take
+                at += take
+                if self.state == "data":
+                    if content:
+                        self.body(content)
+                    if self.passing:
+                        out.append(piece)
+                    if not self.left:
+                        self.end()
+                        self.state = "header"
+                else:
+                    self.pending += piece
+                    self.extension += content
+                    if not self.left:
+                        self._extension_read()
+                continue
+            take = min(BLOCK - len(self.header), len(view) - at)
+            self.header += bytes(view[at : at + take])
+            at += take
+            if len(self.header) == BLOCK:
+                block, self.header = self.header, b""
+                passed = self._header(block)
+                if passed:
+                    out.append(passed)
+        return b"".join(out)
+
+    def _header(self, block: bytes) -> bytes:
+        if block == bytes(BLOCK):
+            self.state, self.ended = "trailer", True
+            return b""
+        stored = _number(block[148:156])
+        rest = block[:148] + b" " * 8 + block[156:]
+        signed = sum(byte - 256 if byte > 127 else byte for byte in rest)
+        if stored not in (sum(rest), signed):
+            raise TarError("a tar header whose checksum is wrong")
+        kind = chr(block[156]) if block[156] else "0"
+        size = _number(block[124:136])
+        padded = -(-size // BLOCK) * BLOCK
+        if kind in "xLKg":
+            if size > MAX_EXTENSION:
+                raise TarError(f"an extension header of {size} bytes")
+            self.kind, self.extension, self.pending = kind, b"", self.pending + block
+            self.left, self.data_left, self.state = padded, size, "extension"
+            if not padded:
+                self._extension_read()
+            return b""
+        name = block[:100].split(b"\0", 1)[0].decode(errors="replace")
+        if block[257:262] == b"ustar" and block[345] != 0:
+            name = block[345:500].split(b"\0", 1)[0].decode(errors="replace") + "/" + name
+        name = self.overrides.get("path", name)
+        if "size" in self.overrides:
+            if not self.overrides["size"].isdigit():
+                raise TarError("a pax header with a size that is not a number")
+            size = int(self.overrides["size"])
+            padded = -(-size // BLOCK) * BLOCK
+        self.overrides = {}
+        if kind in "1256":  # links, devices, folders, fifos: no data
+            size = padded = 0
+        self.passing = self.begin(name, kind, size)
+        raw, self.pending = self.pending + block, b""
+        self.left, self.data_left = padded, size
+        if padded:
+            self.state = "data"
+        else:
+            self.end()
+        return raw if self.passing else b""
+
+    def _extension_read(self) -> None:
+        self.state = "header"
+        if self.kind == "x":
+            self.overrides.update(_pax_records(self.extension))
+        elif self.kind == "L":
+            self.overrides["path"] = self.extension.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _layer_digest(name: str) -> str | None:
+    """The digest a member's name promises its bytes have, if it names one:
+    `blobs/sha256/HEX` (Docker 25 and later), `HEX.json` (the image's config before 25)."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[:2] == ["blobs", "sha256"] and set(parts[2]) <= HEX:
+        return "sha256:" + parts[2]
+    if len(parts) == 1 and len(parts[0]) == 69 and parts[0].endswith(".json"):
+        return "sha256:" + parts[0][:64] if set(parts[0][:64]) <= HEX else None
+    return None
+
+
+def _is_legacy_layer(name: str) -> bool:
+    """`V1ID/layer.tar`: a layer of a `docker save` before Docker 25 (named by a v1 ID)."""
+    parts = name.split("/")
+    return len(parts) == 2 and parts[1] == "layer.tar" and len(parts[0]) == 64
+
+
+class ImageCheck(TarWalk):
+    """An image's tar on its way into `docker load`: every layer's sha256 against the image's
+    diff IDs (a content-named file against its name), every layer the stream carries seen,
+    and the image's config; the tar's end is given only by `trailer()` after `problem()`."""
+
+    def __init__(self, header: dict) -> None:
+        super().__init__()
+        self.image = header["path"]
+        self.image_id = header["image_id"]
+        self.diff_ids = set(header["diff_ids"])
+        self.expected = set(header["layers"])
+        self.seen: set = set()
+        self.digest: Any = None  # the sha256 of the member read now, when it is checked
+        self.promised: str | None = None  # what the member's name promises; None: a diff ID
+        self.member = ""
+
+    def begin(self, name: str, kind: str, size: int) -> bool:
+        self.digest = None
+        if kind in "07":
+            self.promised = _layer_digest(name)
+            if self.promised is not None or _is_legacy_layer(name):
+                self.digest = hashlib.sha256()
+                self.member = name
+        return True
+
+    def body(self, data: bytes) -> None:
+        if self.digest is not None:
+            self.digest.update(data)
+
+    def end(self) -> None:
+        if self.digest is None:
+            return
+        got = "sha256:" + self.digest.hexdigest()
+        self.digest = None
+        if self.promised is not None and got != self.promised:
+            raise TarError(f"{self.member} arrived with {got[:19]}, not {self.promised[:19]}")
+        if self.promised is None and got not in self.diff_ids:
+            raise TarError(f"layer {self.member} arrived with {got[:19]}, not a layer of the image")
+        self.seen.add(got)
+
+    def problem(self) -> str | None:
+        """Why the image must not load, or None."""
+        if not self.ended:
+            return "the image's tar ended early: refused, nothing loaded"
+        lacking = sorted(self.expected - self.seen)
+        if lacking:
+            return f"layer {lacking[0][:19]} did not arrive: refused, nothing loaded"
+        if self.image_id not in self.seen:
+            return (
+                f"the image's config {self.image_id[:19]} did not arrive: refused, nothing loaded"
+            )
+        return None
+
+
+def chain_ids(diff_ids: list) -> list:
+    """Each layer's chain ID: the layer with every layer below it, as Docker's layer store
+    names it."""
+    chains: list = []
+    for diff_id in diff_ids:
+        chains.append(
+            diff_id
+            if not chains
+            else "sha256:" + hashlib.sha256((chains[-1] + " " + diff_id).encode()).hexdigest()
+        )
+    return chains
+
+
+def _go_json(value: object) -> str:
+    """JSON as Go's encoding/json writes it: compact, `<>&` and U+2028/9 escaped."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
+        text = text.replace(raw, escaped)
+    return text
+
+
+def legacy_layer_index(folder: str, v1_json: bytes, chains: list) -> int | None:
+    """Which layer a `docker save` folder before Docker 25 holds, from its `json` (read before
+    its `layer.tar`): the folder's name is a v1 ID, the sha256 of that JSON without `id`,
+    with `layer_id` (the layer's chain ID) and `parent` (`sha256:` + the folder below), as
+    Docker's `v1.CreateID` makes it. None when no layer gives that name."""
+    try:
+        v1 = json.loads(v1_json)
+    except ValueError:
+        return None
+    if not isinstance(v1, dict):
+        return None
+    for keep_os in (False, True):  # the top layer's carries `os`; the others got it afterwards
+        fields = {k: v for k, v in v1.items() if k not in ("id", "parent")}
+        if not keep_os:
+            fields.pop("os", None)
+        if "parent" in v1:
+            fields["parent"] = "sha256:" + str(v1["parent"])
+        for index, chain in enumerate(chains):
+            fields["layer_id"] = chain
+            text = (
+                "{"
+                + ",".join(_go_json(k) + ":" + _go_json(fields[k]) for k in sorted(fields))
+                + "}"
+            )
+            if hashlib.sha256(text.encode()).hexdigest() == folder:
+                return index
+    return None
+
+
+class SaveFilter(TarWalk):
+    """`docker save`'s tar without the layers in `drop`: blobs named by their digest (Docker
+    25 and later), or V1ID/layer.tar whose folder's `json` shows it is one of them (before 25).
+    Everything else passes, a layer it cannot place too: `docker load` skips what it has."""
+
+    def __init__(self, drop: list, diff_ids: list) -> None:
+        super().__init__()
+        self.drop = set(drop)
+        self.diff_ids = list(diff_ids)
+        self.chains = chain_ids(self.diff_ids)
+        self.dropped_folders: set = set()
+        self.v1_json: bytes | None = None
+        self.member = ""
+        self.left_out = 0  # the bytes of the layers left out
+
+    def begin(self, name: str, kind: str, size: int) -> bool:
+        self.member, self.v1_json = name, None
+        parts = name.split("/")
+        if len(parts) == 2 and parts[1] == "json" and len(parts[0]) == 64 and size <= MAX_EXTENSION:
+            self.v1_json = b""
+        digest = _layer_digest(name)
+        dropped = (digest is not None and digest in self.drop) or (
+            len(parts) == 2 and parts[1] == "layer.tar" and parts[0] in self.dropped_folders
+        )
+        if dropped:
+            self.left_out += size
+        return not dropped
+
+    def body(self, data: bytes) -> None:
+        if self.v1_json is not None:
+            self.v1_json += data
+
+    def end(self) -> None:
+        if self.v1_json is None:
+            return
+        folder = self.member.split("/")[0]
+        index = legacy_layer_index(folder, self.v1_json, self.chains)
+        if index is not None and self.diff_ids[index] in self.drop:
+            self.dropped_folders.add(folder)
+        self.v1_json = None
+
+
+def filtered_save(chunks, drop: list, diff_ids: list):  # -> Iterator[bytes] (3.8: no typing)
+    """`docker save`'s chunks without the layers in `drop`, the tar's end included."""
+    walk = SaveFilter(drop, diff_ids)
+    for chunk in chunks:
+        passed = walk.feed(chunk)
+        if passed:
+            yield passed
+    if not walk.ended:
+        raise TarError("`docker save` ended before its tar did")
+    yield walk.trailer()
+
+
+def save(config: dict) -> int:
+    """`docker save` of CONFIG's image to stdout, without the layers in `drop`."""
+    out = sys.stdout.buffer
+    process = subprocess.Popen(
+        [*docker_argv(config), "save", config["image"]], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    reader = process.stdout
+    try:
+        for piece in filtered_save(
+            iter(lambda: reader.read(CHUNK), b""), config["drop"], config["diff_ids"]
+        ):
+            out.write(piece)
+    except TarError as error:
+        process.kill()
+        process.wait()
+        sys.stderr.write(f"{error}\n")
+        return 6
+    out.flush()
+    return process.wait()
+
+
 class Sink:
     """Where this node keeps an item: a file written aside, or `docker load`."""
 
-    def __init__(self, cache: Cache, header: dict) -> None:
+    def __init__(self, cache: Cache, header: dict, docker: tuple = ("docker",)) -> None:
         self.cache = cache
         self.header = header
         self.error: str | None = None
@@ -428,12 +796,16 @@ class Sink:
         self.handle: IO[bytes] | None = None
         self.folder: int | None = None
         self.name = ""
+        self.image: ImageCheck | None = None
         try:
             if header["kind"] == "image":
+                self.image = ImageCheck(header)
                 self.process = subprocess.Popen(
-                    ["docker", "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    [*docker, "load"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
-                )  # fmt: skip
+                )
                 self.handle = self.process.stdin
             else:
                 names = components(header["path"])
@@ -458,17 +830,25 @@ class Sink:
             self.fail(f"more than the {self.header['size']} bytes declared arrived")
             return
         try:
-            self.handle.write(data)
-            self.digest.update(data)
+            if self.image is not None:
+                self.handle.write(self.image.feed(data))
+            else:
+                self.handle.write(data)
+                self.digest.update(data)
             self.written += len(data)
+        except ValueError as error:  # a TarError, or a number in a tar header that is not one
+            self.fail(f"{error}: refused, nothing loaded")
         except OSError as error:
             self.error = str(error)
 
     def fail(self, why: str) -> None:
-        """Give the item up now: its partial file is removed."""
+        """Give the item up now: its partial file is removed; `docker load` is ended mid-tar."""
         self.error = self.error or why
         if self.process is None:
             self._close_partial()
+        else:
+            with contextlib.suppress(OSError):
+                self.process.kill()
 
     def _close_partial(self) -> None:
         if self.handle is not None:
@@ -484,13 +864,7 @@ class Sink:
     def finish(self) -> str | None:
         """None when the item is in place, else why not."""
         if self.process is not None:
-            with contextlib.suppress(OSError):
-                self.handle.close()  # type: ignore[union-attr]
-            assert self.process.stdout is not None
-            output = self.process.stdout.read().decode(errors="replace")
-            if self.process.wait() != 0 or self.error:
-                return f"docker load failed: {self.error or output.strip()[-300:]}"
-            return None
+            return self._finish_load()
         if self.error is None and self.written != self.header["size"]:
             self.error = f"{self.written} bytes arrived, {self.header['size']} expected"
         if self.error is None and self.digest.hexdigest() != self.header["sha256"]:
@@ -518,14 +892,46 @@ class Sink:
             self.folder = None
         return None
 
+    def _finish_load(self) -> str | None:
+        """Let `docker load` complete (the tar's end) only when every layer arrived right;
+        otherwise end it mid-tar, so that it loads nothing."""
+        assert self.process is not None and self.image is not None
+        if self.error is None:
+            self.error = self.image.problem()
+        try:
+            if self.error is None:
+                self.handle.write(self.image.trailer())  # type: ignore[union-attr]
+                self.handle.close()  # type: ignore[union-attr]
+            else:
+                self.process.kill()  # the daemon sees the upload cut: nothing is loaded
+        except OSError as error:
+            self.error = self.error or str(error)
+        assert self.process.stdout is not None
+        output = self.process.stdout.read().decode(errors="replace")
+        status = self.process.wait()
+        if self.error is not None:
+            return self.error
+        if status != 0:
+            return f"docker load failed: {output.strip()[-300:]}"
+        return None
+
+
+def docker_argv(config: dict) -> tuple:
+    """`docker`, at the engine CONFIG names (`docker_host`), else at the host's default."""
+    host = config.get("docker_host")
+    return ("docker", "--host", host) if host else ("docker",)
+
 
 def relay(config: dict) -> int:
     root, node = config["root"], config["node"]
     try:
         upstream = Upstream(config)
     except NoUpstream as gone:
-        emit(event="no-upstream", seconds=config.get("accept_timeout_s", ACCEPT_TIMEOUT_S),
-             refused=gone.refused)  # fmt: skip
+        emit(
+            event="no-upstream",
+            seconds=config.get("accept_timeout_s", ACCEPT_TIMEOUT_S),
+            refused=gone.refused,
+        )
         return 4
     except OSError:
         emit(event="no-upstream", seconds=0, refused=0)
@@ -547,7 +953,7 @@ def relay(config: dict) -> int:
                 if node in header["sinks"]:
                     emit(event="item", path=item, error=_link(cache, header))
                 continue
-            sink = Sink(cache, header) if node in header["sinks"] else None
+            sink = Sink(cache, header, docker_argv(config)) if node in header["sinks"] else None
             reported = time.monotonic()
             while True:
                 data = upstream.frame()
@@ -589,4 +995,5 @@ def _link(cache: Cache, header: dict) -> str | None:
 
 if __name__ == "__main__":
     settings = json.loads(sys.stdin.buffer.readline())
-    sys.exit(check(settings) if settings["mode"] == "check" else relay(settings))
+    modes = {"check": check, "relay": relay, "save": save}
+    sys.exit(modes[settings["mode"]](settings))

@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
-from cluster.decide.checks import CheckResult, failed
+from cluster.decide.checks.result import CheckResult, failed
 from cluster.decide.collective_report import CollectiveRun, summary, transport_summary
-from cluster.decide.secrets import state_dir
-
-
-def last_run_path(cluster: str) -> Path:
-    return state_dir() / "clusters" / cluster / "collective.json"
+from cluster.decide.state_paths import collective_run_path
 
 
 def save_last_run(
@@ -21,7 +16,7 @@ def save_last_run(
 ) -> None:
     """The largest size's figures per group, each node's NCCL transport between the nodes, the
     verdict and the time: for the exporter and `status`."""
-    path = last_run_path(cluster)
+    path = collective_run_path(cluster)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "finished_at": time.time(),
@@ -38,7 +33,7 @@ def save_last_run(
 def load_last_run(cluster: str) -> dict | None:
     """The last run's document, or None when there is none (or it is unreadable)."""
     try:
-        data = json.loads(last_run_path(cluster).read_text())
+        data = json.loads(collective_run_path(cluster).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -110,12 +110,17 @@ def stale(status: ClusterStatus, age_s: float) -> ClusterStatus:
     error = f"no status refresh finished for {age_s:.0f} s (see the exporter's log)"
     nodes = tuple(
         dataclasses.replace(
-            node, reachable=False, error=error, container=None, gpus=(), gpu_problem=None,
+            node,
+            reachable=False,
+            error=error,
+            container=None,
+            gpus=(),
+            gpu_problem=None,
             ray_alive=None if node.ray_alive is None else False,
             vllm_process=None if node.vllm_process is None else False,
         )
         for node in status.nodes
-    )  # fmt: skip
+    )
     return dataclasses.replace(
         status, nodes=nodes, vllm=VllmStatus(error=error), ray_nodes_alive=0, ray_resources={}
     )

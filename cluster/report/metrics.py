@@ -131,7 +131,7 @@ def _gpu_metrics(status: ClusterStatus) -> Iterable[Metric]:
         yield family
 
 
-MODEL_STATES = ("unloaded", "loading", "loaded", "failed", "unloading")
+MODEL_STATES = ("unloaded", "loading", "loaded", "failed", "unloading", "sleeping", "waking")
 
 
 def _model_metrics(status: ClusterStatus) -> list[Metric]:
@@ -148,6 +148,12 @@ def _model_metrics(status: ClusterStatus) -> list[Metric]:
     )
     requests = _gauge("vcluster_model_requests", "Requests routed to the model", labels)
     in_flight = _gauge("vcluster_model_requests_in_flight", "Requests in flight now", labels)
+    wakes = _gauge(
+        "vcluster_model_wakes",
+        "Times the router woke the model from sleep since it started",
+        labels,
+    )
+    wake = _gauge("vcluster_model_last_wake_seconds", "How long the model's last wake took", labels)
     for model in status.models:
         names = [status.cluster, model.name]
         for name in MODEL_STATES:
@@ -157,7 +163,10 @@ def _model_metrics(status: ClusterStatus) -> list[Metric]:
             start.add_metric(names, model.last_activation_s)
         requests.add_metric(names, float(model.requests))
         in_flight.add_metric(names, float(model.in_flight))
-    return [state, activations, start, requests, in_flight]
+        wakes.add_metric(names, float(model.wakes))
+        if model.last_wake_s is not None:
+            wake.add_metric(names, model.last_wake_s)
+    return [state, activations, start, requests, in_flight, wakes, wake]
 
 
 def _collective_metrics(status: ClusterStatus) -> list[Metric]:

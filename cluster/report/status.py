@@ -1,19 +1,18 @@
 """One health snapshot of the cluster: SSH, containers, Ray and vLLM, gathered in parallel.
 
 `gather_status` costs about one round trip per host (all hosts at once) plus the Ray and vLLM
-queries on the head; `ClusterStatus` renders as a table or JSON and decides health.
+queries on the head; `ClusterStatus` is its JSON and decides health (`cluster/cli/tables.py`
+renders it for people).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import docker
-from rich.table import Table
 
 from cluster.decide.inventory import Inventory
 from cluster.decide.manifest import Item, SourceError, model_items, models_with_source
@@ -321,131 +320,3 @@ def _vllm_load(ssh: SshConnection, port: int) -> ServingMetrics | None:
     except OSError:
         return None
     return parse_serving_metrics(metrics.body) if metrics.status == 200 else None
-
-
-def uptime(started_at: str | None, now: dt.datetime | None = None) -> str:
-    """A short age like `3h12m` from Docker's StartedAt timestamp."""
-    if not started_at or started_at.startswith("0001"):
-        return "-"
-    started = dt.datetime.fromisoformat(started_at[:26].rstrip("Z") + "+00:00")
-    seconds = int(((now or dt.datetime.now(dt.UTC)) - started).total_seconds())
-    hours, rest = divmod(max(seconds, 0), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _mark(value: bool | None) -> str:
-    return "-" if value is None else ("yes" if value else "NO")
-
-
-def _vllm_cell(node: NodeStatus) -> str:
-    if node.vllm_process is None or node.vllm_process or node.vllm_state is None:
-        return _mark(node.vllm_process)
-    return f"NO ({node.vllm_state})"
-
-
-def render_table(status: ClusterStatus) -> list[Table | str]:
-    """The human view of `status`: a node table, then the cluster and vLLM lines."""
-    table = Table(title=f"cluster {status.cluster}")
-    columns = ("node", "address", "role", "ssh", "container", "up", "image", "ray", "vllm",
-               "restarts")  # fmt: skip
-    for column in columns:
-        table.add_column(column)
-    for node in status.nodes:
-        table.add_row(
-            node.name,
-            node.address,
-            node.role,
-            "ok" if node.reachable else "UNREACHABLE",
-            node.container or ("-" if not node.reachable else "NONE"),
-            uptime(node.started_at),
-            (node.image_id or "-").removeprefix("sha256:")[:12],
-            _mark(node.ray_alive) if node.reachable else "-",
-            _vllm_cell(node),
-            "-" if node.vllm_restarts is None else str(node.vllm_restarts),
-        )
-    resources = ", ".join(f"{v:g} {k}" for k, v in status.ray_resources.items() if v)
-    ray_line = f"ray: {status.ray_nodes_alive}/{status.ray_nodes_expected} nodes alive" + (
-        f", {resources}" if resources else ""
-    )
-    if status.ray_error:
-        ray_line += f" ({status.ray_error})"
-    if not status.ray_cluster:
-        ray_line = "ray: not applicable (no Ray cluster: vLLM's own multi-node mode)"
-    vllm = status.vllm
-    if vllm.error and not vllm.health:
-        vllm_line = f"vllm: DOWN ({vllm.error})"
-    else:
-        load = (
-            f"; running {vllm.requests_running:g}, waiting {vllm.requests_waiting:g}"
-            if vllm.requests_running is not None and vllm.requests_waiting is not None
-            else ""
-        )
-        kv = f"; KV cache {vllm.kv_cache_usage:.0%}" if vllm.kv_cache_usage is not None else ""
-        vllm_line = (
-            f"vllm: {'healthy' if vllm.health else 'UNHEALTHY'} at {status.endpoint}, "
-            f"models {', '.join(vllm.models) or 'none'}{load}{kv}"
-        )
-    gpu_table = _gpu_table(status)
-    problems = [f"{n.name}: {n.error}" for n in status.nodes if n.error]
-    problems += [
-        f"{n.name}: vLLM restarted {n.vllm_restarts} time(s), last because {n.vllm_last_exit}"
-        for n in status.nodes
-        if n.vllm_restarts and n.vllm_last_exit
-    ]
-    problems += [f"{n.name}: GPUs: {n.gpu_problem}" for n in status.nodes if n.gpu_problem]
-    files_lines = [
-        f"{n.name}: model files " + ", ".join(f"{m} {state}" for m, state in n.model_files.items())
-        for n in status.nodes
-        if n.model_files
-    ]
-    verdict = "healthy" if status.healthy else "DEGRADED"
-    parts: list[Table | str] = [table]
-    if gpu_table is not None:
-        parts.append(gpu_table)
-    image_line = [f"image: {status.image.summary()}"] if status.image else []
-    models_lines = [
-        f"model {m.name}: {m.state}"
-        + (f" on {m.where}" if m.placement else "")
-        + f", {m.requests} request(s), {m.activations} activation(s)"
-        + (f", last start {m.last_activation_s:g} s" if m.last_activation_s is not None else "")
-        + (f" ({m.failure})" if m.failure and m.state != "loaded" else "")
-        for m in status.models
-    ]
-    if status.models_error:
-        models_lines.append(f"models: the router did not answer ({status.models_error})")
-    return [
-        *parts, *image_line, ray_line, vllm_line, *models_lines, *files_lines, *problems,
-        f"cluster {status.cluster}: {verdict}",
-    ]  # fmt: skip
-
-
-def _value(value: float | None, unit: str = "") -> str:
-    return "-" if value is None else f"{value:g}{unit}"
-
-
-def _gpu_table(status: ClusterStatus) -> Table | None:
-    """One row per GPU of every node; None in cpu mode or when no node listed a GPU."""
-    if status.accelerator == "cpu" or not any(n.gpus for n in status.nodes):
-        return None
-    table = Table(title="GPUs")
-    for column in ("node", "gpu", "model", "util", "memory", "temp", "power", "ecc", "errors"):
-        table.add_column(column)
-    for node in status.nodes:
-        for gpu in node.gpus:
-            memory = (
-                f"{gpu.memory_used_mib}/{gpu.memory_total_mib} MiB"
-                if gpu.memory_used_mib is not None and gpu.memory_total_mib is not None
-                else "-"
-            )
-            table.add_row(
-                node.name,
-                str(gpu.index),
-                gpu.name or "-",
-                _value(gpu.utilization_pct, "%"),
-                memory,
-                _value(gpu.temperature_c, "C"),
-                _value(gpu.power_draw_w, "W"),
-                _value(gpu.ecc_uncorrected),
-                ", ".join(gpu.errors) or "-",
-            )
-    return table

@@ -75,11 +75,15 @@ def dockerd_argv(
     """The argv that starts vcluster's own dockerd (pure; tested)."""
     return [
         dockerd,
-        "--data-root", str(data_root),
-        "--exec-root", str(exec_root),
-        "--host", socket_host(socket),
-        "--pidfile", str(pidfile),
-    ]  # fmt: skip
+        "--data-root",
+        str(data_root),
+        "--exec-root",
+        str(exec_root),
+        "--host",
+        socket_host(socket),
+        "--pidfile",
+        str(pidfile),
+    ]
 
 
 def daemon_answers(host: str, timeout_s: float = DOCKER_INFO_TIMEOUT_S) -> bool:
@@ -105,8 +109,9 @@ def ensure_local_docker(
     """Return a reachable local Docker daemon, starting vcluster's own dockerd if none answers."""
     _require_binary("docker", fix="install the docker CLI (apt-get install -y docker.io)")
     if default_socket.exists() and daemon_answers(socket_host(default_socket)):
-        return LocalDocker(host=socket_host(default_socket), data_root=None,
-                           started_by_vcluster=False)  # fmt: skip
+        return LocalDocker(
+            host=socket_host(default_socket), data_root=None, started_by_vcluster=False
+        )
     own = _own_daemon()
     if daemon_answers(own.host):
         return own
@@ -130,8 +135,12 @@ def stop_local_docker(timeout_s: float = 30.0) -> bool:
 
 
 def _own_daemon() -> LocalDocker:
-    return LocalDocker(host=socket_host(VCLUSTER_SOCKET), data_root=VCLUSTER_DATA_ROOT,
-                       started_by_vcluster=True, log_path=VCLUSTER_LOG)  # fmt: skip
+    return LocalDocker(
+        host=socket_host(VCLUSTER_SOCKET),
+        data_root=VCLUSTER_DATA_ROOT,
+        started_by_vcluster=True,
+        log_path=VCLUSTER_LOG,
+    )
 
 
 def _require_binary(name: str, *, fix: str) -> str:

@@ -78,8 +78,11 @@ IMAGE_PYTHON = "3.11"
 """Debian bookworm's python3, the workload image's interpreter."""
 IMAGE_PLATFORM_TAGS = [
     *(f"manylinux_2_{minor}_x86_64" for minor in range(36, 4, -1)),  # bookworm: glibc 2.36
-    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64",
-]  # fmt: skip
+    "manylinux2014_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux1_x86_64",
+    "linux_x86_64",
+]
 """Wheels the image can use. pip does not widen an explicit --platform to older manylinux
 tags, so every one is listed (with only manylinux_2_28, blake3 1.0.11 is not found)."""
 
@@ -143,9 +146,13 @@ def read_package_list(text: str) -> list[str]:
 def debootstrap_argv(root: Path, packages: Sequence[str]) -> list[str]:
     """The debootstrap argv that makes the base root file system in `root`."""
     return [
-        "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
-        DEBIAN_SUITE, str(root), DEBIAN_MIRROR,
-    ]  # fmt: skip
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(packages)}",
+        DEBIAN_SUITE,
+        str(root),
+        DEBIAN_MIRROR,
+    ]
 
 
 # --- wheelhouse (pure parts) ------------------------------------------------------------------
@@ -193,8 +200,11 @@ def image_id(docker: LocalDocker, image: str) -> str | None:
     """The ID of a local image, or None when there is no such image."""
     done = subprocess.run(
         docker.argv("image", "inspect", "--format", "{{.Id}}", image),
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -202,8 +212,11 @@ def _image_label(docker: LocalDocker, image: str) -> str | None:
     fmt = '{{index .Config.Labels "' + RECIPE_LABEL + '"}}'
     done = subprocess.run(
         docker.argv("image", "inspect", "--format", fmt, image),
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -215,8 +228,9 @@ def _find_cached(docker: LocalDocker, image: str, recipe: str) -> tuple[str, str
     """("cached" | "retagged", image ID) when an image with this recipe exists, else None."""
     if _image_label(docker, image) == recipe:
         return "cached", image_id(docker, image) or ""
-    ids = _docker(docker, "images", "--quiet", "--no-trunc",
-                  "--filter", f"label={RECIPE_LABEL}={recipe}").split()  # fmt: skip
+    ids = _docker(
+        docker, "images", "--quiet", "--no-trunc", "--filter", f"label={RECIPE_LABEL}={recipe}"
+    ).split()
     if not ids:
         return None
     _docker(docker, "tag", ids[0], image)
@@ -231,8 +245,9 @@ def _record_if_cached(
         return None
     action, found_id = found
     progress(f"{image}: {action} (recipe {recipe[:12]})")
-    return BuildRecord(image, action, recipe, found_id, _image_size(docker, image),
-                       time.monotonic() - started)  # fmt: skip
+    return BuildRecord(
+        image, action, recipe, found_id, _image_size(docker, image), time.monotonic() - started
+    )
 
 
 def _drop_superseded(docker: LocalDocker, old_id: str | None, image: str) -> None:
@@ -272,11 +287,17 @@ def _run_logged(
                     watch.feed(text, time.monotonic())
             except subprocess.TimeoutExpired as exc:
                 process.kill()
-                raise VclusterError(f"{what} took more than {timeout_s:.0f} s", where="localhost",
-                                    fix=f"read {log_path}") from exc  # fmt: skip
+                raise VclusterError(
+                    f"{what} took more than {timeout_s:.0f} s",
+                    where="localhost",
+                    fix=f"read {log_path}",
+                ) from exc
         if process.returncode != 0:
-            raise VclusterError(f"{what} failed (status {process.returncode}): {_tail(log_path)}",
-                                where="localhost", fix=f"read {log_path}")  # fmt: skip
+            raise VclusterError(
+                f"{what} failed (status {process.returncode}): {_tail(log_path)}",
+                where="localhost",
+                fix=f"read {log_path}",
+            )
 
 
 def _output_lines(
@@ -336,23 +357,38 @@ def build_base(
     with tempfile.TemporaryDirectory(dir=CACHE_DIR / "tmp", prefix="rootfs-") as tmp:
         root = Path(tmp) / "root"
         progress(f"{BASE_IMAGE}: debootstrap {DEBIAN_SUITE} (about a minute)")
-        _run_logged(debootstrap_argv(root, packages), log_path, DEBOOTSTRAP_TIMEOUT_S,
-                    "debootstrap", progress)  # fmt: skip
+        _run_logged(
+            debootstrap_argv(root, packages),
+            log_path,
+            DEBOOTSTRAP_TIMEOUT_S,
+            "debootstrap",
+            progress,
+        )
         _finish_root(root, images_dir / "base" / "sources.list")
         progress(f"{BASE_IMAGE}: docker import")
         _import_root(docker, root, recipe, log_path)
     _drop_superseded(docker, superseded, BASE_IMAGE)
     progress(f"{BASE_IMAGE}: built in {time.monotonic() - started:.0f} s")
-    return BuildRecord(BASE_IMAGE, "built", recipe, image_id(docker, BASE_IMAGE) or "",
-                       _image_size(docker, BASE_IMAGE), time.monotonic() - started,
-                       log_path)  # fmt: skip
+    return BuildRecord(
+        BASE_IMAGE,
+        "built",
+        recipe,
+        image_id(docker, BASE_IMAGE) or "",
+        _image_size(docker, BASE_IMAGE),
+        time.monotonic() - started,
+        log_path,
+    )
 
 
 def _finish_root(root: Path, sources_list: Path) -> None:
     """Make a debootstrapped root fit for an image: apt sources, no caches, no host identity."""
     shutil.copyfile(sources_list, root / "etc/apt/sources.list")
-    for pattern in ("var/cache/apt/archives/*.deb", "var/lib/apt/lists/*", "var/log/*.log",
-                    "var/log/apt/*"):  # fmt: skip
+    for pattern in (
+        "var/cache/apt/archives/*.deb",
+        "var/lib/apt/lists/*",
+        "var/log/*.log",
+        "var/log/apt/*",
+    ):
         for path in root.glob(pattern):
             if path.is_file():
                 path.unlink()
@@ -368,19 +404,25 @@ def _import_root(docker: LocalDocker, root: Path, recipe: str, log_path: Path) -
         'CMD ["/bin/bash"]',
         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     ]
-    import_argv = docker.argv("import", *[x for c in changes for x in ("--change", c)],
-                              "-", BASE_IMAGE)  # fmt: skip
+    import_argv = docker.argv(
+        "import", *[x for c in changes for x in ("--change", c)], "-", BASE_IMAGE
+    )
     with open(log_path, "ab") as log:
-        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."],
-                               stdout=subprocess.PIPE, stderr=log)  # fmt: skip
+        tar = subprocess.Popen(
+            ["tar", "-C", str(root), "--numeric-owner", "-c", "."],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
         assert tar.stdout is not None
-        done = subprocess.run(import_argv, stdin=tar.stdout, stdout=log, stderr=log,
-                              timeout=600, check=False)  # fmt: skip
+        done = subprocess.run(
+            import_argv, stdin=tar.stdout, stdout=log, stderr=log, timeout=600, check=False
+        )
         tar.stdout.close()
         tar_status = tar.wait()
     if done.returncode != 0 or tar_status != 0:
-        raise VclusterError(f"docker import failed: {_tail(log_path)}", where="localhost",
-                            fix=f"read {log_path}")  # fmt: skip
+        raise VclusterError(
+            f"docker import failed: {_tail(log_path)}", where="localhost", fix=f"read {log_path}"
+        )
 
 
 # --- Dockerfile images (node, workload) -------------------------------------------------------
@@ -401,8 +443,18 @@ def docker_build_argv(
     args = [
         x for key, value in sorted(build_args.items()) for x in ("--build-arg", f"{key}={value}")
     ]
-    return docker.argv("build", "--network", "host", "--force-rm", "--tag", image,
-                       "--label", f"{RECIPE_LABEL}={recipe}", *args, str(context))  # fmt: skip
+    return docker.argv(
+        "build",
+        "--network",
+        "host",
+        "--force-rm",
+        "--tag",
+        image,
+        "--label",
+        f"{RECIPE_LABEL}={recipe}",
+        *args,
+        str(context),
+    )
 
 
 def _build_dockerfile(
@@ -418,8 +470,11 @@ def _build_dockerfile(
     started = time.monotonic()
     parent_id = image_id(docker, parent)
     if parent_id is None:
-        raise VclusterError(f"{parent} is missing", where="localhost",
-                            fix="build the images in order (build_images does)")  # fmt: skip
+        raise VclusterError(
+            f"{parent} is missing",
+            where="localhost",
+            fix="build the images in order (build_images does)",
+        )
     recipe = dockerfile_recipe(context, parent_id)
     cached = _record_if_cached(docker, image, recipe, started, progress)
     if cached is not None:
@@ -436,16 +491,24 @@ def _build_dockerfile(
         _run_logged(argv, log_path, BUILD_TIMEOUT_S, f"docker build of {image}", progress, watch)
     _drop_superseded(docker, superseded, image)
     progress(f"{image}: built in {time.monotonic() - started:.0f} s")
-    return BuildRecord(image, "built", recipe, image_id(docker, image) or "",
-                       _image_size(docker, image), time.monotonic() - started, log_path)  # fmt: skip
+    return BuildRecord(
+        image,
+        "built",
+        recipe,
+        image_id(docker, image) or "",
+        _image_size(docker, image),
+        time.monotonic() - started,
+        log_path,
+    )
 
 
 def build_node(
     docker: LocalDocker, progress: Progress = _quiet, images_dir: Path = IMAGES_DIR
 ) -> BuildRecord:
     """Build the sandbox node image (sshd + dockerd) on the base image, unless already built."""
-    return _build_dockerfile(docker, NODE_IMAGE, images_dir / "node", progress,
-                             build_args={"BASE_IMAGE": BASE_IMAGE})  # fmt: skip
+    return _build_dockerfile(
+        docker, NODE_IMAGE, images_dir / "node", progress, build_args={"BASE_IMAGE": BASE_IMAGE}
+    )
 
 
 def build_workload(
@@ -462,19 +525,27 @@ def build_workload(
     context = images_dir / "vllm-cpu"
     lock = context / "requirements.lock"
     return _build_dockerfile(
-        docker, WORKLOAD_IMAGE, context, progress,
+        docker,
+        WORKLOAD_IMAGE,
+        context,
+        progress,
         build_args={"BASE_IMAGE": BASE_IMAGE},
         before_build=lambda: _wheelhouse_served(lock, wheelhouse, progress),
-    )  # fmt: skip
+    )
 
 
 def build_workload_without_ray(
     docker: LocalDocker, progress: Progress = _quiet, images_dir: Path = IMAGES_DIR
 ) -> BuildRecord:
     """Build the workload image minus Ray (one small layer on it), unless already built."""
-    return _build_dockerfile(docker, WORKLOAD_IMAGE_WITHOUT_RAY, images_dir / "vllm-cpu-noray",
-                             progress, build_args={"WORKLOAD_IMAGE": WORKLOAD_IMAGE},
-                             parent=WORKLOAD_IMAGE)  # fmt: skip
+    return _build_dockerfile(
+        docker,
+        WORKLOAD_IMAGE_WITHOUT_RAY,
+        images_dir / "vllm-cpu-noray",
+        progress,
+        build_args={"WORKLOAD_IMAGE": WORKLOAD_IMAGE},
+        parent=WORKLOAD_IMAGE,
+    )
 
 
 def build_images(
@@ -518,17 +589,34 @@ def ensure_wheelhouse(
     platforms = [x for tag in IMAGE_PLATFORM_TAGS for x in ("--platform", tag)]
     # Off a terminal, pip's default bar prints only its final state; `raw` prints the bytes.
     raw = ["--progress-bar", "raw"] if pip_has_raw_progress(_pip_version()) else []
-    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--python-version", IMAGE_PYTHON, *platforms, *raw,
-            "--dest", str(wheelhouse), "--requirement", str(lock)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        IMAGE_PYTHON,
+        *platforms,
+        *raw,
+        "--dest",
+        str(wheelhouse),
+        "--requirement",
+        str(lock),
+    ]
     watch = WheelhouseProgress(len(pins), time.monotonic())
-    _run_logged(argv, LOG_DIR / "wheelhouse.log", WHEEL_DOWNLOAD_TIMEOUT_S, "pip download",
-                progress, watch)  # fmt: skip
+    _run_logged(
+        argv, LOG_DIR / "wheelhouse.log", WHEEL_DOWNLOAD_TIMEOUT_S, "pip download", progress, watch
+    )
     progress(watch.summary(time.monotonic()))
     still = missing_wheels(read_lock(lock.read_text()), (p.name for p in wheelhouse.iterdir()))
     if still:
-        raise VclusterError(f"wheels still missing after download: {sorted(still)}",
-                            where="localhost", fix=f"read {LOG_DIR / 'wheelhouse.log'}")  # fmt: skip
+        raise VclusterError(
+            f"wheels still missing after download: {sorted(still)}",
+            where="localhost",
+            fix=f"read {LOG_DIR / 'wheelhouse.log'}",
+        )
 
 
 def _pip_version() -> str:

@@ -32,11 +32,13 @@ def _quiet(_: str) -> None:
 
 def tiny_model_recipe(images_dir: Path = IMAGES_DIR, name: str = TINY_MODEL_NAME) -> str:
     """The hash of what makes a model: the script, its seed and the workload image's pins."""
-    return recipe_hash([
-        ("make_tiny_model.py", (images_dir / "tiny-model" / "make_tiny_model.py").read_bytes()),
-        ("requirements.lock", (images_dir / "vllm-cpu" / "requirements.lock").read_bytes()),
-        ("seed", str(TINY_MODEL_SEEDS[name]).encode()),
-    ])  # fmt: skip
+    return recipe_hash(
+        [
+            ("make_tiny_model.py", (images_dir / "tiny-model" / "make_tiny_model.py").read_bytes()),
+            ("requirements.lock", (images_dir / "vllm-cpu" / "requirements.lock").read_bytes()),
+            ("seed", str(TINY_MODEL_SEEDS[name]).encode()),
+        ]
+    )
 
 
 def is_made(model_dir: Path, recipe: str) -> bool:
@@ -50,11 +52,21 @@ def make_model_argv(
 ) -> list[str]:
     """`docker run` of the workload image that writes the model into models_dir/target."""
     return docker.argv(
-        "run", "--rm", "--network", "none", "--entrypoint", "python3",
-        "--volume", f"{script}:{SCRIPT_IN_CONTAINER}:ro",
-        "--volume", f"{models_dir}:/out",
-        WORKLOAD_IMAGE, SCRIPT_IN_CONTAINER, f"/out/{target}", str(seed),
-    )  # fmt: skip
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "python3",
+        "--volume",
+        f"{script}:{SCRIPT_IN_CONTAINER}:ro",
+        "--volume",
+        f"{models_dir}:/out",
+        WORKLOAD_IMAGE,
+        SCRIPT_IN_CONTAINER,
+        f"/out/{target}",
+        str(seed),
+    )
 
 
 def ensure_tiny_model(
@@ -78,8 +90,15 @@ def ensure_tiny_model(
     staging = models_dir / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     models_dir.mkdir(parents=True, exist_ok=True)
-    _run_make(make_model_argv(docker, images_dir / "tiny-model" / "make_tiny_model.py",
-                              models_dir, staging.name, TINY_MODEL_SEEDS[name]))  # fmt: skip
+    _run_make(
+        make_model_argv(
+            docker,
+            images_dir / "tiny-model" / "make_tiny_model.py",
+            models_dir,
+            staging.name,
+            TINY_MODEL_SEEDS[name],
+        )
+    )
     (staging / RECIPE_FILE).write_text(recipe + "\n")
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)  # the model appears complete or not at all
@@ -88,8 +107,9 @@ def ensure_tiny_model(
 
 
 def _run_make(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=MAKE_MODEL_TIMEOUT_S,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=MAKE_MODEL_TIMEOUT_S, check=False
+    )
     if done.returncode != 0:
         raise VclusterError(
             f"making the tiny model failed: {done.stderr.strip()[-800:]}",

@@ -37,12 +37,17 @@ NODE_START_TIMEOUT_S = 60.0
 LOG_LINES = 12
 READY_LINE = "vcluster-node: dockerd and sshd are running"
 DIND_FLAGS = [
-    "--cap-add=ALL", "--cap-drop=SYS_RESOURCE",
-    "--security-opt", "seccomp=unconfined",
-    "--security-opt", "apparmor=unconfined",
-    "--security-opt", "systempaths=unconfined",
-    "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-]  # fmt: skip
+    "--cap-add=ALL",
+    "--cap-drop=SYS_RESOURCE",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "--security-opt",
+    "systempaths=unconfined",
+    "--volume",
+    "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+]
 
 
 class SandboxError(VclusterError):
@@ -146,11 +151,21 @@ def create_network(local: LocalDocker, sandbox: str) -> str:
     for subnet in SUBNET_CANDIDATES:
         done = subprocess.run(
             local.argv(
-                "network", "create", "--driver", "bridge", "--subnet", subnet,
-                "--label", f"{SANDBOX_LABEL}={sandbox}", name,
+                "network",
+                "create",
+                "--driver",
+                "bridge",
+                "--subnet",
+                subnet,
+                "--label",
+                f"{SANDBOX_LABEL}={sandbox}",
+                name,
             ),
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if done.returncode == 0:
             return subnet
         if "overlap" not in done.stderr:
@@ -180,8 +195,15 @@ def node_spec(node: SandboxNode, host_key: HostKey, settings: NodeSettings) -> s
 
     In memory, a new workload image means a fresh node: its tmpfs holds one image, not two.
     """
-    parts = [node.address, settings.node_image_id, host_key.public_line, settings.authorized,
-             SHM_SIZE, *DIND_FLAGS, *docker_data_argv(node, settings.storage)]  # fmt: skip
+    parts = [
+        node.address,
+        settings.node_image_id,
+        host_key.public_line,
+        settings.authorized,
+        SHM_SIZE,
+        *DIND_FLAGS,
+        *docker_data_argv(node, settings.storage),
+    ]
     if settings.storage.mode == MEMORY:
         parts.append(settings.workload_image_id)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
@@ -226,20 +248,36 @@ def start_node(
             _docker(local, "volume", "create", "--label", f"{SANDBOX_LABEL}={sandbox}", node.volume)
     _docker(
         local,
-        "run", "--detach", "--name", node.container, "--hostname", node.name,
-        "--network", network_name(sandbox), "--ip", node.address,
-        "--label", f"{SANDBOX_LABEL}={sandbox}",
-        "--label", f"{NODE_LABEL}={node.name}",
-        "--label", f"{SPEC_LABEL}={spec}",
-        "--label", f"{STORAGE_LABEL}={storage.mode}",
+        "run",
+        "--detach",
+        "--name",
+        node.container,
+        "--hostname",
+        node.name,
+        "--network",
+        network_name(sandbox),
+        "--ip",
+        node.address,
+        "--label",
+        f"{SANDBOX_LABEL}={sandbox}",
+        "--label",
+        f"{NODE_LABEL}={node.name}",
+        "--label",
+        f"{SPEC_LABEL}={spec}",
+        "--label",
+        f"{STORAGE_LABEL}={storage.mode}",
         *DIND_FLAGS,
-        "--shm-size", SHM_SIZE,
+        "--shm-size",
+        SHM_SIZE,
         *docker_data_argv(node, storage),
-        "--mount", f"type=bind,source={host_key.private},target=/etc/ssh/ssh_host_ed25519_key,readonly",
-        "--mount", f"type=bind,source={host_key.public},target=/etc/ssh/ssh_host_ed25519_key.pub,readonly",
-        "--env", f"VCLUSTER_AUTHORIZED_KEYS={settings.authorized}",
+        "--mount",
+        f"type=bind,source={host_key.private},target=/etc/ssh/ssh_host_ed25519_key,readonly",
+        "--mount",
+        f"type=bind,source={host_key.public},target=/etc/ssh/ssh_host_ed25519_key.pub,readonly",
+        "--env",
+        f"VCLUSTER_AUTHORIZED_KEYS={settings.authorized}",
         NODE_IMAGE,
-    )  # fmt: skip
+    )
     return True
 
 
@@ -247,8 +285,11 @@ def node_log_tail(local: LocalDocker, node: SandboxNode, lines: int = LOG_LINES)
     """The last lines of a node container's log, joined on one line."""
     done = subprocess.run(
         local.argv("logs", "--tail", str(lines), node.container),
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     return " | ".join((done.stdout + done.stderr).strip().splitlines()) or "(no output)"
 
 

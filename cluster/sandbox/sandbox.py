@@ -233,8 +233,11 @@ def _machine_memory() -> int:
     try:
         return mem_total_bytes(Path("/proc/meminfo").read_text())
     except (OSError, ValueError) as exc:
-        raise SandboxError(f"cannot read this machine's memory size: {exc}", where="localhost",
-                           fix="choose with --node-storage memory or disk") from exc  # fmt: skip
+        raise SandboxError(
+            f"cannot read this machine's memory size: {exc}",
+            where="localhost",
+            fix="choose with --node-storage memory or disk",
+        ) from exc
 
 
 def _nodes_step(

@@ -89,10 +89,15 @@ def choose_node_storage(
             DISK, 0, "the running nodes keep theirs on disk (--node-storage memory moves them)"
         )
     if need <= budget:
-        return NodeStorage(MEMORY, size, f"{nodes} node(s) need about {need / GIB:.0f} GiB, "
-                                         f"within {share}")  # fmt: skip
-    return NodeStorage(DISK, 0, f"{nodes} node(s) would need about {need / GIB:.0f} GiB, more "
-                                f"than {share}; --node-storage memory overrides")  # fmt: skip
+        return NodeStorage(
+            MEMORY, size, f"{nodes} node(s) need about {need / GIB:.0f} GiB, within {share}"
+        )
+    return NodeStorage(
+        DISK,
+        0,
+        f"{nodes} node(s) would need about {need / GIB:.0f} GiB, more "
+        f"than {share}; --node-storage memory overrides",
+    )
 
 
 def mem_total_bytes(meminfo: str) -> int:

@@ -61,8 +61,11 @@ def image_archive(
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         done = subprocess.run(
             local.argv("save", "--output", str(partial), image),
-            capture_output=True, text=True, timeout=SAVE_TIMEOUT_S, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=SAVE_TIMEOUT_S,
+            check=False,
+        )
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
             raise SandboxError(

@@ -29,7 +29,7 @@ from cluster.nodes.session import Session
 from cluster.nodes.transport.ssh import CommandTimeout
 from cluster.remote.collective import MIB, PID_FILE
 from cluster.remote.registry import COLLECTIVE, source
-from cluster.report.collective_store import load_last_run, save_last_run
+from cluster.report.collective_store import save_last_run
 from cluster.steps.context import UpContext
 
 SSH_GRACE_S = 30.0
@@ -183,14 +183,9 @@ def _not_running(session: Session, plan: ClusterPlan, container: str) -> dict[st
 
 
 def collective_step(context: UpContext) -> str:
-    """`up`'s step: the check before vLLM starts, when the inventory asks for it."""
+    """`up`'s step: the check before vLLM starts, when the inventory asks for it and no vLLM
+    may hold the GPUs (the step list says when: cluster/decide/up/steps.py)."""
     inventory = context.inventory
-    if not inventory.collective.in_up:
-        return "not asked for (collective.in_up: false; `vcluster check --collective` runs it)"
-    last = load_last_run(inventory.cluster)
-    if not context.recreated and (last is None or last.get("ok")):
-        # vLLM may be serving in them: it holds the GPUs' memory
-        return "containers unchanged, vLLM may be serving: `vcluster check --collective` runs it"
     plan = context.require_plan()
     outcome = run_collective(inventory, context.session, plan, context.host_facts)
     problems = failed(outcome.results)

@@ -1,8 +1,9 @@
 """The firewall on every node, over SSH: installed by `up`, removed by `down`, read by `check`.
 
 One probe per host reads its state (the ephemeral port range, its addresses, what listens,
-each filter table as root); the rules are decided from it (cluster/decide/firewall.py, pure); one
-`iptables-restore` transaction per IP version changes what differs, or nothing. The design,
+each filter table as root); the rules are decided from it (cluster/decide/firewall.py and, for `up`,
+cluster/decide/up/firewall.py: install, replace or keep; pure); one `iptables-restore`
+transaction per IP version changes what differs, or nothing. The design,
 and what it means for other software on the hosts: docs/firewall.md.
 """
 
@@ -19,7 +20,6 @@ from cluster.decide.firewall import (
     FirewallError,
     HostFirewall,
     HostPlan,
-    IpAddress,
     IpVersion,
     apply_argv,
     chain_name,
@@ -27,7 +27,6 @@ from cluster.decide.firewall import (
     check_node,
     host_plan,
     host_transactions,
-    node_addresses,
     parse_probe,
     ports_to_try,
     probe_argv,
@@ -36,6 +35,13 @@ from cluster.decide.firewall import (
 )
 from cluster.decide.inventory import Inventory
 from cluster.decide.plan import container_name
+from cluster.decide.up.firewall import (
+    FirewallAction,
+    FirewallVerb,
+    HostAccess,
+    cluster_addresses,
+    decide_host_firewall,
+)
 from cluster.errors import VclusterError
 from cluster.facts.host import HostFacts
 from cluster.nodes.containers import inspect_container
@@ -52,28 +58,6 @@ def read_host(session: Session, node: str) -> HostFirewall:
     return parse_probe(session.ssh(node).run(probe_argv()).stdout)
 
 
-def cluster_addresses(
-    inventory: Inventory,
-    hosts: Mapping[str, HostFirewall],
-    host_facts: Mapping[str, HostFacts],
-) -> set[IpAddress]:
-    """Every address the cluster's nodes reach each other from: the addresses of the
-    interface each uses for the cluster, its route's source address, the inventory's."""
-    found: set[IpAddress] = set()
-    for node in inventory.nodes:
-        name = node.node_name
-        facts = host_facts.get(name)
-        route = facts.route if facts is not None else None
-        interface = inventory.network.interface or (route.interface if route else None)
-        known = [node.address, route.source_address if route else None]
-        host = hosts.get(name)
-        if host is not None:
-            found |= node_addresses(host, interface, known)
-        else:  # not probed: what the inventory says
-            found |= node_addresses(HostFirewall(None, (), (), {}), None, known)
-    return found
-
-
 def _ssh_port(session: Session, node: str) -> int:
     return session.ssh(node).target.port
 
@@ -83,8 +67,14 @@ def _apply(session: Session, node: str, host: HostFirewall, plan: HostPlan) -> b
     transactions = host_transactions(host, plan)
     if not transactions:
         return False
+    _restore(session, node, transactions)
+    return True
+
+
+def _restore(session: Session, node: str, transactions: Mapping[IpVersion, str]) -> None:
+    """One `iptables-restore` transaction per IP version on the node."""
     connection = session.ssh(node)
-    result = connection.run(apply_argv(transactions))
+    result = connection.run(apply_argv(dict(transactions)))
     if not result.ok:
         raise FirewallError(
             f"iptables-restore failed (exit {result.exit_code}): {restore_message(result.stderr)}",
@@ -92,7 +82,6 @@ def _apply(session: Session, node: str, host: HostFirewall, plan: HostPlan) -> b
             fix="run `vcluster up` again (another program may have changed the rules at the "
             f"same moment); if it persists, see {DOCS}",
         )
-    return True
 
 
 def restore_message(stderr: str) -> str:
@@ -114,17 +103,19 @@ def install_firewall(context: UpContext) -> str:
     hosts = probed.succeeded
     addresses = cluster_addresses(inventory, hosts, context.host_facts)
 
-    def install(node: str) -> bool:
-        host = hosts[node]
+    def install(node: str) -> FirewallAction:
         target = session.ssh(node).target
-        plan = host_plan(
-            inventory, host, addresses, target.port, node=target.label, user=target.user
-        )
-        return _apply(session, node, host, plan)
+        access = HostAccess(target.port, target.label, target.user)
+        action = decide_host_firewall(inventory, node, hosts[node], addresses, access)
+        if action.verb is not FirewallVerb.KEEP:
+            _restore(session, node, action.transactions)
+        return action
 
     outcome = session.on_each(install)
     outcome.raise_if_failed("installing the firewall")
-    changed = [node for node, did in outcome.succeeded.items() if did]
+    changed = [
+        node for node, action in outcome.succeeded.items() if action.verb is not FirewallVerb.KEEP
+    ]
     if changed:
         context.changes.append(f"firewall on {', '.join(changed)}")
     versions = sorted({v.label for h in hosts.values() for v in h.tables}, reverse=False)

@@ -16,14 +16,12 @@ import docker.errors
 
 from cluster.decide.checks import check_runtime, failed
 from cluster.decide.inventory import Inventory
-from cluster.decide.plan import build_plan
 from cluster.decide.ray_image import SOURCE_ID_LABEL, RayImageError, index_address, recipe_for
 from cluster.decide.runtime import RaySupply, Runtime, choose_runtime
 from cluster.errors import VclusterError
 from cluster.facts.image import PROBE_TIMEOUT_S, ImageFacts, parse_image_probe, probe_argv
 from cluster.nodes.image_cache import ImageFactsCache, image_facts_cache
 from cluster.nodes.session import Session
-from cluster.steps.containers import require_unchanged_or_recreate
 from cluster.steps.context import UpContext
 
 INDEX_REACH_TIMEOUT_S = 5
@@ -173,8 +171,7 @@ def learn_runtime(context: UpContext) -> None:
 
 def learn_image(context: UpContext) -> str:
     """The step: image facts (known since preflight, or probed now that the image is on every
-    node), the runtime they lead to, and the plan for it; nothing is built for a cluster that
-    would then stop at a changed container."""
+    node) and the runtime they lead to; Planning follows them."""
     learn_runtime(context)
     if context.image_error is not None:
         raise context.image_error
@@ -188,7 +185,4 @@ def learn_image(context: UpContext) -> str:
     for result in failed(check_runtime(context.inventory, facts, runtime)):
         raise VclusterError(result.detail, where=context.inventory.head.node_name,
                             fix=result.remedy)  # fmt: skip
-    if context.node_facts:  # `up`: the plan follows the runtime
-        context.plan = build_plan(context.inventory, context.node_facts, runtime)
-        require_unchanged_or_recreate(context)
     return f"{facts.summary()}; {runtime.reason}"

@@ -1,5 +1,8 @@
 """Step (and `vcluster models pull`): each model with a `source` folder on every node's model
-cache, sent once by this machine through the chain of nodes, every file checked on arrival."""
+cache, sent once by this machine through the chain of nodes, every file checked on arrival.
+
+Which models: cluster/decide/up/models.py; which node lacks which file is decided per round of
+the chain, from each node's check (cluster/decide/chain.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cluster.decide.inventory import Inventory, Model
-from cluster.decide.manifest import Item, model_items, models_with_source
+from cluster.decide.manifest import Item, model_items
+from cluster.decide.up.models import decide_model_files
+from cluster.decide.up.outcome import Unchanged
 from cluster.nodes.session import Session
 from cluster.nodes.transfer import DistributionError, Outcome, chain_nodes, distribute
 from cluster.progress import format_bytes
 from cluster.steps.base import Reporter, progress_board
 from cluster.steps.context import UpContext
+from cluster.steps.hub_models import send_hub_models
 
 
 def send_models(
@@ -58,10 +64,14 @@ def describe(model: Model, items: Sequence[Item], outcome: Outcome) -> str:
 
 
 def model_files_step(context: UpContext) -> str:
-    models = models_with_source(context.inventory)
-    if not models:
-        return "not applicable: no model has a source folder"
-    plan = context.require_plan()
-    addresses = {node.name: node.facts.address for node in plan.nodes}
-    lines = send_models(context.inventory, context.session, context.reporter, models, addresses)
+    decided = decide_model_files(context.inventory)
+    if isinstance(decided, Unchanged):
+        return decided.because
+    addresses = {name: facts.address for name, facts in context.node_facts.items()}
+    lines = send_models(
+        context.inventory, context.session, context.reporter, decided.models, addresses
+    )
+    lines += send_hub_models(  # downloaded once, then sent the same way
+        context.inventory, context.session, context.reporter, decided.from_hub, addresses
+    )
     return "; ".join(lines)

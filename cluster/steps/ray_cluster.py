@@ -39,11 +39,9 @@ def query_ray_nodes(context: UpContext) -> list[RayNode] | str:
 
 
 def wait_for_ray_head(context: UpContext) -> str:
+    """Until the new Ray head is alive (the step list skips it when the head's container is
+    kept: the next step's query sees the head with the others, one Ray client start saved)."""
     head = context.require_plan().head
-    if head.name not in context.recreated:
-        # Its container kept running: the next step's query sees the head with the others,
-        # and one query (a Ray client start, seconds) is saved on an unchanged cluster.
-        return "unchanged (checked with every node next)"
 
     def missing() -> str | None:
         nodes = query_ray_nodes(context)

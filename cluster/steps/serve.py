@@ -2,18 +2,25 @@
 
 Each container's supervisor runs vLLM while its `serve.json` asks for it, and restarts it when
 it dies. A vLLM already running the same spec in unchanged containers is kept; otherwise the new
-spec is written on every node at once (the ranks of one model start together). A vLLM that
-dies while `up` waits for it is stopped everywhere, and `up` says why.
+spec is written on every node at once (the ranks of one model start together): decided by
+cluster/decide/up/serving.py from the supervisors' reports. A vLLM that dies while `up` waits
+for it is stopped everywhere, and `up` says why.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import uuid
 
 from cluster.decide.plan import NodePlan
+from cluster.decide.up.outcome import Unchanged
+from cluster.decide.up.serving import (
+    decide_launch,
+    restarts_before,
+    serving_nodes,
+    serving_of,
+    spec_id,
+)
 from cluster.errors import VclusterError
 from cluster.nodes.vllm import (
     SupervisedVllm,
@@ -25,11 +32,10 @@ from cluster.nodes.vllm import (
     served_models,
     supervisor_state_argv,
 )
-from cluster.remote.serving.bundle import bundle_digest
 from cluster.remote.serving.catalog import ServingConfig
 from cluster.remote.serving.failures import error_lines, likely_cause
 from cluster.steps.base import wait_until
-from cluster.steps.context import UpContext
+from cluster.steps.context import Launched, UpContext
 from cluster.steps.router import put_serving_files, wait_for_router
 
 POLL_INTERVAL_S = 2.0
@@ -40,19 +46,6 @@ LOG_LINES = 15
 
 class VllmFailed(VclusterError):
     """vLLM exited or did not become ready."""
-
-
-def spec_id(node: NodePlan, serving: ServingConfig | None = None) -> str:
-    """Identifies what vLLM runs on a node: its argv and its container's spec (and, for the
-    router and agents, their code and configuration)."""
-    assert node.serve is not None
-    routed = [bundle_digest(), serving.to_json()] if serving is not None else []
-    text = json.dumps([node.container.spec_hash, node.serve.argv, *routed])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def serving_nodes(context: UpContext) -> list[NodePlan]:
-    return [n for n in context.require_plan().nodes if n.serve is not None]
 
 
 def _exec(context: UpContext, node: NodePlan, argv: list[str], detach: bool = False):
@@ -69,49 +62,45 @@ def supervised(context: UpContext, node: NodePlan) -> SupervisedVllm | None:
 
 
 def launch_vllm(context: UpContext) -> str:
-    plan = context.require_plan()
-    nodes = serving_nodes(context)
-    names = [n.name for n in nodes]
+    decision = context.require_decision()
+    plan = decision.plan
+    names = [n.name for n in serving_nodes(context.require_plan())]
     reports = context.session.on_each(lambda name: supervised(context, _node(context, name)), names)
     reports.raise_if_failed("asking the supervisors about vLLM")
-    before = reports.succeeded
+    found = reports.succeeded
+    decided = decide_launch(plan, found, decision.replaced)
     # A restart counted after this point is a death during this `up`; earlier ones are history.
-    context.restarts_at_launch = {
-        name: (report.restarts if report is not None else 0) for name, report in before.items()
-    }
-    unchanged = all(
-        (report := before[n.name]) is not None
-        and report.running
-        and report.spec_id == spec_id(n, _serving_of(context, n))
-        for n in nodes
-    ) and not any(n.name in context.recreated for n in nodes)
-    if unchanged:
-        context.serving_unchanged = True
-        return "already running with this spec on " + ", ".join(names)
-    context.launch_id = uuid.uuid4().hex[:12]  # every rank restarts, together
+    restarts = restarts_before(found)
+    if isinstance(decided, Unchanged):
+        context.launched = Launched(restarts, None)
+        return decided.because
+    context.launched = Launched(restarts, uuid.uuid4().hex[:12])  # every rank restarts, together
     context.session.on_each(
-        lambda name: _request(context, _node(context, name)), names
+        lambda name: _request(context, _node(context, name)), list(decided.nodes)
     ).raise_if_failed("asking the supervisors for vLLM")
+    why = "; ".join(decided.why)
     if plan.serving is not None:
         context.changes.append("router and agents (re)started")
-        return f"router on {plan.head.name}, model agents on " + ", ".join(names)
+        return f"router on {plan.head.name}, model agents on {', '.join(names)} ({why})"
     context.changes.append("vLLM (re)started")
     return (
         f"vllm serve on {', '.join(names)}: TP {plan.tensor_parallel} x PP "
-        f"{plan.pipeline_parallel}, executor {plan.executor}; restarted by its supervisor if it dies"
+        f"{plan.pipeline_parallel}, executor {plan.executor}; restarted by its supervisor if it "
+        f"dies ({why})"
     )
 
 
 def _request(context: UpContext, node: NodePlan) -> None:
     """Write the node's serve request and wait until its supervisor runs that spec."""
     assert node.serve is not None
-    assert context.launch_id is not None
+    assert context.launched is not None and context.launched.launch_id is not None
+    launch_id = context.launched.launch_id
     state_dir = node.container.supervisor.state_dir
     serving = _serving_of(context, node)
     if serving is not None:
         container = context.session.docker(node.name).containers.get(node.container.name)
         put_serving_files(container, serving)
-    argv = request_serve_argv(state_dir, node.serve, spec_id(node, serving), context.launch_id)
+    argv = request_serve_argv(state_dir, node.serve, spec_id(node, serving), launch_id)
     result = _exec(context, node, argv)
     if result.exit_code != 0:
         raise VllmFailed(
@@ -142,16 +131,11 @@ def stop_vllm_everywhere(context: UpContext) -> None:
         node = _node(context, name)
         _exec(context, node, request_stop_argv(node.container.supervisor.state_dir))
 
-    context.session.on_each(stop, [n.name for n in serving_nodes(context)])
+    context.session.on_each(stop, [n.name for n in serving_nodes(context.require_plan())])
 
 
 def _serving_of(context: UpContext, node: NodePlan) -> ServingConfig | None:
-    """What the router or agent of this node runs on: the several models' config, or the one
-    model's front (the head's only), or None."""
-    plan = context.require_plan()
-    if plan.serving is not None:
-        return plan.serving
-    return plan.front if node.serve is not None and node.serve.front is not None else None
+    return serving_of(context.require_plan(), node)
 
 
 def _node(context: UpContext, name: str) -> NodePlan:
@@ -168,7 +152,7 @@ def wait_for_vllm(context: UpContext) -> str:
     port = context.inventory.ports.vllm
 
     def missing() -> str | None:
-        for node in serving_nodes(context):
+        for node in serving_nodes(context.require_plan()):
             _raise_if_died(context, node, supervised(context, node))
         try:
             health = http_get(context.session.ssh(head.name), head.facts.address, port, "/health")
@@ -206,12 +190,13 @@ def _runs_this_request(context: UpContext, node: NodePlan, report: SupervisedVll
     serving = _serving_of(context, node)
     if report is None or not report.running or report.spec_id != spec_id(node, serving):
         return False
-    return context.launch_id is None or report.launch == context.launch_id
+    launch_id = context.launched.launch_id if context.launched is not None else None
+    return launch_id is None or report.launch == launch_id
 
 
 def _raise_if_died(context: UpContext, node: NodePlan, report: SupervisedVllm | None) -> None:
     """Stop vLLM everywhere and raise why, if `node`'s report counts a death since `up` asked."""
-    before = context.restarts_at_launch.get(node.name, 0)
+    before = context.launched.restarts.get(node.name, 0) if context.launched is not None else 0
     if report is not None and report.restarts > before:
         stop_vllm_everywhere(context)
         raise _died(context, node, report.last_exit_cause)

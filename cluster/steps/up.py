@@ -1,20 +1,36 @@
-"""`vcluster up`: the steps in order, under the cluster's lock."""
+"""`vcluster up`: the steps in order, under the cluster's lock.
+
+Facts first (the hosts, the preflight checks, the image's facts where a node has the image),
+then Planning decides the plan and every action (cluster/decide/up/), and the list of the steps
+that follow; each of those does what was decided. When no node has the image yet, its facts
+need it on a node: the firewall, image and model files steps (which need no plan) run before
+Planning, and Planning follows the image's facts.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cluster.decide.checks import CheckResult, Status
 from cluster.decide.collective_report import CollectiveRun
-from cluster.decide.inventory import Inventory
-from cluster.decide.plan import ClusterPlan, build_plan
+from cluster.decide.inventory import Inventory, generated_ray_token_path
+from cluster.decide.plan import ClusterPlan, agent_token_path, build_plan, container_name
 from cluster.decide.runtime import assumed_runtime
+from cluster.decide.up.steps import (
+    PlannedStep,
+    StepName,
+    UpFacts,
+    decide_up,
+    steps_before_planning,
+)
 from cluster.errors import VclusterError
+from cluster.nodes.containers import inspect_container
 from cluster.nodes.lock import ClusterLock
 from cluster.nodes.preflight import port_results
 from cluster.nodes.session import Session
+from cluster.report.collective_store import load_last_run
 from cluster.steps.agent_token import ensure_agent_token
 from cluster.steps.base import Reporter, Step, run_steps
 from cluster.steps.collective import CollectiveOutcome, collective_step, run_collective
@@ -33,9 +49,7 @@ from cluster.steps.ray_token import ensure_ray_token
 from cluster.steps.serve import launch_vllm, wait_for_vllm
 
 
-def _plan(context: UpContext) -> str:
-    context.plan = build_plan(context.inventory, context.node_facts, context.runtime)
-    plan = context.plan
+def plan_line(plan: ClusterPlan) -> str:
     ray = "" if plan.ray else ", no Ray cluster"
     return (
         f"TP {plan.tensor_parallel} x PP {plan.pipeline_parallel}, executor {plan.executor}"
@@ -43,41 +57,75 @@ def _plan(context: UpContext) -> str:
     )
 
 
-def _with_ray(run: Callable[[UpContext], str]) -> Callable[[UpContext], str]:
-    """A Ray step that says `not applicable` on a cluster without Ray."""
+def planning(context: UpContext, *, image_known: bool) -> str:
+    """The step: the plan on the runtime, what runs on each node now and the token files (the
+    facts), then every decision and the steps that follow (`decide_up`)."""
+    inventory, session = context.inventory, context.session
+    runtime = context.runtime
+    if runtime is None:
+        raise VclusterError(
+            f"the runtime of {inventory.image} was not decided before Planning",
+            fix="run `vcluster up` again; if it repeats, check `docker images` on the head",
+        )
+    plan = build_plan(inventory, context.node_facts, runtime)
+    name = container_name(inventory.cluster)
+    found = session.on_each(
+        lambda node: inspect_container(session.docker(node), name), [n.name for n in plan.nodes]
+    )
+    found.raise_if_failed("reading the containers")
+    last = load_last_run(inventory.cluster)
+    facts = UpFacts(
+        containers=found.succeeded,
+        ray_token_exists=generated_ray_token_path(inventory.cluster).exists(),
+        agent_token_exists=agent_token_path(inventory.cluster).exists(),
+        collective_last_ok=None if last is None else bool(last.get("ok")),
+    )
+    context.decision = decide_up(
+        inventory, plan, runtime, facts, recreate=context.options.recreate, image_known=image_known
+    )
+    return plan_line(plan)
 
-    @functools.wraps(run)
-    def step(context: UpContext) -> str:
-        if not context.require_plan().ray:
-            return "not applicable: no Ray cluster"
-        return run(context)
 
-    return step
+APPLY: dict[StepName, Callable[[UpContext], str]] = {
+    StepName.FIREWALL: install_firewall,
+    StepName.IMAGE: ensure_image,
+    StepName.MODEL_FILES: model_files_step,
+    StepName.IMAGE_FACTS: learn_image,
+    StepName.RAY_IMAGE: ensure_ray_image,
+    StepName.RAY_TOKEN: ensure_ray_token,
+    StepName.AGENT_TOKEN: ensure_agent_token,
+    StepName.HEAD: start_head,
+    StepName.RAY_HEAD: wait_for_ray_head,
+    StepName.WORKERS: start_workers,
+    StepName.RAY_NODES: wait_for_ray_nodes,
+    StepName.TOPOLOGY: check_ray_topology,
+    StepName.COLLECTIVE: collective_step,
+    StepName.LAUNCH: launch_vllm,
+    StepName.SERVE: wait_for_vllm,
+}
+"""What each planned step runs (Planning is run by `up` itself)."""
+
+
+def _skipped(why: str) -> Callable[[UpContext], str]:
+    return lambda context: why
+
+
+def as_steps(planned: Sequence[PlannedStep]) -> list[Step[UpContext]]:
+    """The planned steps to run; one that does not run says why on its status line."""
+    return [
+        Step(p.name.value, APPLY[p.name] if p.skip is None else _skipped(p.skip)) for p in planned
+    ]
 
 
 STEPS_BEFORE_LOCK: list[Step[UpContext]] = [
     Step("Connecting to the hosts", connect_to_hosts),
 ]
-STEPS: list[Step[UpContext]] = [
+FACT_STEPS: list[Step[UpContext]] = [
     Step("Gathering facts", gather_facts),
     Step("Preflight checks", run_preflight),
-    Step("Planning", _plan),
-    Step("Firewall on every node", install_firewall),
-    Step("Image on every node", ensure_image),
-    Step("Model files on every node", model_files_step),
-    Step("Image facts", learn_image),
-    Step("Ray-ready image", ensure_ray_image),
-    Step("Ray token", _with_ray(ensure_ray_token)),
-    Step("Agent token", ensure_agent_token),
-    Step("Head container and Ray head", start_head),
-    Step("Waiting for the Ray head", _with_ray(wait_for_ray_head)),
-    Step("Worker containers", start_workers),
-    Step("Waiting for every node in Ray", _with_ray(wait_for_ray_nodes)),
-    Step("Topology", _with_ray(check_ray_topology)),
-    Step("Collective check", collective_step),
-    Step("Launching vLLM", launch_vllm),
-    Step("Waiting for vLLM to serve", wait_for_vllm),
 ]
+"""What every `up` reads and checks first; the preflight learns the image's facts and the
+runtime when a node has the image."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +150,7 @@ def gather_checks(
     with Session(inventory) as session:
         context = UpContext(inventory, session, reporter)
         run_steps([Step("Connecting to the hosts", _connect_reachable)], context, reporter)
-        run_steps([STEPS[0]], context, reporter)
+        run_steps(FACT_STEPS[:1], context, reporter)
         results = context_preflight_results(context)
         results += port_results(inventory, session)
         results += firewall_results(inventory, session, context.host_facts)
@@ -144,12 +192,20 @@ def _connect_reachable(context: UpContext) -> str:
 
 def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:
     """The plan from the hosts' real facts (what `up` would do), without changing anything."""
+    planned: list[ClusterPlan] = []
+
+    def plan_step(context: UpContext) -> str:
+        why = "the image is on no node yet"
+        runtime = context.runtime or assumed_runtime(context.inventory, why)
+        planned.append(build_plan(context.inventory, context.node_facts, runtime))
+        return plan_line(planned[0])
+
     with Session(inventory) as session:
         context = UpContext(inventory, session, reporter)
         image_facts = Step("Image facts", _image_facts_if_present)
-        steps = [*STEPS_BEFORE_LOCK, STEPS[0], image_facts, Step("Planning", _plan)]
+        steps = [*STEPS_BEFORE_LOCK, FACT_STEPS[0], image_facts, Step("Planning", plan_step)]
         run_steps(steps, context, reporter)
-        return context.require_plan()
+        return planned[0]
 
 
 def _image_facts_if_present(context: UpContext) -> str:
@@ -157,7 +213,6 @@ def _image_facts_if_present(context: UpContext) -> str:
     if context.image_error is not None:
         raise context.image_error
     if context.image_facts is None or context.runtime is None:
-        context.runtime = assumed_runtime(context.inventory, "the image is on no node yet")
         return f"{context.inventory.image} is on no node yet: the plan takes it to have Ray"
     return f"{context.image_facts.summary()}; {context.runtime.reason}"
 
@@ -168,7 +223,12 @@ def up(inventory: Inventory, reporter: Reporter, options: UpOptions | None = Non
         context = UpContext(inventory, session, reporter, options or UpOptions())
         run_steps(STEPS_BEFORE_LOCK, context, reporter)
         with ClusterLock(session.ssh(inventory.head.node_name), inventory.cluster, "up"):
-            run_steps(STEPS, context, reporter)
+            run_steps(FACT_STEPS, context, reporter)
+            known = context.runtime is not None
+            first = as_steps(steps_before_planning(inventory, image_known=known))
+            decide = Step(StepName.PLANNING.value, functools.partial(planning, image_known=known))
+            run_steps([*first, decide], context, reporter)
+            run_steps(as_steps(context.require_decision().steps), context, reporter)
         plan = context.require_plan()
         return UpResult(
             endpoint=plan.endpoint,

@@ -18,7 +18,7 @@ from cluster.decide.inventory import load_inventory
 from cluster.sandbox.dockerd import ensure_local_docker
 from tests.support.faults import link_cut
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stage("bare")]
 
 REPO = Path(__file__).resolve().parents[2]
 

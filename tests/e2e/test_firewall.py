@@ -4,8 +4,7 @@
 node's (it reaches the nodes' sshd there). While the cluster serves, the head's rendezvous and
 the nodes' internal ports (vLLM's ZMQ, gloo: the ephemeral range) refuse it, the endpoint
 answers it, and a node still reaches them. (Ray's own ports require the cluster's token and
-are not the firewall's: test_security.py.) After `down` no rule of vcluster is left on any
-node, read with `iptables -S` inside the node containers.
+are not the firewall's: test_security.py.) What `down` leaves is in test_down.py.
 """
 
 from __future__ import annotations
@@ -16,13 +15,13 @@ import subprocess
 
 import pytest
 
-from cluster.decide.firewall import PortSpan, chain_name, open_ports, protected_ports
+from cluster.decide.firewall import PortSpan, open_ports, protected_ports
 from cluster.decide.inventory import Inventory, Node
 from cluster.remote.supervisor import TCP_LISTEN, parse_tcp_table
 from cluster.sandbox.dockerd import ensure_local_docker
 from tests.support.cli import vcluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stage("real")]
 
 RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 CONNECT = """\
@@ -96,8 +95,8 @@ def test_a_node_still_reaches_the_heads_rendezvous(cluster):
     assert connect(head.address, cluster.ports.master) == "refused"
 
 
-def test_check_sees_the_firewall_refuse_this_machine(cluster, sandbox_inventory):
-    checked = vcluster("check", "--json", str(sandbox_inventory))
+def test_check_sees_the_firewall_refuse_this_machine(cluster):
+    checked = vcluster("check", "--json", str(cluster.source))
     rows = [row for row in json.loads(checked.stdout) if row["name"] == "firewall"]
     assert {row["node"] for row in rows} == {n.node_name for n in cluster.nodes}, rows
     for row in rows:
@@ -105,17 +104,3 @@ def test_check_sees_the_firewall_refuse_this_machine(cluster, sandbox_inventory)
         assert "refused" in row["detail"], row
     spans = [span.text for span in protected_ports(cluster)]
     assert str(cluster.ports.master) in spans
-
-
-def test_after_down_no_rule_of_vcluster_is_left_on_any_node(cluster, sandbox_inventory):
-    chain = chain_name(cluster.cluster)
-    for node in cluster.nodes:
-        assert f"-A INPUT -j {chain}" in on_node(cluster, node, "iptables", "-S")
-    down = vcluster("down", str(sandbox_inventory))
-    assert down.returncode == 0, down.stdout + down.stderr
-    for node in cluster.nodes:
-        for tool in ("iptables", "ip6tables"):
-            rules = on_node(cluster, node, tool, "-S")
-            assert "VCLUSTER" not in rules, (node.node_name, tool, rules)
-    again = vcluster("down", str(sandbox_inventory))  # idempotent: nothing left to remove
-    assert again.returncode == 0, again.stdout + again.stderr

@@ -3,14 +3,15 @@
 The sandbox's workload image minus Ray is put on both nodes. With the wheelhouse named in the
 inventory, `up` derives a Ray-ready image on the head and forms the Ray cluster; with neither a
 wheelhouse nor a reachable index it falls back to vLLM's own multi-node mode and says why; and
-`executor: ray` then stops in preflight with the fix, changing nothing.
+`executor: ray` then stops in preflight with the fix, changing nothing. Both serve the stand-in
+vLLM (tests/support/standin_node.py): deriving the image, forming the Ray cluster or not, and
+saying why are vcluster's. Real vLLM serves from the image without Ray in test_models.py.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +25,33 @@ from cluster.sandbox.images import WHEELHOUSE, WORKLOAD_IMAGE_WITHOUT_RAY
 from tests.support.cli import UP_TIMEOUT_S, vcluster
 from tests.support.faults import seconds_to_first_chat
 from tests.support.images import put_on_nodes
+from tests.support.standin_node import install_standin, standin_model, with_standin_path
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stage("variants")]
 
 UNREACHABLE_INDEX = "http://127.0.0.1:9/simple"  # port 9 (discard): nothing listens there
 CHAT_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
-def variants(sandbox_inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def variants(
+    sandbox_inventory: Path, sandbox_cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A folder for inventories naming the image without Ray, which every node then holds."""
     put_on_nodes(sandbox_inventory, WORKLOAD_IMAGE_WITHOUT_RAY)
-    yield tmp_path_factory.mktemp("without-ray")
-    down = vcluster("down", str(sandbox_inventory))  # the next module starts from nothing
-    assert down.returncode == 0, down.stderr
+    install_standin(sandbox_inventory)
+    sandbox_cluster.changed()  # each test brings up its own variant
+    return tmp_path_factory.mktemp("without-ray")
 
 
-def variant(sandbox_inventory: Path, folder: Path, name: str, **changes: Any) -> Path:
+def variant(
+    sandbox_inventory: Path, folder: Path, name: str, standin: bool = False, **changes: Any
+) -> Path:
     data = yaml.safe_load(sandbox_inventory.read_text())
     data.update(image=WORKLOAD_IMAGE_WITHOUT_RAY, **changes)
+    if standin:
+        data = with_standin_path(data)
+        data["model"] = standin_model(data["model"])
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -87,7 +96,7 @@ def answers_chat(inventory: Path) -> bool:
 def test_up_derives_a_ray_ready_image_from_the_wheelhouse_and_forms_the_ray_cluster(
     sandbox_inventory: Path, variants: Path
 ):
-    inventory = variant(sandbox_inventory, variants, "wheelhouse",
+    inventory = variant(sandbox_inventory, variants, "wheelhouse", standin=True,
                         ray={"wheelhouse": str(WHEELHOUSE)})  # fmt: skip
     up = vcluster("up", "--recreate", str(inventory), timeout=UP_TIMEOUT_S)
     assert up.returncode == 0, up.stderr
@@ -108,7 +117,7 @@ def test_up_derives_a_ray_ready_image_from_the_wheelhouse_and_forms_the_ray_clus
 def test_without_a_wheelhouse_or_a_reachable_index_it_serves_in_vllms_own_mode_saying_why(
     sandbox_inventory: Path, variants: Path
 ):
-    inventory = variant(sandbox_inventory, variants, "fallback",
+    inventory = variant(sandbox_inventory, variants, "fallback", standin=True,
                         ray={"index_url": UNREACHABLE_INDEX})  # fmt: skip
     reuse = vcluster("plan", str(inventory))  # the Ray-ready image of the test before is there
     assert reuse.returncode == 0, reuse.stderr

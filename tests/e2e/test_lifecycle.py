@@ -1,6 +1,8 @@
-"""`vcluster up / status / exec / logs / down` on the 2-node sandbox, through the CLI as a user
-runs it: real sshd and Docker per node, a real Ray cluster, real vLLM (CPU) serving the tiny
-model with pipeline parallel 2 across both nodes, and the official `openai` client.
+"""`vcluster up / status / exec / logs` on the 2-node sandbox, through the CLI as a user runs
+it: real sshd and Docker per node, a real Ray cluster, real vLLM (CPU) serving the tiny model
+with pipeline parallel 2 across both nodes, and the official `openai` client. A stopped worker
+and its repair run on the stand-in vLLM (the behaviour is vcluster's); `down` is in
+test_down.py.
 
 The steps depend on each other (the cluster is brought up once), so they run in file order.
 """
@@ -15,51 +17,38 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from cluster.decide.inventory import load_inventory
+from cluster.decide.inventory import Inventory
 from cluster.nodes.session import Session
+from tests.support.cli import REPO, UP_TIMEOUT_S, vcluster
 
-pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-UP_TIMEOUT_S = 900
+pytestmark = [pytest.mark.e2e, pytest.mark.stage("real")]
 
 
-def vcluster(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        check=False,
-    )
+@pytest.fixture
+def inventory(cluster: Inventory) -> Path:
+    assert cluster.source is not None
+    return Path(cluster.source)
 
 
-@pytest.fixture(scope="module")
-def inventory(sandbox_inventory: Path) -> Iterator[Path]:
-    yield sandbox_inventory
-    vcluster("down", str(sandbox_inventory))
+@pytest.fixture
+def loaded(cluster: Inventory) -> Inventory:
+    return cluster
 
 
-@pytest.fixture(scope="module")
-def loaded(inventory: Path):
-    return load_inventory(inventory)
-
-
-@pytest.fixture(scope="module")
-def api_key(loaded) -> str:
+@pytest.fixture
+def api_key(loaded: Inventory) -> str:
     """The key `sandbox up` made; the inventory refers to it as `file:...`."""
+    assert loaded.secrets.api_key is not None
     return loaded.secrets.api_key.resolve()
 
 
-@pytest.fixture(scope="module")
-def client(loaded, api_key) -> openai.OpenAI:
+@pytest.fixture
+def client(loaded: Inventory, api_key: str) -> openai.OpenAI:
     head = loaded.head.address
     return openai.OpenAI(base_url=f"http://{head}:{loaded.ports.vllm}/v1", api_key=api_key)
 
@@ -75,8 +64,11 @@ def status_document(inventory: Path) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout)
 
 
-def test_up_serves_the_model_with_pipeline_parallel_across_both_nodes(inventory, loaded):
-    result = vcluster("up", str(inventory), timeout=UP_TIMEOUT_S)
+def test_up_serves_the_model_with_pipeline_parallel_across_both_nodes(
+    inventory, loaded, sandbox_cluster
+):
+    # the `up` that brought the session's cluster up (a developer's may have been up already)
+    result = sandbox_cluster.brought_up.get(inventory) or vcluster("up", str(inventory))
     assert_ok(result)
     assert f"http://{loaded.head.address}:{loaded.ports.vllm}/v1" in result.stdout
     plan = json.loads(vcluster("plan", "--offline", "--json", str(inventory)).stdout)
@@ -180,8 +172,12 @@ def test_up_on_a_healthy_cluster_changes_nothing(inventory):
     assert "already up, nothing changed" in result.stdout
 
 
-def test_a_stopped_worker_container_is_reported_with_exit_code_3(inventory, loaded):
-    """`docker stop` is deliberate: the restart policy leaves the container stopped."""
+@pytest.mark.stage("standin")
+def test_a_stopped_worker_container_is_reported_with_exit_code_3(standin_cluster):
+    """`docker stop` is deliberate: the restart policy leaves the container stopped.
+    (On the stand-in vLLM: what is under test is the supervisor, status and `up`.)"""
+    loaded = standin_cluster
+    inventory = Path(str(loaded.source))
     worker = loaded.workers[0].node_name
     with Session(loaded) as session:
         session.open([loaded.workers[0]])
@@ -197,22 +193,13 @@ def test_a_stopped_worker_container_is_reported_with_exit_code_3(inventory, load
     assert by_name[worker]["healthy"] is False
 
 
-def test_up_repairs_the_worker_and_the_cluster_is_healthy_again(inventory):
+@pytest.mark.stage("standin")
+def test_up_repairs_the_worker_and_the_cluster_is_healthy_again(standin_cluster):
+    """On the stand-in vLLM, as the test before."""
+    inventory = Path(str(standin_cluster.source))
     result = vcluster("up", str(inventory), timeout=UP_TIMEOUT_S)
     assert_ok(result)
     assert "recreated" in result.stdout
     code, document = status_document(inventory)
     assert code == 0, document
     assert document["healthy"] is True
-
-
-def test_down_leaves_no_container_and_a_second_down_succeeds(inventory, loaded):
-    assert_ok(vcluster("down", str(inventory)))
-    with Session(loaded) as session:
-        session.open()
-        for node in session.connections:
-            listed = session.ssh(node).run(
-                ["docker", "ps", "-aq", "--filter", f"label=vcluster.cluster={loaded.cluster}"]
-            )
-            assert listed.stdout.strip() == "", node
-    assert_ok(vcluster("down", str(inventory)))

@@ -1,4 +1,8 @@
-"""Several models on one endpoint, on the sandbox: real vLLM (CPU), real router and agents.
+"""Several models on one endpoint, on the sandbox: real router and agents; tiny-a and `broken`
+are real vLLM (CPU), tiny-b is the stand-in vLLM (tests/support/standin_node.py: what is under
+test with it is the router's and agents' state machine, not vLLM). The image is the one without
+Ray (as vLLM's own images are from vLLM 0.19.1 on): several models need no Ray cluster, each
+runs in vLLM's own multi-node mode, so tiny-a is real vLLM serving from an image without Ray.
 
 Two tiny models (tiny-a, tiny-b) each span both nodes (pipeline parallel 2) and so cannot be
 loaded together; `broken` has a bad argument and fits beside one of them (the head has two
@@ -10,37 +14,45 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from cluster.decide.inventory import Inventory, load_inventory
+from cluster.sandbox.images import WORKLOAD_IMAGE_WITHOUT_RAY
 from tests.support.cli import UP_TIMEOUT_S, vcluster
+from tests.support.images import put_on_nodes
 from tests.support.routed import MODEL_B, tiny, write_routed_inventory
+from tests.support.standin_node import install_standin, standin_model, with_standin_path
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stage("routed")]
 
-IDLE_UNLOAD_S = 30
+IDLE_UNLOAD_S = 20
+"""tiny-b's idle time: the two tests after its load must see it loaded still."""
 LOAD_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
-def inventory(sandbox_inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def inventory(
+    sandbox_inventory: Path, sandbox_cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     target = tmp_path_factory.mktemp("routed") / "models.yaml"
     models = [
         tiny("tiny-a"),
-        tiny("tiny-b", MODEL_B, unload_after_s=IDLE_UNLOAD_S),
+        standin_model(tiny("tiny-b", MODEL_B, unload_after_s=IDLE_UNLOAD_S)),
         tiny("broken", MODEL_B, "--no-such-flag", pipeline_parallel=1),
     ]
-    write_routed_inventory(sandbox_inventory, target, models)
+    install_standin(sandbox_inventory)
+    put_on_nodes(sandbox_inventory, WORKLOAD_IMAGE_WITHOUT_RAY)
+    write_routed_inventory(sandbox_inventory, target, models, image=WORKLOAD_IMAGE_WITHOUT_RAY)
+    target.write_text(yaml.safe_dump(with_standin_path(yaml.safe_load(target.read_text()))))
     # Another module's cluster may run with one model: its containers are replaced.
+    sandbox_cluster.changed()
     up = vcluster("up", "--recreate", str(target), timeout=UP_TIMEOUT_S)
     assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
-    yield target
-    down = vcluster("down", str(target))
-    assert down.returncode == 0, f"{down.stdout}\n{down.stderr}"
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +186,12 @@ def test_an_idle_model_is_unloaded_after_its_time(inventory):
 
 
 def test_models_load_and_unload_by_hand(inventory):
-    loaded = vcluster("models", "load", str(inventory), "tiny-a", timeout=LOAD_TIMEOUT_S)
+    loaded = vcluster("models", "load", str(inventory), "tiny-b", timeout=LOAD_TIMEOUT_S)
     assert loaded.returncode == 0, loaded.stderr
-    assert "tiny-a: loaded" in loaded.stdout
-    unloaded = vcluster("models", "unload", str(inventory), "tiny-a")
+    assert "tiny-b: loaded" in loaded.stdout
+    unloaded = vcluster("models", "unload", str(inventory), "tiny-b")
     assert unloaded.returncode == 0, unloaded.stderr
-    assert states(inventory)["tiny-a"]["state"] == "unloaded"
+    assert states(inventory)["tiny-b"]["state"] == "unloaded"
 
 
 def test_loading_an_unknown_model_by_hand_names_the_known_ones(inventory):

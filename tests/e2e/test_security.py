@@ -21,7 +21,7 @@ from cluster.sandbox.images import WORKLOAD_IMAGE
 from cluster.sandbox.nodes import network_name
 from tests.support.cli import vcluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stage("real")]
 
 CLIENT = """\
 import sys, ray
@@ -97,14 +97,14 @@ def test_without_the_key_every_route_of_the_endpoint_but_health_is_refused(clust
             assert status in (404, 405), (request, status, body)
 
 
-def test_no_secret_is_in_the_containers_environment(cluster, sandbox_inventory):
+def test_no_secret_is_in_the_containers_environment(cluster):
     token = cluster.ray_token.resolve()
     key = cluster.secrets.api_key.resolve()
-    inspected = vcluster("exec", str(sandbox_inventory), "--", "cat", "/proc/1/environ")
+    inspected = vcluster("exec", str(cluster.source), "--", "cat", "/proc/1/environ")
     assert inspected.returncode == 0, inspected.stderr
     assert token not in inspected.stdout and key not in inspected.stdout
     assert "RAY_AUTH_TOKEN_PATH=/var/lib/vcluster/secrets/ray-token" in inspected.stdout
-    mode = vcluster("exec", str(sandbox_inventory), "--", "stat", "-c", "%a %U",
+    mode = vcluster("exec", str(cluster.source), "--", "stat", "-c", "%a %U",
                     "/var/lib/vcluster/secrets", "/var/lib/vcluster/secrets/ray-token")  # fmt: skip
     assert mode.stdout.split("\n")[:2] == ["700 root", "400 root"], mode.stdout
 
@@ -142,26 +142,26 @@ def test_ray_status_without_the_token_is_refused(cluster):
     assert allowed.returncode == 0 and "node_" in allowed.stdout, allowed.stderr[-2000:]
 
 
-def test_vclusters_own_ray_steps_work_with_the_token(cluster, sandbox_inventory):
-    status = vcluster("status", "--json", str(sandbox_inventory))
+def test_vclusters_own_ray_steps_work_with_the_token(cluster):
+    status = vcluster("status", "--json", str(cluster.source))
     document = json.loads(status.stdout)
     assert document["ray_nodes_alive"] == 2, document
-    listed = vcluster("exec", str(sandbox_inventory), "--", "ray", "status")
+    listed = vcluster("exec", str(cluster.source), "--", "ray", "status")
     assert listed.returncode == 0 and listed.stdout.count("node_") >= 2, listed.stdout
 
 
-def test_the_token_never_reaches_output_plans_or_argv(cluster, sandbox_inventory):
+def test_the_token_never_reaches_output_plans_or_argv(cluster):
     token = cluster.ray_token.resolve()
-    plan = vcluster("plan", "--json", str(sandbox_inventory))
-    status = vcluster("status", "--json", str(sandbox_inventory))
-    processes = vcluster("exec", str(sandbox_inventory), "--", "ps", "-eo", "args")
+    plan = vcluster("plan", "--json", str(cluster.source))
+    status = vcluster("status", "--json", str(cluster.source))
+    processes = vcluster("exec", str(cluster.source), "--", "ps", "-eo", "args")
     for result in (plan, status, processes):
         assert token not in result.stdout + result.stderr
     assert "ray-token" in plan.stdout  # named, by reference
 
 
-def test_check_lists_every_open_port_and_what_protects_it(cluster, sandbox_inventory):
-    result = vcluster("check", "--json", str(sandbox_inventory))
+def test_check_lists_every_open_port_and_what_protects_it(cluster):
+    result = vcluster("check", "--json", str(cluster.source))
     ports = {r["node"]: r for r in json.loads(result.stdout) if r["name"] == "ports"}
     head = ports[cluster.head.node_name]
     assert f"{cluster.ports.ray} Ray GCS (Ray token)" in head["detail"], head

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from io import StringIO
 from typing import Any
 
 import pytest
-from rich.console import Console
 
 from cluster.decide.checks import (
     GIB,
@@ -40,7 +38,6 @@ from cluster.decide.checks import (
     check_workers_reach_head,
     exit_code,
     results_as_dicts,
-    results_table,
     run_checks,
 )
 from cluster.decide.inventory import Inventory
@@ -636,16 +633,3 @@ def test_results_as_json():
             "remedy": "open port 22",
         }
     ]
-
-
-def test_results_as_a_table():
-    results = [
-        CheckResult("docker", Status.PASS, "Docker 28.3.3", "a"),
-        CheckResult("clock skew", Status.WARN, "b is 7.2 s ahead", None, "run NTP"),
-    ]
-    console = Console(file=StringIO(), width=200)
-    console.print(results_table(results))
-    text = console.file.getvalue()
-    assert "Docker 28.3.3" in text
-    assert "cluster" in text
-    assert "run NTP" in text

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from cluster.cli.tables import figures_table
 from cluster.decide.checks import Status, failed
 from cluster.decide.collective_report import (
     CollectiveRun,
     NodeHcas,
-    figures_table,
     nvlink_bandwidth,
     parse_events,
     read_run,

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from cluster.cli.plan_text import render_text
 from cluster.decide.checks import CheckInput, Status, check_infiniband
 from cluster.decide.inventory import Inventory
-from cluster.decide.plan import MEMLOCK_UNLIMITED, NodeFacts, build_plan, render_text
+from cluster.decide.plan import MEMLOCK_UNLIMITED, NodeFacts, build_plan
 from cluster.facts.fabric import (
     INFINIBAND_SCRIPT,
     Gid,

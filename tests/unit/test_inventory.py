@@ -504,3 +504,40 @@ def test_a_model_cache_with_a_dot_dot_segment_is_refused_with_its_line(tmp_path:
     assert text != MINIMAL
     problem = only_problem(tmp_path, text)
     assert "model_cache" in problem and "`..`" in problem
+
+
+def test_a_model_may_say_how_it_sleeps_and_off_is_read_as_yaml_writes_it(tmp_path: Path) -> None:
+    text = SEVERAL + "    sleep: 2\n"
+    assert load_inventory(write(tmp_path, text)).model_list[1].sleep == 2
+    for off in ("off", '"off"', "false"):
+        inventory = load_inventory(write(tmp_path, SEVERAL + f"    sleep: {off}\n"))
+        assert inventory.model_list[1].sleep == "off"
+    assert load_inventory(write(tmp_path, SEVERAL)).model_list[1].sleep is None
+
+
+@pytest.mark.parametrize("value", ["3", "0", "true", "on", '"1"', "1.0"])
+def test_a_sleep_level_vllm_does_not_have_is_refused_naming_the_key(
+    tmp_path: Path, value: str
+) -> None:
+    problem = only_problem(tmp_path, SEVERAL + f"    sleep: {value}\n")
+    assert "models[1].sleep" in problem and "must be 1, 2 or off" in problem
+
+
+def test_sleep_on_the_cpu_platform_is_refused_as_vllm_refuses_it(tmp_path: Path) -> None:
+    text = SEVERAL.replace("model_cache:", "accelerator: cpu\nmodel_cache:") + "    sleep: 1\n"
+    problem = only_problem(tmp_path, text)
+    assert "models[1].sleep" in problem and "no sleep mode on the CPU platform" in problem
+    text = SEVERAL.replace("model_cache:", "accelerator: cpu\nmodel_cache:") + "    sleep: off\n"
+    assert load_inventory(write(tmp_path, text)).model_list[1].sleep == "off"
+
+
+def test_a_model_kept_loaded_cannot_sleep(tmp_path: Path) -> None:
+    kept = SEVERAL.replace("    keep_loaded: true\n", "    keep_loaded: true\n    sleep: 1\n")
+    problem = only_problem(tmp_path, kept)
+    assert "models[0].sleep" in problem and "never gives way" in problem
+    assert "model.sleep" in only_problem(tmp_path, MINIMAL + "  sleep: 2\n")
+
+
+def test_sleep_mode_in_args_is_refused_for_the_sleep_key(tmp_path: Path) -> None:
+    message = only_problem(tmp_path, SEVERAL + '    args: ["--enable-sleep-mode"]\n')
+    assert "--enable-sleep-mode is set by vcluster; use sleep: 1 or 2" in message

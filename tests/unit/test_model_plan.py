@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.cli.plan_text import render_text
 from cluster.decide.inventory import load_inventory
-from cluster.decide.plan import NodeFacts, PlanError, build_plan, render_text
+from cluster.decide.model_plan import serving_config, sleep_levels
+from cluster.decide.plan import NodeFacts, PlanError, build_plan
 from cluster.remote.serving.agent import api_host, rank_argv, rank_environment
 from cluster.remote.serving.catalog import ServingConfig
 
@@ -129,3 +131,85 @@ def test_the_plan_text_lists_the_models_and_the_devices(plan):
     assert "models llama-70b, qwen-7b, mistral-24b, behind a router" in text
     assert "model 'qwen-7b': TP 1 x PP 1, on demand, unloaded after 900 s idle" in text
     assert "--gpus device=0,1,2,3,4,5" in text
+
+
+GIB = 1024**3
+DEVICES = {"gpu-1": tuple(range(8)), "gpu-2": tuple(range(6))}
+
+
+def test_without_facts_models_that_give_way_sleep_at_level_2_and_kept_ones_never(plan):
+    levels = {m.served: m.sleep for m in plan.serving.models}
+    assert levels == {"llama-70b": None, "qwen-7b": 2, "mistral-24b": 2}
+
+
+@pytest.mark.parametrize(
+    ("available_gib", "expected"),
+    [
+        (256, {"llama-70b": None, "qwen-7b": 1, "mistral-24b": 1}),  # 15 + 48 GiB fit in 128
+        (100, {"llama-70b": None, "qwen-7b": 1, "mistral-24b": 2}),  # 15 fits in 50, 63 not
+        (20, {"llama-70b": None, "qwen-7b": 2, "mistral-24b": 2}),  # not even 15 in 10
+    ],
+    ids=["both", "the-first", "none"],
+)
+def test_level_1_while_the_sleepers_weights_fit_in_the_smallest_nodes_memory(
+    available_gib, expected
+):
+    weights = {"llama-70b": 140 * GIB, "qwen-7b": 15 * GIB, "mistral-24b": 48 * GIB}
+    available = {"gpu-1": 512 * GIB, "gpu-2": available_gib * GIB}
+    levels = sleep_levels(load_inventory(EXAMPLE), DEVICES, weights, available)
+    assert levels == expected
+
+
+def test_the_inventorys_sleep_wins_and_off_stops_the_model(tmp_path):
+    text = (
+        EXAMPLE.read_text()
+        .replace("    unload_after_s: 900\n", "    unload_after_s: 900\n    sleep: off\n")
+        .replace(
+            'args: [--max-model-len, "16384"]', 'args: [--max-model-len, "16384"]\n    sleep: 1'
+        )
+    )
+    (tmp_path / "inventory.yaml").write_text(text)
+    serving = build_plan(load_inventory(tmp_path / "inventory.yaml"), facts(
+        {"gpu-1": 8, "gpu-2": 8}
+    )).serving  # fmt: skip
+    assert [m.sleep for m in serving.models] == [None, None, 1]
+
+
+def test_on_the_cpu_platform_no_model_sleeps():
+    inventory = load_inventory(REPO / "inventory" / "cpu-2.yaml")
+    assert set(sleep_levels(inventory, {"a": (0,)}).values()) <= {None}
+
+
+def test_a_gpus_room_for_sleepers_follows_its_memory():
+    inventory = load_inventory(EXAMPLE)
+    addresses = {"gpu-1": "10.0.0.11", "gpu-2": "10.0.0.12"}
+    serving = serving_config(
+        inventory, addresses, DEVICES, "/state", gpu_memory_gib={"gpu-1": 141.0}
+    )
+    assert [n.sleepers for n in serving.nodes] == [9, 2]  # measured H200; gpu-2: the default
+
+
+def test_a_sleeping_models_ranks_start_with_sleep_mode_and_vllms_development_routes(plan):
+    serving = plan.serving
+    qwen = serving.models[1]
+    assert qwen.sleep == 2
+    placement = (("gpu-1", (0,)), ("gpu-2", (0,)))
+    assert "--enable-sleep-mode" in rank_argv(serving, qwen, placement, 0)
+    assert "--enable-sleep-mode" in rank_argv(serving, qwen, placement, 1)  # headless too
+    guard = ["--middleware", "cluster.remote.serving.vllm_guard.guard"]
+    first = rank_argv(serving, qwen, placement, 0)
+    assert first[first.index("--middleware") :][:2] == guard  # vLLM's routes: its agent only
+    assert "--middleware" not in rank_argv(serving, qwen, placement, 1)
+    assert environment_path(rank_environment(serving, placement, 0, {}, qwen))
+    environment = rank_environment(serving, placement, 0, {"VLLM_SERVER_DEV_MODE": "0"}, qwen)
+    assert environment["VLLM_SERVER_DEV_MODE"] == "1"
+    llama = serving.models[0]  # kept loaded: no sleep mode, no development routes
+    assert "--enable-sleep-mode" not in rank_argv(serving, llama, placement, 0)
+    environment = rank_environment(serving, placement, 0, {"VLLM_SERVER_DEV_MODE": "1"}, llama)
+    assert "VLLM_SERVER_DEV_MODE" not in environment
+
+
+def environment_path(environment: dict[str, str]) -> bool:
+    """Whether vLLM can import the guard: the package `cluster` is on its PYTHONPATH."""
+    paths = environment.get("PYTHONPATH", "").split(":")
+    return any(Path(p, "cluster", "remote", "serving", "vllm_guard.py").exists() for p in paths)

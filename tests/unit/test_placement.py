@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cluster.facts.gpu import parse_query_gpu
 from cluster.remote.serving.catalog import NodeDevices
 from cluster.remote.serving.placement import (
@@ -13,6 +15,7 @@ from cluster.remote.serving.placement import (
     free_devices,
     place,
     plan_activation,
+    sleepers_per_device,
 )
 
 GPU_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
@@ -133,3 +136,120 @@ def test_eviction_across_nodes_frees_a_model_over_every_node():
     decision = plan_activation(nodes, [small, wide], tensor=8, pipeline=2)
     assert isinstance(decision, Activation)
     assert decision.evict == ("small", "wide")
+
+
+# Sleep mode: a device holds one awake model and up to `sleepers` sleeping ones.
+
+ONE_GPU = (("node-1", (0,)),)
+SECOND_GPU = (("node-1", (1,)),)
+BOTH_GPUS = (("node-1", (0, 1)),)
+
+
+def sleeper(served: str, placement, last_used: float, **keys) -> Resident:
+    return Resident(served, placement, last_used, asleep=True, can_sleep=True, **keys)
+
+
+def awake(served: str, placement, last_used: float, **keys) -> Resident:
+    return Resident(served, placement, last_used, can_sleep=True, **keys)
+
+
+def node(devices: tuple[int, ...], sleepers: int) -> list[NodeDevices]:
+    return [NodeDevices("node-1", "10.0.0.1", devices, head=True, sleepers=sleepers)]
+
+
+SLEEP_CASES = {
+    "an idle model that can sleep sleeps instead of stopping": (
+        node((0,), sleepers=2),
+        [awake("a", ONE_GPU, 1.0)],
+        None,
+        Activation(ONE_GPU, evict=(), sleep=("a",)),
+    ),
+    "a model without sleep mode stops as before": (
+        node((0,), sleepers=2),
+        [Resident("a", ONE_GPU, 1.0)],
+        None,
+        Activation(ONE_GPU, evict=("a",)),
+    ),
+    "sleepers do not hold devices: a cold model starts beside them": (
+        node((0,), sleepers=2),
+        [sleeper("a", ONE_GPU, 1.0), sleeper("b", ONE_GPU, 2.0)],
+        None,
+        Activation(ONE_GPU, evict=()),
+    ),
+    "a sleeper wakes on its own devices and the awake one there sleeps": (
+        node((0, 1), sleepers=2),
+        [awake("b", ONE_GPU, 5.0), awake("c", SECOND_GPU, 1.0)],
+        ONE_GPU,
+        Activation(ONE_GPU, evict=(), sleep=("b",)),
+    ),
+    "waking evicts every awake model on its devices, least recently used first": (
+        node((0, 1), sleepers=2),
+        [awake("late", ONE_GPU, 9.0), awake("early", SECOND_GPU, 1.0)],
+        BOTH_GPUS,
+        Activation(BOTH_GPUS, evict=(), sleep=("early", "late")),
+    ),
+    "one sleeper too many: the least recently used sleeper on the device stops": (
+        node((0,), sleepers=1),
+        [sleeper("old", ONE_GPU, 1.0), awake("b", ONE_GPU, 5.0)],
+        None,
+        Activation(ONE_GPU, evict=("old",), sleep=("b",)),
+    ),
+    "the evicted model stops itself when it is older than every sleeper there": (
+        node((0,), sleepers=1),
+        [sleeper("newer", ONE_GPU, 8.0), awake("b", ONE_GPU, 5.0)],
+        None,
+        Activation(ONE_GPU, evict=("b",), sleep=()),
+    ),
+    "the waking model leaves the device's sleepers, so the evicted one takes its room": (
+        node((0,), sleepers=1),
+        [awake("b", ONE_GPU, 5.0)],
+        ONE_GPU,
+        Activation(ONE_GPU, evict=(), sleep=("b",)),
+    ),
+    "no room for sleepers at all: giving way stops": (
+        node((0,), sleepers=0),
+        [awake("b", ONE_GPU, 5.0)],
+        None,
+        Activation(ONE_GPU, evict=("b",), sleep=()),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SLEEP_CASES, ids=list(SLEEP_CASES))
+def test_placement_with_sleepers(case):
+    nodes, residents, asleep_at, expected = SLEEP_CASES[case]
+    tensor = len(asleep_at[0][1]) if asleep_at else 1
+    decision = plan_activation(nodes, residents, tensor, pipeline=1, asleep_at=asleep_at)
+    assert decision == expected
+
+
+def test_a_stopped_sleeper_of_two_nodes_frees_its_room_on_both():
+    nodes = [
+        NodeDevices("node-1", "10.0.0.1", (0,), head=True, sleepers=1),
+        NodeDevices("node-2", "10.0.0.2", (0,), sleepers=1),
+    ]
+    wide = (("node-1", (0,)), ("node-2", (0,)))
+    residents = [sleeper("wide", wide, 1.0), awake("b", (("node-2", (0,)),), 5.0)]
+    decision = plan_activation(nodes, residents, tensor=1, pipeline=1)
+    # b sleeps on node-2, where the older sleeper `wide` is stopped; the new model needs one GPU
+    assert decision == Activation((("node-1", (0,)),), evict=(), sleep=())
+    decision = plan_activation(nodes, residents, tensor=1, pipeline=2)
+    assert decision == Activation(wide, evict=("wide",), sleep=("b",))
+
+
+@pytest.mark.parametrize(
+    "state", [{"in_flight": 2}, {"loading": True}, {"keep_loaded": True}], ids=str
+)
+def test_a_sleeper_never_wakes_over_a_busy_loading_or_kept_model(state):
+    residents = [awake("b", ONE_GPU, 5.0, **state)]
+    decision = plan_activation(node((0,), 2), residents, 1, 1, asleep_at=ONE_GPU)
+    assert isinstance(decision, NoRoom) and decision.holders == ("b",)
+
+
+@pytest.mark.parametrize(
+    ("memory_gib", "expected"),
+    [(80, 5), (141, 9), (16, 1), (8, 0)],
+    ids=["h100", "h200", "t4", "small"],
+)
+def test_sleepers_per_device_follow_the_memory_the_awake_model_leaves(memory_gib, expected):
+    assert sleepers_per_device(memory_gib) == expected

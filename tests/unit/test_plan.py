@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.cli.plan_text import render_text
 from cluster.decide.inventory import Inventory, load_inventory
 from cluster.decide.plan import (
     LABEL_CLUSTER,
@@ -19,7 +20,6 @@ from cluster.decide.plan import (
     build_plan,
     container_name,
     declared_facts,
-    render_text,
     supervisor_argv,
 )
 from cluster.decide.ray_image import recipe_for
@@ -134,11 +134,26 @@ def test_the_spec_hash_changes_with_the_spec_and_only_with_it() -> None:
     assert build_plan(other_image, gpu_facts(other_image)).head.container.spec_hash != first
 
 
+def each_node_downloads(inventory: Inventory) -> Inventory:
+    """The inventory with its model downloaded by every node's vLLM (`download: nodes`)."""
+    model = inventory.primary_model.model_copy(update={"download": "nodes"})
+    return inventory.model_copy(update={"model": model})
+
+
+def test_the_hub_token_stays_here_when_the_model_is_downloaded_once() -> None:
+    inventory = example("gpu-2x8.yaml")  # a hub model, secrets.hf_token, no source
+    plan = build_plan(inventory, gpu_facts(inventory))
+    for node in plan.nodes:
+        assert "hf-token" not in node.container.secret_files
+        assert "HF_TOKEN_PATH" not in node.container.environment
+        assert node.container.environment["HF_HUB_OFFLINE"] == "1"
+
+
 def test_secrets_are_files_by_reference_and_only_the_head_gets_the_api_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("VCLUSTER_STATE_DIR", "/home/ops/.state/vcluster")
-    inventory = example("gpu-2x8.yaml")
+    inventory = each_node_downloads(example("gpu-2x8.yaml"))
     plan = build_plan(inventory, gpu_facts(inventory))
     assert {k: str(v) for k, v in plan.head.container.secret_files.items()} == {
         "hf-token": "env:HF_TOKEN",
@@ -150,7 +165,7 @@ def test_secrets_are_files_by_reference_and_only_the_head_gets_the_api_key(
 
 
 def test_no_secret_is_in_a_container_environment_only_the_paths_of_its_files() -> None:
-    inventory = example("gpu-2x8.yaml")
+    inventory = each_node_downloads(example("gpu-2x8.yaml"))
     plan = build_plan(inventory, gpu_facts(inventory))
     for node in plan.nodes:
         environment = node.container.environment
@@ -212,7 +227,7 @@ def test_the_dashboard_stays_on_localhost_unless_the_inventory_opens_it(tmp_path
 
 def test_no_secret_value_reaches_the_rendered_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_super_secret_value")
-    inventory = example("gpu-2x8.yaml")
+    inventory = each_node_downloads(example("gpu-2x8.yaml"))
     plan = build_plan(inventory, gpu_facts(inventory))
     rendered = render_text(plan) + json.dumps(plan.to_dict())
     assert "hf_super_secret_value" not in rendered

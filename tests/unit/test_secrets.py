@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.decide.inventory import generated_ray_token_path
-from cluster.decide.plan import agent_token_path
-from cluster.decide.secrets import SecretRef, ensure_token_file, state_dir
+from cluster.decide.secrets import SecretRef, ensure_token_file
+from cluster.decide.state_paths import agent_token_path, generated_ray_token_path
 from cluster.errors import VclusterError
 
 
@@ -38,15 +37,6 @@ def test_a_token_file_others_may_read_is_refused_with_the_fix(tmp_path: Path) ->
         ensure_token_file(path)
     assert "may be read by other users" in str(caught.value)
     assert f"chmod 600 {path}" in caught.value.fix
-
-
-def test_the_state_folder_follows_the_usual_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert state_dir({"VCLUSTER_STATE_DIR": "/srv/vc"}) == Path("/srv/vc")
-    assert state_dir({"XDG_STATE_HOME": "/home/u/.st"}) == Path("/home/u/.st/vcluster")
-    monkeypatch.setenv("HOME", "/home/u")
-    assert state_dir({}) == Path("/home/u/.local/state/vcluster")
-    monkeypatch.setenv("VCLUSTER_STATE_DIR", "/srv/vc")
-    assert generated_ray_token_path("prod") == Path("/srv/vc/clusters/prod/ray-token")
 
 
 @pytest.mark.parametrize("token_exists", [False, True])

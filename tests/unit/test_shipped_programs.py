@@ -24,6 +24,7 @@ import pytest
 
 from cluster.remote.registry import (
     COLLECTIVE,
+    HUB_DOWNLOAD,
     MULTICAST,
     OLDEST_PYTHON,
     PACKAGE,
@@ -485,5 +486,5 @@ def test_the_serving_zip_holds_the_registered_files_and_no_other():
     with zipfile.ZipFile(io.BytesIO(bundle_bytes())) as archive:
         names = set(archive.namelist())
     assert names == {"__main__.py"} | {f"cluster/{path}" for path in SHIPPED_FILES} - {
-        f"cluster/{path}" for path in (SUPERVISOR, COLLECTIVE, RELAY, MULTICAST)
+        f"cluster/{path}" for path in (SUPERVISOR, COLLECTIVE, RELAY, MULTICAST, HUB_DOWNLOAD)
     }

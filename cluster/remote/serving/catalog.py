@@ -23,6 +23,10 @@ AGENT_TOKEN_FILE = "agent-token"  # noqa: S105 (a file name)
 API_KEY_FILE = "api-key"
 RAY_TOKEN_FILE = "ray-token"  # noqa: S105 (a file name)
 HF_TOKEN_FILE = "hf-token"  # noqa: S105 (a file name)
+DEFAULT_SLEEPERS_PER_DEVICE = 2
+"""How many sleeping models a device holds beside its awake one when the plan gives no figure:
+`placement.sleepers_per_device` of an 80 GiB GPU at vLLM's default 0.9 memory use and
+`placement.SLEEPER_GPU_GIB` a sleeper is 5; 2 leaves room for larger sleepers (TP, graphs)."""
 
 
 def read_secret(state_dir: str, name: str) -> str | None:
@@ -42,6 +46,9 @@ class NodeDevices:
     address: str
     devices: tuple[int, ...]
     head: bool = False
+    sleepers: int = DEFAULT_SLEEPERS_PER_DEVICE
+    """How many sleeping models each of its devices holds beside the awake one (their CUDA
+    context and buffers stay on the GPU): `placement.sleepers_per_device` of its memory."""
 
     def visible_index(self, device: int) -> int:
         """The device's index inside the container, which sees only the cluster's GPUs."""
@@ -63,6 +70,9 @@ class ModelEntry:
     external: bool = False
     """Started and healed by the head container's supervisor, on loopback (the one model of a
     cluster that serves one): the router only passes requests to it."""
+    sleep: int | None = None
+    """vLLM's sleep level (1: weights to host memory, 2: weights dropped) the model is put to
+    when it gives way, its ranks started with sleep mode; None: it is stopped instead."""
 
     @property
     def devices_needed(self) -> int:

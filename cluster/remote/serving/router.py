@@ -6,6 +6,10 @@ past that it gets a 503 with Retry-After while the start goes on. Placement and 
 `cluster.remote.serving.placement`'s; the ranks are started by each node's agent. Responses, SSE
 streams included, pass through chunk by chunk as vLLM produces them.
 
+A model with sleep mode (`ModelEntry.sleep`) gives way by sleeping, through the agent of its
+rank 0, and a request for it wakes it (one wake, however many requests ask). A wake that fails
+stops the model and starts it cold; the reason stays in `wake_failure` and the log.
+
 It is the users' only endpoint, with one model too: then the model is `external` (its vLLM is
 started and restarted by the head container's supervisor, on loopback) and the router only
 watches whether it serves. The users' API key is checked here, on every route but /health; only
@@ -67,17 +71,23 @@ AGENT_CONNECT_WAIT_S = 60.0
 """How long a start waits for an agent that does not accept connections yet."""
 AGENT_MISSES_ALLOWED = 3
 """An agent that does not answer this many polls in a row counts as gone with its ranks."""
+SLEEP_TIMEOUT_S = 330.0
+WAKE_TIMEOUT_S = 630.0
+"""How long the router waits for an agent's sleep or wake: the agent's own limits
+(`agent.SLEEP_TIMEOUT_S`, `agent.WAKE_TIMEOUT_S`) and some."""
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length", "host", "authorization",
 }  # fmt: skip
 
-UNLOADED, LOADING, LOADED, FAILED, UNLOADING = (
+UNLOADED, LOADING, LOADED, FAILED, UNLOADING, SLEEPING, WAKING = (
     "unloaded",
     "loading",
     "loaded",
     "failed",
     "unloading",
+    "sleeping",
+    "waking",
 )
 
 
@@ -106,9 +116,19 @@ class ModelState:
     failed_at: float = 0.0
     started_at: float = 0.0
     ready: asyncio.Future[None] | None = None
+    asleep: int | None = None
+    """The level it sleeps at now."""
+    wakes: int = 0
+    last_wake_s: float | None = None
+    last_wake_at: float = 0.0
+    wake_failure: str | None = None
+    """Why the last wake failed (it was started cold instead); cleared by a wake that works."""
+    host_memory_bytes: int | None = None
+    """What its ranks hold in host memory while it sleeps (its weights, at level 1)."""
 
     def resident(self) -> Resident | None:
-        if self.placement is None or self.state not in (LOADING, LOADED, UNLOADING):
+        holding = (LOADING, LOADED, UNLOADING, SLEEPING, WAKING)
+        if self.placement is None or self.state not in holding:
             return None
         return Resident(
             self.entry.served,
@@ -116,7 +136,9 @@ class ModelState:
             self.last_used,
             self.in_flight,
             self.entry.keep_loaded,
-            loading=self.state != LOADED,
+            loading=self.state not in (LOADED, SLEEPING),
+            asleep=self.state == SLEEPING,
+            can_sleep=self.entry.sleep is not None,
         )
 
     def report(self) -> dict[str, Any]:
@@ -134,6 +156,13 @@ class ModelState:
             "activations": self.activations,
             "last_activation_s": self.last_activation_s,
             "failure": self.failure,
+            "sleep": self.entry.sleep,
+            "sleep_level": self.asleep,
+            "host_memory_bytes": self.host_memory_bytes,
+            "wakes": self.wakes,
+            "last_wake_s": self.last_wake_s,
+            "last_wake_at": _wall(self.last_wake_at) if self.last_wake_at else None,
+            "wake_failure": self.wake_failure,
         }
 
 
@@ -254,22 +283,41 @@ class Router:
     async def _load(self, model: ModelState, ready: asyncio.Future[None]) -> None:
         entry = model.entry
         async with self.placing:
+            waking = model.state == SLEEPING and model.placement is not None
+            others = [m for m in self.models.values() if m is not model]
             decision = plan_activation(
                 self.config.nodes,
-                [r for m in self.models.values() if (r := m.resident()) is not None],
+                [r for m in others if (r := m.resident()) is not None],
                 entry.tensor_parallel,
                 entry.pipeline_parallel,
+                asleep_at=model.placement if waking else None,
             )
             if not isinstance(decision, Activation):
                 message = f"no room for model {entry.served!r}: {decision.reason}"
                 ready.set_exception(Unavailable(503, message, RETRY_AFTER_S))
                 return
+            why = f"to make room for {entry.served}"
+            for served in decision.sleep:
+                await self.put_to_sleep(self.models[served], why=why)
             for served in decision.evict:
-                await self.unload(self.models[served], why=f"to make room for {entry.served}")
-            model.state, model.placement = LOADING, decision.placement
-            model.launch = uuid.uuid4().hex[:12]
+                await self.unload(self.models[served], why=why)
+            if waking:
+                model.state = WAKING
+            else:
+                model.state, model.placement = LOADING, decision.placement
+                model.launch = uuid.uuid4().hex[:12]
             model.started_at = time.monotonic()
             model.failure = None
+        if waking:
+            if await self._wake(model):
+                ready.set_result(None)
+                return
+            async with self.placing:  # a failed wake: stopped, then started cold
+                await self._stop_ranks(model)
+                model.state, model.placement, model.asleep = UNLOADED, None, None
+                model.host_memory_bytes = None
+            await self._load(model, ready)
+            return
         log.info("loading %s on %s", entry.served, _where(decision.placement))
         try:
             await self._start_ranks(model)
@@ -343,12 +391,15 @@ class Router:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    async def _rank_death(self, model: ModelState) -> str | None:
-        """Why a rank of the model is gone, or None while all run."""
+    async def _rank_death(self, model: ModelState, *, memory: bool = False) -> str | None:
+        """Why a rank of the model is gone, or None while all run. `memory`: the ranks' host
+        memory is read too, into `host_memory_bytes`."""
         assert model.placement is not None
+        held = 0
         for rank, (node, _) in enumerate(model.placement):
             try:
-                status, reports = await self._agent("GET", node, "/ranks")
+                path = "/ranks?memory=1" if memory else "/ranks"
+                status, reports = await self._agent("GET", node, path)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 misses = self.agent_misses[node] = self.agent_misses.get(node, 0) + 1
                 if misses >= AGENT_MISSES_ALLOWED:
@@ -368,6 +419,9 @@ class Router:
                 likely = f"; likely cause: {cause['summary']}; fix: {cause['fix']}" if cause else ""
                 errors = " | ".join(report.get("errors") or []) or "(empty log)"
                 return f"rank {rank} on {node} {report['exit']}{likely}; errors: {errors}"
+            held += report.get("host_memory_bytes") or 0
+        if memory:
+            model.host_memory_bytes = held
         return None
 
     async def unload(self, model: ModelState, *, why: str) -> None:
@@ -379,6 +433,59 @@ class Router:
         model.state = UNLOADING
         await self._stop_ranks(model)
         model.state, model.placement, model.launch = UNLOADED, None, None
+        model.asleep, model.host_memory_bytes = None, None
+
+    async def put_to_sleep(self, model: ModelState, *, why: str) -> None:
+        """Sleeps the model at its level through its rank 0's agent; a model that does not
+        fall asleep is stopped (its GPU memory must be free either way)."""
+        level = model.entry.sleep
+        assert model.placement is not None and level is not None
+        log.info("putting %s to sleep (level %d): %s", model.entry.served, level, why)
+        model.state = UNLOADING  # neither serving nor waking while it falls asleep
+        node = model.placement[0][0]
+        try:
+            status, reply = await self._agent(
+                "POST", node, _sleep_path("sleep", model), timeout=SLEEP_TIMEOUT_S
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            status, reply = 0, str(exc) or type(exc).__name__
+        if status != 200:
+            problem = _error_of(reply)
+            log.warning("%s did not fall asleep (%s): stopping it", model.entry.served, problem)
+            await self.unload(model, why=f"its sleep failed: {problem}")
+            return
+        model.state, model.asleep = SLEEPING, level
+        model.host_memory_bytes = (
+            reply.get("host_memory_bytes") if isinstance(reply, dict) else None
+        )
+
+    async def _wake(self, model: ModelState) -> bool:
+        """Wakes the sleeping model on its devices; False (the reason kept in `wake_failure`
+        and logged) when the wake fails."""
+        assert model.placement is not None
+        served, node = model.entry.served, model.placement[0][0]
+        log.info("waking %s (level %s) on %s", served, model.asleep, _where(model.placement))
+        try:
+            status, reply = await self._agent(
+                "POST", node, _sleep_path("wake", model), timeout=WAKE_TIMEOUT_S
+            )
+            problem = None if status == 200 else _error_of(reply)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            problem = f"the agent on {node} did not answer ({str(exc) or type(exc).__name__})"
+        if problem is None:
+            problem = await self._rank_death(model)  # a wake that killed a rank
+        if problem is not None:
+            model.wake_failure = problem
+            log.warning("%s: the wake failed: %s; starting it cold", served, problem)
+            return False
+        now = time.monotonic()
+        model.state, model.asleep, model.host_memory_bytes = LOADED, None, None
+        model.wakes += 1
+        model.last_wake_s = round(now - model.started_at, 3)
+        model.last_wake_at = model.last_used = now
+        model.wake_failure = None
+        log.info("%s serves (woken in %.2f s)", served, model.last_wake_s)
+        return True
 
     async def _stop_ranks(self, model: ModelState) -> None:
         if model.placement is None:
@@ -423,11 +530,32 @@ class Router:
                         await self._stop_ranks(model)
                         model.state, model.placement = UNLOADED, None
                         model.failure = death  # the next request starts it again
+        elif model.state == SLEEPING:
+            await self._watch_sleeper(model, now)
         retry = model.state == UNLOADED or (
             model.state == FAILED and now - model.failed_at > RETRY_FAILED_AFTER_S
         )
         if entry.keep_loaded and retry:
             self.activate(model)
+
+    async def _watch_sleeper(self, model: ModelState, now: float) -> None:
+        """A sleeper idle past `unload_after_s` is stopped; one whose rank died is forgotten
+        (the next request starts it cold); its host memory is read for `vcluster models`."""
+        entry = model.entry
+        idle = now - model.last_used
+        if entry.unload_after_s is not None and idle > entry.unload_after_s:
+            async with self.placing:
+                if model.state == SLEEPING:
+                    await self.unload(model, why=f"asleep and idle for {idle:.0f} s")
+            return
+        death = await self._rank_death(model, memory=True)
+        if death is not None:
+            async with self.placing:
+                if model.state == SLEEPING:
+                    log.warning("%s went down while asleep: %s", entry.served, death)
+                    await self._stop_ranks(model)
+                    model.state, model.placement, model.asleep = UNLOADED, None, None
+                    model.failure = death
 
     # proxying
 
@@ -542,15 +670,20 @@ class Router:
     # agents
 
     async def _agent(
-        self, method: str, node: str, path: str, body: object | None = None
+        self,
+        method: str,
+        node: str,
+        path: str,
+        body: object | None = None,
+        *,
+        timeout: float = AGENT_TIMEOUT_S,
     ) -> tuple[int, Any]:
         assert self.http is not None
         address = self.config.node(node).address
         url = f"http://{address}:{self.config.agent_port}{path}"
         headers = {"Authorization": f"Bearer {self.agent_token}"}
-        timeout = aiohttp.ClientTimeout(total=AGENT_TIMEOUT_S)
         async with self.http.request(
-            method, url, json=body, headers=headers, timeout=timeout
+            method, url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as reply:
             text = await reply.text()
             try:
@@ -571,6 +704,18 @@ def _retrieve(future: asyncio.Future[None]) -> None:
 def _ranks_path(model: ModelState) -> str:
     """The agent's route for a model's ranks: the name quoted whole, `/` included."""
     return f"/ranks/{quote(model.entry.served, safe='')}"
+
+
+def _sleep_path(action: str, model: ModelState) -> str:
+    """The agent's route that sleeps or wakes a model: `/sleep/NAME` or `/wake/NAME`."""
+    return f"/{action}/{quote(model.entry.served, safe='')}"
+
+
+def _error_of(reply: Any) -> str:
+    """The `error` of an agent's JSON answer, else the answer as text."""
+    if isinstance(reply, dict) and "error" in reply:
+        return str(reply["error"])
+    return str(reply)[:300]
 
 
 def _where(placement: Placement) -> str:
