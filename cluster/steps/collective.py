@@ -151,10 +151,15 @@ def run_collective(
         for name, facts in host_facts.items()
     }
     backend = next(iter(configs.values()))["backend"]
-    rows = verdicts(run, backend=backend, nodes=list(configs), intra_limit=intra,
-                    join_timeout_s=inventory.collective.join_timeout_s,
-                    hcas=node_hcas(inventory, host_facts),
-                    ib_disabled=inventory.env.get("NCCL_IB_DISABLE") == "1")  # fmt: skip
+    rows = verdicts(
+        run,
+        backend=backend,
+        nodes=list(configs),
+        intra_limit=intra,
+        join_timeout_s=inventory.collective.join_timeout_s,
+        hcas=node_hcas(inventory, host_facts),
+        ib_disabled=inventory.env.get("NCCL_IB_DISABLE") == "1",
+    )
     rows += [
         CheckResult(
             "collective",
@@ -196,5 +201,7 @@ def collective_step(context: UpContext) -> str:
             fix=problems[0].remedy,
         )
     best = max((m.busbw for m in outcome.run.measurements), default=0.0)
-    return f"{len(outcome.results)} PASS/WARN row(s), best busbw {best / 1e9:.1f} GB/s " \
-        f"({outcome.seconds:.0f} s)"  # fmt: skip
+    return (
+        f"{len(outcome.results)} PASS/WARN row(s), best busbw {best / 1e9:.1f} GB/s "
+        f"({outcome.seconds:.0f} s)"
+    )

@@ -186,10 +186,15 @@ def firewall_results(
             return CheckResult(CHECK_NAME, Status.FAIL, error.message, node, error.fix)
         attempts, untried = _attempts(inventory, session, node, host)
         return check_node(
-            inventory, node, host, plan,
-            running=_absent(host, chain) and _running(session, node, name), attempts=attempts,
-            untried=untried, node_addresses=addresses,
-        )  # fmt: skip
+            inventory,
+            node,
+            host,
+            plan,
+            running=_absent(host, chain) and _running(session, node, name),
+            attempts=attempts,
+            untried=untried,
+            node_addresses=addresses,
+        )
 
     outcome = session.on_each(verdict, list(hosts))
     results = list(outcome.succeeded.values())

@@ -88,8 +88,13 @@ def _new_supply(inventory: Inventory, session: Session, facts: ImageFacts) -> Ra
             return RaySupply(None, f"the wheelhouse {folder} is not a folder on this machine")
         names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".whl"))
         try:
-            recipe = recipe_for(facts, inventory.image, wheelhouse=folder, wheel_names=names,
-                                ray_version=settings.version)  # fmt: skip
+            recipe = recipe_for(
+                facts,
+                inventory.image,
+                wheelhouse=folder,
+                wheel_names=names,
+                ray_version=settings.version,
+            )
         except RayImageError as error:
             return RaySupply(None, error.message, error.fix)
         return RaySupply(recipe)
@@ -104,8 +109,9 @@ def _new_supply(inventory: Inventory, session: Session, facts: ImageFacts) -> Ra
             f"{settings.index_url} at {host}:{port}",
         )
     try:
-        recipe = recipe_for(facts, inventory.image, index_url=settings.index_url,
-                            ray_version=settings.version)  # fmt: skip
+        recipe = recipe_for(
+            facts, inventory.image, index_url=settings.index_url, ray_version=settings.version
+        )
     except RayImageError as error:
         return RaySupply(None, error.message, error.fix)
     return RaySupply(recipe)
@@ -130,8 +136,8 @@ def _built_before(inventory: Inventory, session: Session, facts: ImageFacts) -> 
 
 def _reaches(session: Session, node: str, host: str, port: int) -> bool:
     """A TCP connection from `node` to host:port opens (bash's /dev/tcp: nothing to install)."""
-    argv = ["timeout", str(INDEX_REACH_TIMEOUT_S), "bash", "-c", 'exec 3<>"/dev/tcp/$1/$2"',
-            "reach", host, str(port)]  # fmt: skip
+    argv = ["timeout", str(INDEX_REACH_TIMEOUT_S)]
+    argv += ["bash", "-c", 'exec 3<>"/dev/tcp/$1/$2"', "reach", host, str(port)]
     return session.ssh(node).run(argv, timeout=INDEX_REACH_TIMEOUT_S + 5).ok
 
 
@@ -183,6 +189,7 @@ def learn_image(context: UpContext) -> str:
         )
     # the preflight's rule, for an image that was on no node when preflight ran
     for result in failed(check_runtime(context.inventory, facts, runtime)):
-        raise VclusterError(result.detail, where=context.inventory.head.node_name,
-                            fix=result.remedy)  # fmt: skip
+        raise VclusterError(
+            result.detail, where=context.inventory.head.node_name, fix=result.remedy
+        )
     return f"{facts.summary()}; {runtime.reason}"

@@ -174,8 +174,9 @@ def _collective(context: UpContext) -> CollectiveOutcome:
                     context.inventory, context.session, plan, context.host_facts
                 )
         except VclusterError as error:  # a node unreachable, GPU counts that differ, a lock
-            row = CheckResult("collective", Status.FAIL, f"not run: {error.message}",
-                              error.where, error.fix)  # fmt: skip
+            row = CheckResult(
+                "collective", Status.FAIL, f"not run: {error.message}", error.where, error.fix
+            )
             outcome = CollectiveOutcome(CollectiveRun(), [row], 0.0)
         found.append(outcome)
         return f"{len(outcome.run.measurements)} measurement(s) in {outcome.seconds:.0f} s"

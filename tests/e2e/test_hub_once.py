@@ -62,8 +62,9 @@ def test_a_hub_model_is_downloaded_once_and_served_offline_on_every_node(
     sandbox_cluster.changed()  # the next stage's cluster is another
     assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
     blobs = {hashlib.sha256(data).hexdigest() for data in repo.files.values()}
-    assert f"{SERVED}: {len(blobs) + 1} file(s) verified on 2 node(s)" in up.stdout  # + refs/main
-    assert "downloaded once on this machine" in up.stdout
+    step = next(line for line in up.stdout.splitlines() if "Model files on every node" in line)
+    assert f"{SERVED}: " in step and "verified" in step, step
+    assert "downloaded once on this machine" in step, step
     asked = {path: len(hub.file_requests(path)) for path in repo.files}
     assert asked == dict.fromkeys(repo.files, 1)  # each file once, for both nodes
 
@@ -81,5 +82,9 @@ def test_a_hub_model_is_downloaded_once_and_served_offline_on_every_node(
         assert in_node(inventory, node, "printenv", "HF_HUB_OFFLINE").strip() == "1"
         ref = f"/root/.cache/huggingface/{hub_folder(HUB_MODEL)}/refs/main"
         assert in_node(inventory, node, "cat", ref).strip() == repo.commit
+        kept = in_node(
+            inventory, node, "ls", f"/root/.cache/huggingface/{hub_folder(HUB_MODEL)}/blobs"
+        )
+        assert set(kept.split()) == blobs  # every file, named by its sha256
     processes = in_node(inventory, "node-2", "ps", "-eo", "args")  # the second stage's rank
     assert f"vllm serve {HUB_MODEL} " in processes, processes

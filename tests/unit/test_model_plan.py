@@ -145,9 +145,15 @@ def test_without_facts_models_that_give_way_sleep_at_level_2_and_kept_ones_never
 @pytest.mark.parametrize(
     ("available_gib", "expected"),
     [
-        (256, {"llama-70b": None, "qwen-7b": 1, "mistral-24b": 1}),  # 15 + 48 GiB fit in 128
-        (100, {"llama-70b": None, "qwen-7b": 1, "mistral-24b": 2}),  # 15 fits in 50, 63 not
-        (20, {"llama-70b": None, "qwen-7b": 2, "mistral-24b": 2}),  # not even 15 in 10
+        (
+            256,
+            {"llama-70b": None, "qwen-7b": 1, "mistral-24b": 1},
+        ),  # (15 + 48) x 1.85 GiB fit in 128
+        (
+            100,
+            {"llama-70b": None, "qwen-7b": 1, "mistral-24b": 2},
+        ),  # 15 x 1.85 fits in 50, 63 x 1.85 not
+        (20, {"llama-70b": None, "qwen-7b": 2, "mistral-24b": 2}),  # not even 15 x 1.85 in 10
     ],
     ids=["both", "the-first", "none"],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from cluster.facts.gpu import parse_query_gpu
 from cluster.remote.serving.catalog import NodeDevices
 from cluster.remote.serving.placement import (
+    SLEEPER_GPU_GIB,
     Activation,
     NoRoom,
     Resident,
@@ -253,3 +255,18 @@ def test_a_sleeper_never_wakes_over_a_busy_loading_or_kept_model(state):
 )
 def test_sleepers_per_device_follow_the_memory_the_awake_model_leaves(memory_gib, expected):
     assert sleepers_per_device(memory_gib) == expected
+
+
+SLEEP_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sleep"
+
+
+@pytest.mark.parametrize("card", ["h100", "h200"])
+def test_what_a_sleeper_keeps_per_gpu_is_the_measured_figure(card):
+    """SLEEPER_GPU_GIB against nvidia-smi's figure for a sleeping vLLM 0.26 (level 1 and 2)."""
+    phases = json.loads((SLEEP_FIXTURES / card / "sleep.json").read_text())["phases"]
+    held = [
+        sample["asleep_memory"]["gpu_mib"] / 1024
+        for level in ("level1", "level2")
+        for sample in phases[level]["samples"]
+    ]
+    assert held and max(held) <= SLEEPER_GPU_GIB <= max(held) * 1.05

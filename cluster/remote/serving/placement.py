@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 from cluster.remote.serving.catalog import NodeDevices
 
-SLEEPER_GPU_GIB = 1.5
+SLEEPER_GPU_GIB = 1.53
 """What a sleeping model keeps on each of its GPUs (CUDA context, CUDA graph pool, NCCL
-buffers) when no measurement says otherwise. vLLM's sleep mode pull request (#11743) left
-0.9 GiB of an 80 GiB GPU in use after sleep; NCCL's buffers add about 1 GiB per rank at TP 4
-(#51485). See docs/models.md."""
+buffers): measured 1560 MiB on an H200 and 1544 MiB on an H100 (vLLM 0.26.0, a 1.93B model at
+TP 1, CUDA graphs 0.73 GiB; the same at level 1 and 2; tests/fixtures/sleep/). TP > 1 adds
+NCCL's buffers (about 1 GiB per rank at TP 4, vllm-project/vllm#51485). See docs/models.md."""
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
 """vLLM's default `--gpu-memory-utilization`: the share of a GPU the awake model takes."""
 

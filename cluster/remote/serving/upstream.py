@@ -117,8 +117,9 @@ def _body_framing(status: int, headers: list[tuple[str, str]]) -> tuple[bool, in
     codings = _tokens(headers, "transfer-encoding")
     if codings:  # it overrides any Content-Length
         return codings[-1] == "chunked", None
-    lengths = {v.strip() for n, value in headers if n.lower() == "content-length"
-               for v in value.split(",")}  # fmt: skip
+    lengths = {
+        v.strip() for n, value in headers if n.lower() == "content-length" for v in value.split(",")
+    }
     if not lengths:
         return False, None
     if len(lengths) > 1 or not all(length.isdigit() and length.isascii() for length in lengths):
@@ -128,8 +129,13 @@ def _body_framing(status: int, headers: list[tuple[str, str]]) -> tuple[bool, in
 
 def _tokens(headers: list[tuple[str, str]], name: str) -> list[str]:
     """The comma-separated tokens of every `name` header, lowercased, in order."""
-    return [token.strip().lower() for n, value in headers if n.lower() == name
-            for token in value.split(",") if token.strip()]  # fmt: skip
+    return [
+        token.strip().lower()
+        for n, value in headers
+        if n.lower() == name
+        for token in value.split(",")
+        if token.strip()
+    ]
 
 
 _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
@@ -244,8 +250,12 @@ def request_bytes(
     """A request to `server`: its `Host`, the body's `Content-Length`, then `headers` (the
     caller leaves out the hop-by-hop ones). Texts as aiohttp's server decoded them (UTF-8 with
     surrogateescape) go out as the bytes they came from."""
-    lines = [f"{method} {target} HTTP/1.{1 if http11 else 0}", f"Host: {_address(server)}",
-             f"Content-Length: {len(body)}", *(f"{n}: {v}" for n, v in headers)]  # fmt: skip
+    lines = [
+        f"{method} {target} HTTP/1.{1 if http11 else 0}",
+        f"Host: {_address(server)}",
+        f"Content-Length: {len(body)}",
+        *(f"{n}: {v}" for n, v in headers),
+    ]
     if any("\r" in line or "\n" in line for line in lines):
         raise ValueError("a request line or header holds a line break")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
