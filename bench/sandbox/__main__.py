@@ -2,11 +2,14 @@
 on disk (not a test).
 
     .venv/bin/python bench/sandbox [--nodes 2] [--runs 3] [--storage memory disk]
+    .venv/bin/python bench/sandbox --nodes 4 --serve [--keep]   (under the e2e lock)
 
 `runs` cycles of `sandbox up` then `sandbox down` per storage mode, timed, the modes taking
 turns, on a sandbox named `bench-sb` of its own. A first cycle builds what is missing and saves
 the image archive (not part of the figures). Prints every run, the medians, and the ratios
-median warm `up` / 60 s (target < 1 for 2 nodes) and disk / memory.
+median warm `up` / 60 s (target < 1 for 2 nodes) and disk / memory. `--serve` instead serves
+the tiny model with PP N across the nodes and prints time to serve and memory per node
+(`bench/sandbox/serve.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 
 # Run as a script from the repository root: make the package importable without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from serve import serve_bench  # this folder is on sys.path (python bench/sandbox)
 
 from cluster.sandbox.sandbox import sandbox_down, sandbox_up
 from cluster.sandbox.storage import DISK, MEMORY
@@ -47,7 +52,11 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--storage", nargs="+", default=[MEMORY, DISK], choices=[MEMORY, DISK])
+    parser.add_argument("--serve", action="store_true", help="serve with PP N, a chat answered")
+    parser.add_argument("--keep", action="store_true", help="with --serve: leave it serving")
     args = parser.parse_args()
+    if args.serve:
+        return serve_bench(args.nodes, Path(".work/bench-pp"), args.keep)
     cycles: dict[str, list[tuple[float, float]]] = {storage: [] for storage in args.storage}
     with tempfile.TemporaryDirectory(prefix="vcluster-bench-sb-") as workdir:
         try:

@@ -62,8 +62,9 @@ def list_(inventory: Path, as_json: bool) -> None:
         if model.state == "failed" or (model.failure and model.state != "loaded"):
             click.echo(f"{model.name}: {model.failure}")
         if model.wake_failure:
-            click.echo(f"{model.name}: its last wake failed, it was started cold: "
-                       f"{model.wake_failure}")  # fmt: skip
+            click.echo(
+                f"{model.name}: its last wake failed, it was started cold: {model.wake_failure}"
+            )
 
 
 @models.command()

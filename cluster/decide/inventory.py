@@ -53,6 +53,9 @@ _RESERVED_ENV = {
     "RAY_AUTH_TOKEN",
     "RAY_AUTH_TOKEN_PATH",
 }
+_DEV_ROUTES_ENV = "VLLM_SERVER_DEV_MODE"
+"""Opens vLLM's development routes (sleep, wake, collective_rpc...) on every model's server:
+vcluster turns it on only for sleeping models' ranks, behind the agent's guard."""
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Auto = Literal["auto"]
@@ -557,6 +560,11 @@ class Inventory(_Strict):
                 raise ValueError(f"{name!r} is not an environment variable name")
             if name in _RESERVED_ENV:
                 raise ValueError(f"{name} is set by vcluster (secrets: or network: set it)")
+            if name == _DEV_ROUTES_ENV:
+                raise ValueError(
+                    f"{name} would open vLLM's development routes on every model; remove it "
+                    "(a model's `sleep:` turns them on for that model, behind the agent's token)"
+                )
         return value
 
     @model_validator(mode="after")

@@ -166,3 +166,23 @@ def wire_list(items: list[Item]) -> str:
 def models_with_source(inventory: Inventory, names: Sequence[str] = ()) -> list[Model]:
     """The inventory's models that have a `source` (those named, when names are given)."""
     return [m for m in inventory.model_list if m.source and (not names or m.served in names)]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+"""The files of a model folder that hold its weights."""
+
+
+def source_weights_bytes(inventory: Inventory) -> dict[str, int]:
+    """Each model's weights in its `source` folder on this machine, by served name (models
+    without one, or whose folder is missing, are left out: their size is unknown)."""
+    sizes = {}
+    for model in models_with_source(inventory):
+        assert model.source is not None
+        folder = Path(model.source).expanduser()
+        if folder.is_dir():
+            sizes[model.served] = sum(
+                path.stat().st_size
+                for path in folder.rglob("*")
+                if path.suffix in WEIGHT_SUFFIXES and path.is_file()
+            )
+    return sizes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, TypedDict
 
@@ -79,6 +80,10 @@ class NodeFacts:
     interface: str | None = None  # the interface that routes to the head
     fabric: FabricFacts | None = None
     """NVLink multicast and the HCAs (None: not probed, e.g. an offline plan)."""
+    memory_bytes: int | None = None
+    """The host's memory (MemTotal): what level-1 sleepers may hold (None: not probed)."""
+    gpu_memory_mib: int | None = None
+    """The smallest GPU's memory: how many sleepers a GPU holds (None: not probed)."""
 
 
 @dataclass(frozen=True)
@@ -257,10 +262,16 @@ def container_name(cluster: str) -> str:
 
 
 def build_plan(
-    inventory: Inventory, facts: dict[str, NodeFacts], runtime: Runtime | None = None
+    inventory: Inventory,
+    facts: dict[str, NodeFacts],
+    runtime: Runtime | None = None,
+    *,
+    weights_bytes: Mapping[str, int] | None = None,
 ) -> ClusterPlan:
     """Decide every node's container and commands from the inventory, the facts by node name
-    and the runtime chosen on the image's facts (taken to have Ray when not given)."""
+    and the runtime chosen on the image's facts (taken to have Ray when not given).
+    `weights_bytes`: each model's weights by served name, where known (its `source` folder),
+    for the models' sleep levels."""
     runtime = runtime or assumed_runtime(inventory)
     missing = [n.node_name for n in inventory.nodes if n.node_name not in facts]
     if missing:
@@ -274,6 +285,13 @@ def build_plan(
                 devices,
                 SUPERVISOR_STATE_DIR,
                 traps=_trap_facts(inventory, facts, runtime),
+                weights_bytes=weights_bytes,
+                host_available_bytes={
+                    name: f.memory_bytes for name, f in facts.items() if f.memory_bytes
+                },
+                gpu_memory_gib={
+                    name: f.gpu_memory_mib / 1024 for name, f in facts.items() if f.gpu_memory_mib
+                },
             )
             if inventory.routed
             else None

@@ -14,14 +14,25 @@ RAY_FIXED_METRICS_PORTS = (44217, 44227)
 (AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT in ray_constants)."""
 
 # Prints one JSON list of Ray's nodes. The address comes in argv[1], never pasted into the code.
+# Ray's GCS node table is read without `ray.init` (0.5 s instead of 1.3 s: no driver joins the
+# cluster); through Ray's private API, so where that API differs it falls back to `ray.init`.
 RAY_NODES_SCRIPT = """\
 import json, sys
 import ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+try:
+    from ray._private.state import GlobalState
+    from ray._raylet import GcsClientOptions
+    state = GlobalState()
+    state._initialize_global_state(GcsClientOptions.create(
+        sys.argv[1], None, allow_cluster_id_nil=True, fetch_cluster_id_if_nil=False))
+    table = state.node_table
+except (ImportError, AttributeError, TypeError):
+    ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+    table = ray.nodes
 nodes = [
     {"address": n["NodeManagerAddress"], "alive": bool(n["Alive"]),
      "resources": n.get("Resources", {})}
-    for n in ray.nodes()
+    for n in table()
 ]
 print("VCLUSTER-RAY-NODES " + json.dumps(nodes))
 """

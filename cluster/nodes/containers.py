@@ -60,7 +60,11 @@ def inspect_container(client: docker.DockerClient, name: str) -> ContainerState 
         container = client.containers.get(name)
     except docker.errors.NotFound:
         return None
-    attrs = container.attrs
+    return state_from_attrs(name, container.attrs)
+
+
+def state_from_attrs(name: str, attrs: dict) -> ContainerState:
+    """The state from Docker's inspect document (the API's, or `docker inspect`'s)."""
     labels = attrs["Config"].get("Labels") or {}
     return ContainerState(
         name=name,

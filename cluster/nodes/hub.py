@@ -127,9 +127,12 @@ def download_on_head(
     """The model's revision in the head's model cache, by vcluster's download program there."""
     hub = endpoint(os.environ if environ is None else environ)
     config = {
-        "endpoint": hub, "repo": model.name, "revision": revision_of(model),
-        "root": head.root, "token": token,
-    }  # fmt: skip
+        "endpoint": hub,
+        "repo": model.name,
+        "revision": revision_of(model),
+        "root": head.root,
+        "token": token,
+    }
     channel = head.connection.open_channel(["python3", "-c", HUB_DOWNLOAD_SOURCE])
     channel.sendall((json.dumps(config) + "\n").encode())
     channel.shutdown_write()
@@ -164,9 +167,13 @@ def download_on_head(
         )
     if result["event"] == "error":
         raise hub_error(
-            model, result["kind"], where=head.name, status=result.get("status"),
-            detail=result.get("message", ""), hub=hub,
-        )  # fmt: skip
+            model,
+            result["kind"],
+            where=head.name,
+            status=result.get("status"),
+            detail=result.get("message", ""),
+            hub=hub,
+        )
     files = tuple((str(p), int(s), str(h)) for p, s, h in result["files"])
     return Downloaded(str(result["commit"]), files)
 

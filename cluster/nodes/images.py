@@ -138,8 +138,13 @@ def saved_on_node_without(
 ) -> Iterator[bytes]:
     """`docker save` of `image` on a node without the layers `drop`, filtered there by the
     relay's `save` mode: only what the chain needs crosses the network."""
-    config = {"mode": "save", "image": image, "drop": list(drop),
-              "diff_ids": list(layers.diff_ids), "docker_host": docker_host}  # fmt: skip
+    config = {
+        "mode": "save",
+        "image": image,
+        "drop": list(drop),
+        "diff_ids": list(layers.diff_ids),
+        "docker_host": docker_host,
+    }
     channel = node.open_channel(["python3", "-c", source(RELAY)])
     try:
         channel.sendall((json.dumps(config) + "\n").encode())

@@ -19,6 +19,8 @@ range) when a run was cut off; an LFS file whose blob is there already is not do
 Hidden files (`.gitattributes`) are left out, as from a `source:` folder.
 """
 
+from __future__ import annotations
+
 import hashlib
 import http.client
 import json
@@ -28,6 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import IO, Any
 
 CHUNK = 1 << 20
 PARTIAL = ".vcluster-download"
@@ -38,7 +41,7 @@ RETRY_PAUSE_S = 1.0
 
 
 class HubFailure(Exception):
-    def __init__(self, kind, message, status=None):
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         Exception.__init__(self, message)
         self.kind = kind
         self.status = status
@@ -47,7 +50,15 @@ class HubFailure(Exception):
 class _SameHostAuth(urllib.request.HTTPRedirectHandler):
     """Follows redirects, and keeps the token only on the hub's own host (not on a CDN's)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         new = urllib.request.HTTPRedirectHandler.redirect_request(
             self, req, fp, code, msg, headers, newurl
         )
@@ -61,12 +72,14 @@ class _SameHostAuth(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_SameHostAuth)
 
 
-def emit(event):
+def emit(event: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
 
 
-def _open(url, token, extra=None):
+def _open(
+    url: str, token: str | None, extra: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
     headers = {"User-Agent": "vcluster-hub-download", "Accept-Encoding": "identity"}
     if token:
         headers["Authorization"] = "Bearer " + token
@@ -89,12 +102,12 @@ def _open(url, token, extra=None):
         raise HubFailure("network", f"cannot reach {url.split('/api/')[0]}: {reason}") from error
 
 
-def _json(url, token):
+def _json(url: str, token: str | None) -> tuple[Any, str]:
     with _open(url, token) as response:
         return json.loads(response.read().decode()), response.headers.get("Link", "")
 
 
-def _next_page(link):
+def _next_page(link: str) -> str | None:
     """The `rel="next"` URL of a Link header (the hub pages long listings), or None."""
     for part in link.split(","):
         if 'rel="next"' in part:
@@ -102,20 +115,22 @@ def _next_page(link):
     return None
 
 
-def _safe(path):
+def _safe(path: str) -> list[str]:
     parts = path.split("/")
     if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise HubFailure("http", f"the hub listed a file outside the repository: {path!r}")
     return parts
 
 
-def listing(endpoint, repo, revision, token):
+def listing(
+    endpoint: str, repo: str, revision: str, token: str | None
+) -> tuple[str, list[tuple[str, int, str | None]]]:
     """(commit, [(path, size, sha256 or None)]) of the repository at `revision`."""
     quoted = urllib.parse.quote(revision, safe="")
     info, _ = _json(f"{endpoint}/api/models/{repo}/revision/{quoted}", token)
     commit = info["sha"]
-    url = f"{endpoint}/api/models/{repo}/tree/{commit}?recursive=true"
-    files = []
+    url: str | None = f"{endpoint}/api/models/{repo}/tree/{commit}?recursive=true"
+    files: list[tuple[str, int, str | None]] = []
     while url:
         page, link = _json(url, token)
         for entry in page:
@@ -129,12 +144,12 @@ def listing(endpoint, repo, revision, token):
 
 
 class Progress:
-    def __init__(self, total):
+    def __init__(self, total: int) -> None:
         self.total = total
         self.done = 0
         self.shown_at = 0.0
 
-    def add(self, count, force=False):
+    def add(self, count: int, force: bool = False) -> None:
         self.done += count
         now = time.monotonic()
         if force or now - self.shown_at >= PROGRESS_INTERVAL_S:
@@ -142,7 +157,7 @@ class Progress:
             emit({"event": "progress", "bytes": self.done, "total": self.total})
 
 
-def _hash_file(path):
+def _hash_file(path: str) -> hashlib._Hash:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
@@ -150,7 +165,16 @@ def _hash_file(path):
     return digest
 
 
-def fetch_file(endpoint, repo, commit, path, size, blobs, token, progress):
+def fetch_file(
+    endpoint: str,
+    repo: str,
+    commit: str,
+    path: str,
+    size: int,
+    blobs: str,
+    token: str | None,
+    progress: Progress,
+) -> str:
     """The file's blob (downloaded, or resumed from its partial file); its sha256."""
     named = hashlib.sha256(path.encode()).hexdigest()[:16]  # any path, one short name
     partial = os.path.join(blobs, f"{commit[:12]}-{named}{PARTIAL}")
@@ -184,7 +208,16 @@ def fetch_file(endpoint, repo, commit, path, size, blobs, token, progress):
     return sha256
 
 
-def _fetch_resuming(endpoint, repo, commit, path, size, blobs, token, progress):
+def _fetch_resuming(
+    endpoint: str,
+    repo: str,
+    commit: str,
+    path: str,
+    size: int,
+    blobs: str,
+    token: str | None,
+    progress: Progress,
+) -> str:
     """`fetch_file`, again from where it stopped when the connection was cut (a few times)."""
     for attempt in range(RETRIES + 1):
         counted = progress.done
@@ -198,7 +231,7 @@ def _fetch_resuming(endpoint, repo, commit, path, size, blobs, token, progress):
     raise AssertionError("unreachable")
 
 
-def _link(folder, commit, path, sha256):
+def _link(folder: str, commit: str, path: str, sha256: str) -> None:
     parts = _safe(path)
     link = os.path.join(folder, "snapshots", commit, *parts)
     os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -210,7 +243,7 @@ def _link(folder, commit, path, sha256):
     os.symlink(target, link)
 
 
-def _present(folder, commit, path, size):
+def _present(folder: str, commit: str, path: str, size: int) -> str | None:
     """The sha256 of a file the snapshot has already (its link names its blob), or None."""
     link = os.path.join(folder, "snapshots", commit, *_safe(path))
     if not os.path.islink(link):
@@ -222,7 +255,7 @@ def _present(folder, commit, path, size):
     return None
 
 
-def download(config):
+def download(config: dict[str, Any]) -> dict[str, Any]:
     endpoint = config["endpoint"].rstrip("/")
     repo, token = config["repo"], config.get("token")
     commit, files = listing(endpoint, repo, config["revision"], token)
@@ -251,13 +284,19 @@ def download(config):
     return {"commit": commit, "files": done}
 
 
-def main():
+def main() -> int:
     config = json.loads(sys.stdin.readline())
     try:
         result = download(config)
     except HubFailure as failure:
-        emit({"event": "error", "kind": failure.kind, "status": failure.status,
-              "message": str(failure)})  # fmt: skip
+        emit(
+            {
+                "event": "error",
+                "kind": failure.kind,
+                "status": failure.status,
+                "message": str(failure),
+            }
+        )
         return 1
     emit(dict({"event": "done"}, **result))
     return 0

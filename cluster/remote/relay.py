@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 CHUNK = 1 << 20
@@ -672,8 +673,13 @@ def chain_ids(diff_ids: list) -> list:
 def _go_json(value: object) -> str:
     """JSON as Go's encoding/json writes it: compact, `<>&` and U+2028/9 escaped."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
+    for raw, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(raw, escaped)
     return text
 
@@ -749,7 +755,7 @@ class SaveFilter(TarWalk):
         self.v1_json = None
 
 
-def filtered_save(chunks, drop: list, diff_ids: list):  # -> Iterator[bytes] (3.8: no typing)
+def filtered_save(chunks: Iterable[bytes], drop: list, diff_ids: list) -> Iterator[bytes]:
     """`docker save`'s chunks without the layers in `drop`, the tar's end included."""
     walk = SaveFilter(drop, diff_ids)
     for chunk in chunks:

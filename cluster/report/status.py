@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,18 +17,18 @@ import docker
 
 from cluster.decide.inventory import Inventory
 from cluster.decide.manifest import Item, SourceError, model_items, models_with_source
-from cluster.decide.plan import SUPERVISOR_STATE_DIR, container_name
+from cluster.decide.plan import container_name
 from cluster.errors import VclusterError
 from cluster.facts.gpu import GpuInfo
-from cluster.facts.host import HostFacts, parse_probe
+from cluster.facts.host import HostFacts
 from cluster.facts.image import ImageFacts
-from cluster.facts.probe import probe_argv
-from cluster.facts.ray import RayQueryError, alive_by_address, parse_ray_nodes, ray_nodes_argv
-from cluster.nodes.containers import ContainerState, inspect_container
+from cluster.nodes.containers import ContainerState
 from cluster.nodes.image_cache import image_facts_cache
 from cluster.nodes.model_admin import models_report
 from cluster.nodes.router_client import ModelStatus
 from cluster.nodes.session import Session
+from cluster.nodes.status_head import head_ray_view
+from cluster.nodes.status_snapshot import node_snapshot
 from cluster.nodes.transfer import ChainNode, chain_nodes, check_node
 from cluster.nodes.transport.ssh import SshConnection
 from cluster.nodes.vllm import (
@@ -35,9 +36,7 @@ from cluster.nodes.vllm import (
     SupervisedVllm,
     http_get,
     parse_serving_metrics,
-    parse_supervisor_state,
     served_models,
-    supervisor_state_argv,
 )
 from cluster.report.collective_store import load_last_run
 
@@ -130,24 +129,29 @@ class ClusterStatus:
         return data
 
 
-def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
-    """Query every node at once, then Ray and vLLM on the head."""
+def gather_status(
+    inventory: Inventory, session: Session, *, docker_host: str | None = None
+) -> ClusterStatus:
+    """Query every node at once (one exec each) while the head answers for Ray and vLLM.
+
+    `docker_host`: the engine the nodes' `docker` CLI talks to, where not the default (the SSH
+    lab's hosts share this machine's daemon).
+    """
     session.open()
     name = container_name(inventory.cluster)
     head_name = inventory.head.node_name
-    # read the multicast attribute only: no multicast object on GPUs that are serving
-    probe = probe_argv(
-        head_address=inventory.head.address, model_cache=inventory.model_cache, multicast="read"
-    )
-    states = session.on_each(
-        lambda node: _node_state(session, inventory, node, name, node == head_name, probe)
-    )
-    head_state = states.succeeded.get(head_name, (None, None, None, False))[0]
-    ray_cluster = head_state is None or head_state.ray
-    if ray_cluster:
-        ray_alive, resources, ray_error = _ray_view(inventory, session, name)
-    else:
-        ray_alive, resources, ray_error = set(), {}, None
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="status") as pool:
+        ray_job = pool.submit(_ray_view, inventory, session, name, docker_host)
+        vllm_job = pool.submit(_vllm_view, inventory, session)
+        models_job = pool.submit(_models_view, inventory, session)
+        files_job = pool.submit(_model_files_view, inventory, session)
+        states = session.on_each(
+            lambda node: _node_state(session, inventory, node, name, node == head_name, docker_host)
+        )
+        head_state = states.succeeded.get(head_name, (None, None, None, False))[0]
+        ray_cluster = head_state is None or head_state.ray
+        ray_view = ray_job.result()
+    ray_alive, resources, ray_error = ray_view if ray_cluster else (set(), {}, None)
     nodes = []
     for node in inventory.nodes:
         node_name = node.node_name
@@ -187,8 +191,8 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
         )
     served = inventory.primary_model.served
     head_address = inventory.head.address
-    models, models_error = _models_view(inventory, session)
-    files = _model_files_view(inventory, session)
+    models, models_error = models_job.result()
+    files = files_job.result()
     nodes = [dataclasses.replace(n, model_files=files.get(n.name, {})) for n in nodes]
     return ClusterStatus(
         cluster=inventory.cluster,
@@ -200,7 +204,7 @@ def gather_status(inventory: Inventory, session: Session) -> ClusterStatus:
         ray_nodes_expected=len(inventory.nodes),
         ray_resources=resources,
         ray_error=ray_error,
-        vllm=_vllm_view(inventory, session),
+        vllm=vllm_job.result(),
         ray_cluster=ray_cluster,
         image=image_facts_cache().get(head_state.image_id) if head_state else None,
         collective=load_last_run(inventory.cluster),
@@ -249,44 +253,40 @@ def _models_view(
 
 
 def _node_state(
-    session: Session, inventory: Inventory, node: str, name: str, is_head: bool, probe: list[str]
+    session: Session,
+    inventory: Inventory,
+    node: str,
+    name: str,
+    is_head: bool,
+    docker_host: str | None,
 ) -> tuple[ContainerState | None, SupervisedVllm | None, HostFacts, bool]:
     """The node's container, its supervisor's report and its facts, and whether vLLM runs
     there (on every node with vLLM's own executor, on the head alone with Ray's)."""
-    facts = parse_probe(session.ssh(node).run(probe).stdout)
-    client = session.docker(node)
-    state = inspect_container(client, name)
+    snapshot = node_snapshot(
+        session.ssh(node),
+        name,
+        head=is_head,
+        default_executor=inventory.default_executor,
+        docker_host=docker_host,
+    )
+    state = snapshot.state
     executor = (state.executor if state else None) or inventory.default_executor
     serves = is_head or executor == "mp"
-    if not serves or state is None or not state.running:
-        return state, None, facts, serves
-    result = client.containers.get(name).exec_run(supervisor_state_argv(SUPERVISOR_STATE_DIR))
-    if result.exit_code != 0:
-        return state, None, facts, serves
-    supervised = parse_supervisor_state(result.output.decode(errors="replace"))
-    return state, supervised, facts, serves
+    supervised = snapshot.supervised if serves and state is not None and state.running else None
+    return state, supervised, snapshot.facts, serves
 
 
 def _ray_view(
-    inventory: Inventory, session: Session, name: str
+    inventory: Inventory, session: Session, name: str, docker_host: str | None
 ) -> tuple[set[str], dict[str, float], str | None]:
     head = inventory.head
     if head.node_name not in session.connections:
         return set(), {}, "head unreachable"
-    client = session.docker(head.node_name)
-    state = inspect_container(client, name)
-    if state is None or not state.running:
-        return set(), {}, "head container not running"
-    result = client.containers.get(name).exec_run(ray_nodes_argv(head.address, inventory.ports.ray))
+    ssh = session.ssh(head.node_name)
     try:
-        alive = alive_by_address(parse_ray_nodes(result.output.decode(errors="replace")))
-    except RayQueryError:
-        return set(), {}, "Ray head not answering"
-    resources = {
-        "CPU": sum(n.cpus for n in alive.values()),
-        "GPU": sum(n.gpus for n in alive.values()),
-    }
-    return set(alive), resources, None
+        return head_ray_view(ssh, name, head.address, inventory.ports.ray, docker_host)
+    except VclusterError as error:  # the query ran past the command time limit
+        return set(), {}, error.one_line()
 
 
 def _vllm_view(inventory: Inventory, session: Session) -> VllmStatus:

@@ -40,4 +40,6 @@ def node_facts(facts: HostFacts, address: str, inventory: Inventory) -> NodeFact
         gpu_model=gpus[0].name if gpus else None,
         interface=facts.route_interface,
         fabric=facts.fabric,
+        memory_bytes=facts.memory_bytes,
+        gpu_memory_mib=min((g.memory_total_mib for g in gpus if g.memory_total_mib), default=None),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from cluster.decide.plan import NodePlan
 from cluster.decide.up.outcome import Unchanged
@@ -48,7 +49,8 @@ class VllmFailed(VclusterError):
     """vLLM exited or did not become ready."""
 
 
-def _exec(context: UpContext, node: NodePlan, argv: list[str], detach: bool = False):
+def _exec(context: UpContext, node: NodePlan, argv: list[str], detach: bool = False) -> Any:
+    """`docker exec` in the node's container: docker-py's ExecResult (it has no type hints)."""
     container = context.session.docker(node.name).containers.get(node.container.name)
     return container.exec_run(argv, detach=detach)
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from cluster.decide.checks import CheckResult, Status
 from cluster.decide.collective_report import CollectiveRun
 from cluster.decide.inventory import Inventory, generated_ray_token_path
+from cluster.decide.manifest import source_weights_bytes
 from cluster.decide.plan import ClusterPlan, agent_token_path, build_plan, container_name
-from cluster.decide.runtime import assumed_runtime
+from cluster.decide.runtime import Runtime, assumed_runtime
 from cluster.decide.up.steps import (
     PlannedStep,
     StepName,
@@ -57,6 +58,16 @@ def plan_line(plan: ClusterPlan) -> str:
     )
 
 
+def plan_on_facts(context: UpContext, runtime: Runtime | None) -> ClusterPlan:
+    """The plan on the nodes' facts, the runtime and the models' weights on this machine."""
+    return build_plan(
+        context.inventory,
+        context.node_facts,
+        runtime,
+        weights_bytes=source_weights_bytes(context.inventory),
+    )
+
+
 def planning(context: UpContext, *, image_known: bool) -> str:
     """The step: the plan on the runtime, what runs on each node now and the token files (the
     facts), then every decision and the steps that follow (`decide_up`)."""
@@ -67,7 +78,7 @@ def planning(context: UpContext, *, image_known: bool) -> str:
             f"the runtime of {inventory.image} was not decided before Planning",
             fix="run `vcluster up` again; if it repeats, check `docker images` on the head",
         )
-    plan = build_plan(inventory, context.node_facts, runtime)
+    plan = plan_on_facts(context, runtime)
     name = container_name(inventory.cluster)
     found = session.on_each(
         lambda node: inspect_container(session.docker(node), name), [n.name for n in plan.nodes]
@@ -167,7 +178,7 @@ def _collective(context: UpContext) -> CollectiveOutcome:
     def step(context: UpContext) -> str:
         head = context.inventory.head.node_name
         try:
-            plan = build_plan(context.inventory, context.node_facts, context.runtime)
+            plan = plan_on_facts(context, context.runtime)
             # one check at a time, and not while `up` or `down` changes the cluster
             with ClusterLock(context.session.ssh(head), context.inventory.cluster, "check"):
                 outcome = run_collective(
@@ -198,7 +209,7 @@ def live_plan(inventory: Inventory, reporter: Reporter) -> ClusterPlan:
     def plan_step(context: UpContext) -> str:
         why = "the image is on no node yet"
         runtime = context.runtime or assumed_runtime(context.inventory, why)
-        planned.append(build_plan(context.inventory, context.node_facts, runtime))
+        planned.append(plan_on_facts(context, runtime))
         return plan_line(planned[0])
 
     with Session(inventory) as session:

@@ -185,6 +185,12 @@ def test_reserved_environment_names_are_refused(tmp_path: Path) -> None:
     )
 
 
+def test_vllms_development_routes_cannot_be_opened_for_every_model(tmp_path: Path) -> None:
+    problem = only_problem(tmp_path, MINIMAL + "env: {VLLM_SERVER_DEV_MODE: '1'}\n")
+    assert "env: VLLM_SERVER_DEV_MODE would open vLLM's development routes" in problem
+    assert "sleep:" in problem
+
+
 def test_a_duplicate_yaml_key_is_an_error_rather_than_silently_last_wins(tmp_path: Path) -> None:
     text = MINIMAL.replace("nodes:", "image: vllm/vllm-openai:v0.10.0\nnodes:", 1)
     assert ":3: image: duplicate key" in only_problem(tmp_path, text)

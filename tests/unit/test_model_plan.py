@@ -3,6 +3,7 @@ and environment, and the errors for GPUs that are not there or models that canno
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,14 +68,20 @@ def test_the_configuration_reads_back_as_written(plan):
     assert ServingConfig.from_json(plan.serving.to_json()) == plan.serving
 
 
+GUARD = "cluster.remote.serving.vllm_guard.guard"
+"""The middleware every model's API server loads: no route but /v1 and the probes without the
+agent token, from the node itself (vLLM's key covers only /v1)."""
+
+
 def test_rank_0_on_the_head_listens_on_loopback_and_other_ranks_are_headless(plan):
     serving = plan.serving
     llama = serving.models[0]
     placement = (("gpu-1", (0, 1, 2, 3)), ("gpu-2", (2, 3, 4, 5)))
     first = rank_argv(serving, llama, placement, 0)
     second = rank_argv(serving, llama, placement, 1)
-    assert first[-12:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.11",
-                           "--master-port", "30101", "--host", "127.0.0.1", "--port", "30100"]  # fmt: skip
+    assert first[-14:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.11",
+                           "--master-port", "30101", "--middleware", GUARD,
+                           "--host", "127.0.0.1", "--port", "30100"]  # fmt: skip
     assert second[-9:] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.11",
                            "--master-port", "30101", "--headless"]  # fmt: skip
     assert api_host(serving, placement) == "127.0.0.1"
@@ -166,6 +173,26 @@ def test_level_1_while_the_sleepers_weights_fit_in_the_smallest_nodes_memory(
     assert levels == expected
 
 
+def test_the_plan_decides_sleep_on_the_nodes_memory_and_the_weights_found_here():
+    """`up` passes the probed host and GPU memory (NodeFacts) and the weights in each model's
+    `source` folder to the plan: the same decision as `sleep_levels` and the GPUs' room."""
+    found = {
+        name: replace(node, memory_bytes=available * GIB, gpu_memory_mib=143771)
+        for (name, node), available in zip(
+            facts({"gpu-1": 8, "gpu-2": 6}).items(), (512, 100), strict=True
+        )
+    }
+    weights = {"llama-70b": 140 * GIB, "qwen-7b": 15 * GIB, "mistral-24b": 48 * GIB}
+    serving = build_plan(load_inventory(EXAMPLE), found, weights_bytes=weights).serving
+    assert serving is not None
+    assert {m.served: m.sleep for m in serving.models} == {
+        "llama-70b": None,
+        "qwen-7b": 1,
+        "mistral-24b": 2,
+    }
+    assert [n.sleepers for n in serving.nodes] == [9, 9]  # 140 GiB H200s, as measured
+
+
 def test_the_inventorys_sleep_wins_and_off_stops_the_model(tmp_path):
     text = (
         EXAMPLE.read_text()
@@ -202,15 +229,16 @@ def test_a_sleeping_models_ranks_start_with_sleep_mode_and_vllms_development_rou
     placement = (("gpu-1", (0,)), ("gpu-2", (0,)))
     assert "--enable-sleep-mode" in rank_argv(serving, qwen, placement, 0)
     assert "--enable-sleep-mode" in rank_argv(serving, qwen, placement, 1)  # headless too
-    guard = ["--middleware", "cluster.remote.serving.vllm_guard.guard"]
     first = rank_argv(serving, qwen, placement, 0)
-    assert first[first.index("--middleware") :][:2] == guard  # vLLM's routes: its agent only
+    assert first[first.index("--middleware") :][:2] == ["--middleware", GUARD]
     assert "--middleware" not in rank_argv(serving, qwen, placement, 1)
     assert environment_path(rank_environment(serving, placement, 0, {}, qwen))
     environment = rank_environment(serving, placement, 0, {"VLLM_SERVER_DEV_MODE": "0"}, qwen)
     assert environment["VLLM_SERVER_DEV_MODE"] == "1"
     llama = serving.models[0]  # kept loaded: no sleep mode, no development routes
     assert "--enable-sleep-mode" not in rank_argv(serving, llama, placement, 0)
+    assert GUARD in rank_argv(serving, llama, placement, 0)  # /invocations and the like too
+    assert environment_path(rank_environment(serving, placement, 0, {}, llama))
     environment = rank_environment(serving, placement, 0, {"VLLM_SERVER_DEV_MODE": "1"}, llama)
     assert "VLLM_SERVER_DEV_MODE" not in environment
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from cluster.decide.inventory import load_inventory
 from cluster.facts.gpu import GPU_QUERY_FIELDS, GpuProblemKind
 from cluster.facts.host import DiskSpace, parse_probe
 from cluster.facts.probe import PROBE_SCRIPT, probe_argv, split_sections
+from cluster.steps.facts import node_facts
 from tests.support.probe_output import (
     FIXTURES,
     H100,
@@ -30,6 +32,7 @@ from tests.support.probe_output import (
 )
 
 GIB = 1 << 30
+REPO = Path(__file__).resolve().parents[2]
 LOCAL_HEAD = FIXTURES / "probe" / "debian-no-gpu-no-docker.txt"
 LOCAL_WORKER = FIXTURES / "probe" / "debian-no-gpu-no-docker-worker.txt"
 
@@ -196,6 +199,15 @@ def test_eight_h200s_through_the_whole_parse_path():
     assert facts.route_interface == "ens9f0"
     assert facts.listening_ports == frozenset({22})
     assert facts.memory_bytes == 2113531396 * 1024
+
+
+def test_the_plan_reads_the_hosts_memory_and_its_smallest_gpus_from_the_probe():
+    """What the models' sleep levels and the GPUs' room for sleepers are decided on."""
+    facts = parse_probe(compose_probe(h200_sections()))
+    node = node_facts(facts, "10.0.0.11", load_inventory(REPO / "inventory" / "gpu-2x8.yaml"))
+    assert node.memory_bytes == 2113531396 * 1024
+    assert node.gpu_memory_mib == 143771
+    assert node.gpu_count == 8
 
 
 # --- failures inside the output ------------------------------------------------------------

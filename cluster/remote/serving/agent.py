@@ -73,19 +73,16 @@ def rank_argv(
     argv = list(model.argv)
     first = config.node(placement[0][0])
     if len(placement) > 1:
-        argv += [
-            "--nnodes", str(len(placement)),
-            "--node-rank", str(rank),
-            "--master-addr", first.address,
-            "--master-port", str(model.master_port),
-        ]  # fmt: skip
+        argv += ["--nnodes", str(len(placement)), "--node-rank", str(rank)]
+        argv += ["--master-addr", first.address, "--master-port", str(model.master_port)]
     if model.sleep is not None:  # every rank: each node's workers allocate for sleep mode
         argv.append(SLEEP_MODE_FLAG)
     if rank > 0:
         argv.append("--headless")
     else:
-        if model.sleep is not None:  # its development routes: the node's agent only
-            argv += ["--middleware", MIDDLEWARE]
+        # vLLM checks its key only under /v1 (vllm#58144): the guard closes every other route
+        # but the probes to all but the node's agent (the development routes of sleep mode too)
+        argv += ["--middleware", MIDDLEWARE]
         argv += ["--host", api_host(config, placement), "--port", str(model.api_port)]
     return argv
 
@@ -104,14 +101,14 @@ def rank_environment(
     base: dict[str, str],
     model: ModelEntry | None = None,
 ) -> dict[str, str]:
-    """The rank's environment: its GPUs, the agent token as its API server's key, and for a
-    model with sleep mode vLLM's development routes and the guard's package on its path."""
+    """The rank's environment: its GPUs, the agent token as its API server's key, the guard's
+    package on its path, and for a model with sleep mode vLLM's development routes."""
     environment = {k: v for k, v in base.items() if k not in (AGENT_TOKEN_ENV, DEV_MODE_ENV)}
     environment[API_KEY_ENV] = base.get(AGENT_TOKEN_ENV, "")
+    paths = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join([*paths, PACKAGE_ROOT])
     if model is not None and model.sleep is not None:
         environment[DEV_MODE_ENV] = "1"
-        paths = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
-        environment["PYTHONPATH"] = os.pathsep.join([*paths, PACKAGE_ROOT])
     node_name, devices = placement[rank]
     if config.accelerator == "nvidia":
         node = config.node(node_name)
@@ -308,9 +305,13 @@ class Agent:
         if rank.asleep == 2:
             self._vllm(model, rank, "POST", "/wake_up?tags=weights", timeout=WAKE_TIMEOUT_S)
             self._vllm(
-                model, rank, "POST", "/collective_rpc", {"method": "reload_weights"},
+                model,
+                rank,
+                "POST",
+                "/collective_rpc",
+                {"method": "reload_weights"},
                 timeout=WAKE_TIMEOUT_S,
-            )  # fmt: skip
+            )
             self._vllm(model, rank, "POST", "/wake_up?tags=kv_cache", timeout=WAKE_TIMEOUT_S)
         else:
             self._vllm(model, rank, "POST", "/wake_up", timeout=WAKE_TIMEOUT_S)

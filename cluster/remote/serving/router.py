@@ -76,9 +76,18 @@ WAKE_TIMEOUT_S = 630.0
 """How long the router waits for an agent's sleep or wake: the agent's own limits
 (`agent.SLEEP_TIMEOUT_S`, `agent.WAKE_TIMEOUT_S`) and some."""
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "host", "authorization",
-}  # fmt: skip
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "authorization",
+}
 
 UNLOADED, LOADING, LOADED, FAILED, UNLOADING, SLEEPING, WAKING = (
     "unloaded",
@@ -723,13 +732,25 @@ def _where(placement: Placement) -> str:
 
 
 def openai_error(status: int, message: str, retry_after: int | None = None) -> web.Response:
-    kinds = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-             404: "NotFoundError", 409: "ConflictError", 502: "BadGatewayError"}  # fmt: skip
+    kinds = {
+        400: "BadRequestError",
+        401: "AuthenticationError",
+        403: "PermissionDeniedError",
+        404: "NotFoundError",
+        409: "ConflictError",
+        502: "BadGatewayError",
+    }
     response = web.json_response(
-        {"error": {"message": message, "type": kinds.get(status, "ServiceUnavailableError"),
-                   "param": None, "code": status}},
+        {
+            "error": {
+                "message": message,
+                "type": kinds.get(status, "ServiceUnavailableError"),
+                "param": None,
+                "code": status,
+            }
+        },
         status=status,
-    )  # fmt: skip
+    )
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
     return response
@@ -789,10 +810,15 @@ def router_app(router: Router, api_key: str | None, *, local: bool = False) -> w
     async def list_models(request: web.Request) -> web.Response:
         created = int(time.time())
         data = [
-            {"id": m["name"], "object": "model", "created": created, "owned_by": "vcluster",
-             "vcluster": {"state": m["state"], "failure": m["failure"]}}
+            {
+                "id": m["name"],
+                "object": "model",
+                "created": created,
+                "owned_by": "vcluster",
+                "vcluster": {"state": m["state"], "failure": m["failure"]},
+            }
             for m in router.report()
-        ]  # fmt: skip
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def openai_call(request: web.Request) -> web.StreamResponse:

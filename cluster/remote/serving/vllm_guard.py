@@ -1,12 +1,13 @@
-"""A middleware that vLLM's API server loads (`--middleware`) for a model with sleep mode.
+"""A middleware that the API server of every model an agent runs loads (`--middleware`).
 
-Sleep mode needs vLLM's development routes (`VLLM_SERVER_DEV_MODE=1`: `/sleep`, `/wake_up`,
-`/is_sleeping`, `/collective_rpc` and more), and vLLM checks its key only under `/v1`
-(vllm-project/vllm#58144). A model's API server listens on loopback on the head, but on its
-node's cluster address elsewhere. This guard lets through, as vLLM would, `/v1/...` (vLLM checks
-the key there) and the probes `/health`, `/metrics`, `/ping`, `/version`; every other route
-needs the key (the agent token, vLLM's `VLLM_API_KEY`) and a client on this very node: one
-that connected from the address it connected to. The node's agent binds its calls so.
+vLLM checks its key only under `/v1` (vllm-project/vllm#58144): `/invocations`, `/tokenize` and
+the like answer without it, and sleep mode needs vLLM's development routes too
+(`VLLM_SERVER_DEV_MODE=1`: `/sleep`, `/wake_up`, `/is_sleeping`, `/collective_rpc` and more). A
+model's API server listens on loopback on the head, but on its node's cluster address elsewhere.
+This guard lets through, as vLLM would, `/v1/...` (vLLM checks the key there) and the probes
+`/health`, `/metrics`, `/ping`, `/version`; every other route needs the key (the agent token,
+vLLM's `VLLM_API_KEY`) and a client on this very node: one that connected from the address it
+connected to. The node's agent binds its calls so.
 
 Loaded inside vLLM's own Python: the standard library only here; Starlette (vLLM's web
 framework) is imported where a refusal is answered.
