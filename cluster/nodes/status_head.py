@@ -33,8 +33,16 @@ RayView = tuple[set[str], dict[str, float], str | None]
 def ray_view_argv(
     container: str, head_address: str, ray_port: int, docker_host: str | None = None
 ) -> list[str]:
-    return ["sh", "-c", _SCRIPT, "vcluster-ray", container, LABEL_RAY, docker_host or "",
-            *ray_nodes_argv(head_address, ray_port)]  # fmt: skip
+    return [
+        "sh",
+        "-c",
+        _SCRIPT,
+        "vcluster-ray",
+        container,
+        LABEL_RAY,
+        docker_host or "",
+        *ray_nodes_argv(head_address, ray_port),
+    ]
 
 
 def parse_ray_view(output: str) -> RayView:

@@ -97,8 +97,19 @@ def snapshot_argv(
 ) -> list[str]:
     """The one command run on a node; `docker_host` only where the engine is not the default."""
     role = "head" if head else "worker"
-    return ["sh", "-c", SNAPSHOT_SCRIPT, "vcluster-status", container, SUPERVISOR_STATE_DIR,
-            LABEL_EXECUTOR, role, default_executor, str(command_timeout_s), docker_host or ""]  # fmt: skip
+    return [
+        "sh",
+        "-c",
+        SNAPSHOT_SCRIPT,
+        "vcluster-status",
+        container,
+        SUPERVISOR_STATE_DIR,
+        LABEL_EXECUTOR,
+        role,
+        default_executor,
+        str(command_timeout_s),
+        docker_host or "",
+    ]
 
 
 def parse_snapshot(output: str, container: str, where: str) -> NodeSnapshot:

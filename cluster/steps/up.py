@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from cluster.decide.checks import CheckResult, Status
 from cluster.decide.collective_report import CollectiveRun
-from cluster.decide.inventory import Inventory, generated_ray_token_path
+from cluster.decide.inventory import Inventory
 from cluster.decide.manifest import source_weights_bytes
-from cluster.decide.plan import ClusterPlan, agent_token_path, build_plan, container_name
+from cluster.decide.plan import ClusterPlan, build_plan, container_name
 from cluster.decide.runtime import Runtime, assumed_runtime
+from cluster.decide.state_paths import agent_token_path, generated_ray_token_path
 from cluster.decide.up.steps import (
     PlannedStep,
     StepName,

@@ -54,15 +54,16 @@ def _sandbox(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-def stage_of(item: pytest.Item) -> float:
-    """The test's stage; a test without one runs after the others but before `last` (its
-    fixtures bring up the cluster it asks for)."""
+def stage_of(item: pytest.Item) -> tuple[float, bool]:
+    """The test's stage, and whether it asked to come after the stage's other tests
+    (`stage(name, last=True)`: a fault that leaves the cluster restarting); a test without a
+    stage runs after the others but before `last` (its fixtures bring up what it asks for)."""
     marker = item.get_closest_marker("stage")
     if marker is None:
-        return STAGES.index("last") - 0.5
+        return STAGES.index("last") - 0.5, False
     if marker.args[0] not in STAGES:
         raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.stage takes one of {STAGES}")
-    return STAGES.index(marker.args[0])
+    return STAGES.index(marker.args[0]), bool(marker.kwargs.get("last"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

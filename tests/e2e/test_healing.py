@@ -91,7 +91,7 @@ def restarts(inventory: Path) -> dict[str, tuple[int, str | None]]:
     return {n["name"]: (n["vllm_restarts"], n["vllm_last_exit"]) for n in document["nodes"]}
 
 
-@pytest.mark.stage("real")
+@pytest.mark.stage("real", last=True)  # the stage's other stories meet a cluster not healing
 def test_killing_the_api_server_heals_it(cluster):
     inventory = inventory_of(cluster)
     head = cluster.head.node_name

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from cluster.decide.inventory import Inventory, generated_ray_token_path
-from cluster.decide.plan import ClusterPlan, agent_token_path
+from cluster.decide.inventory import Inventory
+from cluster.decide.plan import ClusterPlan
 from cluster.decide.runtime import Runtime
+from cluster.decide.state_paths import agent_token_path, generated_ray_token_path
 from cluster.decide.up.containers import ContainerAction, FoundContainer, decide_containers
 from cluster.decide.up.images import RayImageNeeded, decide_ray_image
 from cluster.decide.up.models import decide_model_files
