@@ -74,7 +74,8 @@ def hub_error(
     detail: str = "",
     hub: str = DEFAULT_ENDPOINT,
 ) -> HubError:
-    """The one-line error of a failed download. `kind`: revision, repo, gated, network, other."""
+    """The one-line error of a failed download. `kind`: revision, repo, gated, network, disk,
+    other."""
     name, revision = model.name, revision_of(model)
     page = f"{hub}/{name}"
     if kind == "revision":
@@ -107,6 +108,13 @@ def hub_error(
             where=where,
             fix="open the way to the hub, or give the model `download: head` (the head downloads "
             "it) or `source:` (a folder of its files on this machine)",
+        )
+    if kind == "disk":
+        return HubError(
+            f"{name}: the download could not be written: {detail}",
+            where=where,
+            fix="free space under model_cache there (or make it writable), then run the command "
+            "again: files already downloaded are kept",
         )
     return HubError(
         f"{name}: the download from the hub failed: {detail}",

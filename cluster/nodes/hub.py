@@ -51,6 +51,7 @@ def download_here(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -81,6 +82,12 @@ def download_here(
     except (HfHubHTTPError, OSError) as error:
         detail = str(error).splitlines()[0][:200]
         raise hub_error(model, "other", where="this machine", detail=detail, hub=hub) from error
+    except HFValidationError as error:  # a name the hub cannot hold (`a/b/c`, `org/m:1`)
+        raise HubError(
+            f"{model.name} is not a Hugging Face model id: {str(error).splitlines()[0][:200]}",
+            where="this machine",
+            fix="name the model ORG/NAME as on the hub, or give it `source:` (a folder here)",
+        ) from error
     snapshot = Path(folder)
     return Downloaded(snapshot.name, snapshot=snapshot)
 

@@ -12,7 +12,7 @@ vcluster's chain sends on (cluster/decide/manifest.py `hub_items`):
 The configuration is one JSON line on standard input (`endpoint`, `repo`, `revision`, `root`,
 and `token`, which thus never shows in `ps`). Events are JSON lines on standard output:
 `progress` (`bytes`, `total`), then `done` (`commit`, `files`: [path, size, sha256]) or
-`error` (`kind`: revision, repo, gated, network or http; `status`; `message`).
+`error` (`kind`: revision, repo, gated, network, http or disk; `status`; `message`).
 
 A file is downloaded to `blobs/COMMIT-PATHDIGEST.vcluster-download` and resumed from there (an HTTP
 range) when a run was cut off; an LFS file whose blob is there already is not downloaded again.
@@ -21,6 +21,7 @@ Hidden files (`.gitattributes`) are left out, as from a `source:` folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -136,8 +137,13 @@ def listing(
         for entry in page:
             if entry.get("type") != "file":
                 continue
-            lfs = entry.get("lfs") or {}
-            files.append((entry["path"], int(entry["size"]), lfs.get("oid")))
+            oid = (entry.get("lfs") or {}).get("oid")
+            sha256 = (
+                oid
+                if isinstance(oid, str) and len(oid) == 64 and set(oid) <= set("0123456789abcdef")
+                else None
+            )
+            files.append((entry["path"], int(entry["size"]), sha256))
         url = _next_page(link)
     shown = [f for f in files if not any(p.startswith(".") for p in _safe(f[0]))]
     return commit, sorted(shown)
@@ -199,6 +205,8 @@ def fetch_file(
                         digest.update(block)
                         progress.add(len(block))
                 except (http.client.HTTPException, OSError) as error:  # cut off: resumable
+                    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                        raise  # a full disk here, not a cut: no retry (main reports it)
                     raise HubFailure("network", f"{path}: cut off: {error!r}") from error
     got = os.path.getsize(partial)
     if got != size:
@@ -272,6 +280,11 @@ def download(config: dict[str, Any]) -> dict[str, Any]:
             sha256 = lfs_sha256
         if sha256 is None:
             sha256 = _fetch_resuming(endpoint, repo, commit, path, size, blobs, token, progress)
+            if lfs_sha256 and sha256 != lfs_sha256:
+                raise HubFailure(
+                    "http",
+                    f"{path}: sha256 {sha256[:12]}... arrived, the hub lists {lfs_sha256[:12]}...",
+                )
         else:
             progress.add(size)
         _link(folder, commit, path, sha256)
@@ -297,6 +310,10 @@ def main() -> int:
                 "message": str(failure),
             }
         )
+        return 1
+    except OSError as error:  # the model cache: not writable, or full
+        message = f"{error.strerror or error} under {config['root']}"
+        emit({"event": "error", "kind": "disk", "status": None, "message": message})
         return 1
     emit(dict({"event": "done"}, **result))
     return 0

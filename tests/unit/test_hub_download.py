@@ -208,6 +208,18 @@ def test_an_unreachable_hub_suggests_downloading_on_the_head_or_a_source(tmp_pat
     assert "download: head" in line and "source:" in line
 
 
+@pytest.mark.parametrize("name", ["acme/tiny/chat", "acme/tiny-chat:latest"])
+def test_a_name_the_hub_cannot_hold_is_one_line_naming_it(
+    hub: StandinHub, tmp_path: Path, name: str
+) -> None:
+    with pytest.raises(HubError) as raised:
+        here(hub, Model(name=name), None, tmp_path / "cache", [])
+    line = raised.value.one_line()
+    assert line.startswith(f"this machine: {name} is not a Hugging Face model id: ")
+    assert "ORG/NAME" in line and "\n" not in line
+    assert hub.requests == []  # refused before the hub is asked
+
+
 # --- on the head: the shipped program, standard library only ----------------------------------
 
 
@@ -265,6 +277,37 @@ def test_the_head_program_drops_the_token_on_a_redirect_to_the_cdn(
     weights = hub.repos["acme/gated-chat"].files["model.safetensors"]
     blob = tmp_path / hub_folder("acme/gated-chat") / "blobs" / hashlib.sha256(weights).hexdigest()
     assert blob.read_bytes() == weights
+
+
+def test_the_head_program_refuses_a_file_whose_sha256_is_not_the_one_the_hub_lists(
+    hub: StandinHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listed = StandinRepo.etag
+    monkeypatch.setattr(
+        StandinRepo,
+        "etag",
+        lambda self, path: "0" * 64 if path == "model.safetensors" else listed(self, path),
+    )
+    event = run_program(hub, tmp_path)[-1]
+    assert (event["event"], event["kind"]) == ("error", "http")
+    assert event["message"] == (
+        "model.safetensors: sha256 "
+        + hashlib.sha256(hub.repos[NAME].files["model.safetensors"]).hexdigest()[:12]
+        + "... arrived, the hub lists 000000000000..."
+    )
+
+
+def test_a_model_cache_the_head_cannot_write_is_an_error_event_not_a_traceback(
+    hub: StandinHub, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    root = tmp_path / "a-file" / "cache"
+    event = run_program(hub, root)[-1]
+    assert (event["event"], event["kind"]) == ("error", "disk")
+    assert event["message"] == f"Not a directory under {root}"
+    line = hub_error(Model(name=NAME), "disk", where="node01", detail=event["message"]).one_line()
+    assert line.startswith(f"node01: {NAME}: the download could not be written: Not a directory")
+    assert "free space under model_cache there" in line
 
 
 def test_the_head_program_downloads_nothing_twice(hub: StandinHub, tmp_path: Path) -> None:
