@@ -84,12 +84,19 @@ def parse_node_layers(inspects: Iterable[Mapping], info: Mapping) -> NodeLayers:
     chains: set[str] = set()
     for inspect in inspects:
         chains.update(chain_ids(inspect.get("RootFS", {}).get("Layers") or ()))
-    status = {str(pair[0]): str(pair[1]) for pair in info.get("DriverStatus") or () if pair}
     return NodeLayers(
         chains=frozenset(chains),
         docker_root=str(info.get("DockerRootDir") or "/var/lib/docker"),
-        whole_images_only=status.get("driver-type") == CONTAINERD_STORE,
+        whole_images_only=in_containerd_store(info),
     )
+
+
+def in_containerd_store(info: Mapping) -> bool:
+    """Whether `docker info` shows images kept in containerd's store (default from Docker
+    Engine 29 and in Docker Desktop): its `docker save` names gzip-compressed layers by their
+    compressed digest (moby#47065), not by the diff IDs of `RootFS.Layers`."""
+    status = {str(pair[0]): str(pair[1]) for pair in info.get("DriverStatus") or () if pair}
+    return status.get("driver-type") == CONTAINERD_STORE
 
 
 def first_missing(image: ImageLayers, node: NodeLayers) -> int:
@@ -114,6 +121,9 @@ class ImageSend:
     carried_from: int
     drop: tuple[str, ...] = field(default=())
     """The diff IDs the stream leaves out: every node of the chain has them."""
+    by_name: bool = False
+    """The source's save names its layers by their compressed digest (containerd's store):
+    the relays check each file against its name, not the diff IDs."""
 
     @property
     def carried(self) -> tuple[str, ...]:
@@ -139,14 +149,17 @@ class ImageSend:
         return f"{len(self.carried)} of {len(self.image.diff_ids)} layer(s), about {size}"
 
 
-def plan_image_send(image: ImageLayers, nodes: Mapping[str, NodeLayers]) -> ImageSend:
+def plan_image_send(
+    image: ImageLayers, nodes: Mapping[str, NodeLayers], whole: bool = False
+) -> ImageSend:
     """What each node lacks of `image`, and the stream that serves them all at once: the
-    layers from the lowest any of them lacks (no node: nothing)."""
+    layers from the lowest any of them lacks (no node: nothing). `whole`: the source's save
+    cannot leave a layer out (containerd's store), so the stream carries every layer."""
     missing_from = {name: first_missing(image, layers) for name, layers in nodes.items()}
-    carried_from = min(missing_from.values(), default=len(image.diff_ids))
+    carried_from = 0 if whole else min(missing_from.values(), default=len(image.diff_ids))
     carried = set(image.diff_ids[carried_from:])
     drop = tuple(d for d in dict.fromkeys(image.diff_ids[:carried_from]) if d not in carried)
-    return ImageSend(image, missing_from, carried_from, drop)
+    return ImageSend(image, missing_from, carried_from, drop, by_name=whole)
 
 
 def image_room_problems(send: ImageSend, free: Mapping[str, int]) -> list[str]:
@@ -184,6 +197,7 @@ class ImageItem(Item):
     image_id: str = ""
     diff_ids: tuple[str, ...] = ()
     carried: tuple[str, ...] = ()
+    by_name: bool = False
 
     def wire(self) -> dict:
         return {
@@ -191,6 +205,7 @@ class ImageItem(Item):
             "image_id": self.image_id,
             "diff_ids": list(self.diff_ids),
             "layers": list(self.carried),
+            "by_name": self.by_name,
         }
 
 
@@ -201,4 +216,5 @@ def image_item(name: str, send: ImageSend) -> ImageItem:
         image_id=send.image.image_id,
         diff_ids=send.image.diff_ids,
         carried=send.carried,
+        by_name=send.by_name,
     )

@@ -17,7 +17,13 @@ from typing import TypeVar
 import docker
 import docker.errors
 
-from cluster.decide.layers import ImageLayers, NodeLayers, parse_image_layers, parse_node_layers
+from cluster.decide.layers import (
+    ImageLayers,
+    NodeLayers,
+    in_containerd_store,
+    parse_image_layers,
+    parse_node_layers,
+)
 from cluster.errors import VclusterError
 from cluster.nodes.transport.ssh import SshConnection
 from cluster.remote import relay
@@ -97,6 +103,9 @@ class ImageSource:
     """The node's name, or `this machine`."""
     layers: ImageLayers
     save: SaveWithout
+    whole_only: bool = False
+    """Its Docker keeps images in containerd's store: its save names gzip-compressed layers
+    by their compressed digest, so no layer is left out and each file is checked by name."""
 
 
 def source_on_node(
@@ -114,19 +123,20 @@ def source_on_node(
     def save(drop: Sequence[str]) -> Iterator[bytes]:
         return saved_on_node_without(connection, image, layers, drop, docker_host)
 
-    return ImageSource(name, layers, save)
+    return ImageSource(name, layers, save, whole_only=in_containerd_store(client.info()))
 
 
 def source_here(image: str) -> ImageSource | None:
     """`image` as read from this machine's own Docker, or None when it is not there."""
-    layers = _on_local_docker(lambda client: image_layers(client, image))
-    if layers is None:
+    found = _on_local_docker(lambda client: (image_layers(client, image), client.info()))
+    if found is None or found[0] is None:
         return None
+    layers, info = found[0], found[1]
 
     def save(drop: Sequence[str]) -> Iterator[bytes]:
         return relay.filtered_save(saved_here(image), list(drop), list(layers.diff_ids))
 
-    return ImageSource("this machine", layers, save)
+    return ImageSource("this machine", layers, save, whole_only=in_containerd_store(info))
 
 
 def saved_on_node_without(

@@ -461,7 +461,7 @@ def send_image(
         if not chain:
             return None
         held = _each(chain, lambda n: layers_on(n.name))
-        send = plan_image_send(source.layers, held)
+        send = plan_image_send(source.layers, held, whole=source.whole_only)
         if rounds == 0:
             rooms = _each(chain, lambda n: replace(n, root=held[n.name].docker_root))
             free = _each(chain, lambda n: check_node(rooms[n.name], [])[1])

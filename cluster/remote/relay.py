@@ -382,6 +382,8 @@ def _image_fields(header: dict) -> bool:
     diff_ids, layers = header.get("diff_ids"), header.get("layers")
     if not isinstance(diff_ids, list) or not isinstance(layers, list):
         return False
+    if not isinstance(header.get("by_name", False), bool):
+        return False
     digests = [header.get("image_id"), *diff_ids]
     return all(isinstance(d, str) and d.startswith("sha256:") for d in digests) and all(
         d in diff_ids for d in layers
@@ -440,6 +442,11 @@ TRAILER = bytes(2 * BLOCK)
 MAX_EXTENSION = 1 << 20
 """The longest pax or GNU long-name record read into memory."""
 HEX = frozenset("0123456789abcdef")
+TAR_KINDS = frozenset("01234567")
+"""The member types read (with the extension headers x g L K): files, links, devices,
+folders, fifos."""
+MAX_MANIFEST = 1 << 20
+"""The largest `manifest.json`, and the largest config read, that an image check keeps."""
 
 
 class TarError(ValueError):
@@ -567,7 +574,9 @@ class TarWalk:
             size = int(self.overrides["size"])
             padded = -(-size // BLOCK) * BLOCK
         self.overrides = {}
-        if kind in "1256":  # links, devices, folders, fifos: no data
+        if kind not in TAR_KINDS:
+            raise TarError(f"a tar member of unknown type {kind!r}")
+        if kind in "123456":  # links, devices, folders, fifos: no data
             size = padded = 0
         self.passing = self.begin(name, kind, size)
         raw, self.pending = self.pending + block, b""
@@ -606,33 +615,56 @@ def _is_legacy_layer(name: str) -> bool:
 class ImageCheck(TarWalk):
     """An image's tar on its way into `docker load`: every layer's sha256 against the image's
     diff IDs (a content-named file against its name), every layer the stream carries seen,
-    and the image's config; the tar's end is given only by `trailer()` after `problem()`."""
+    the image's config, and `manifest.json` naming that config and those layers; the tar's
+    end is given only by `trailer()` after `problem()`.
+
+    `by_name` (a source in containerd's image store): its save names gzip-compressed layers by
+    their compressed digest, so each file is checked against its own name only, and the
+    manifest's layers must be files that arrived so checked."""
 
     def __init__(self, header: dict) -> None:
         super().__init__()
         self.image = header["path"]
         self.image_id = header["image_id"]
         self.diff_ids = set(header["diff_ids"])
-        self.expected = set(header["layers"])
+        self.layer_count = len(header["diff_ids"])
+        self.by_name = bool(header.get("by_name", False))
+        self.expected = set() if self.by_name else set(header["layers"])
         self.seen: set = set()
+        self.arrived: dict = {}  # member name -> the sha256 it arrived with
         self.digest: Any = None  # the sha256 of the member read now, when it is checked
         self.promised: str | None = None  # what the member's name promises; None: a diff ID
         self.member = ""
+        self.kept: bytearray | None = None  # the bytes of manifest.json (or a config) read now
+        self.manifest: bytes | None = None
+        self.small: dict = {}  # digest -> bytes of the small checked files (by_name: configs)
 
     def begin(self, name: str, kind: str, size: int) -> bool:
         self.digest = None
+        self.kept = None
+        self.member = name
         if kind in "07":
+            if name == "manifest.json":
+                if size > MAX_MANIFEST:
+                    raise TarError(f"a manifest.json of {size} bytes")
+                self.kept = bytearray()
             self.promised = _layer_digest(name)
             if self.promised is not None or _is_legacy_layer(name):
                 self.digest = hashlib.sha256()
-                self.member = name
+                if self.by_name and self.promised is not None and size <= MAX_MANIFEST:
+                    self.kept = bytearray()
         return True
 
     def body(self, data: bytes) -> None:
         if self.digest is not None:
             self.digest.update(data)
+        if self.kept is not None:
+            self.kept += data
 
     def end(self) -> None:
+        kept, self.kept = self.kept, None
+        if self.member == "manifest.json" and kept is not None:
+            self.manifest = bytes(kept)
         if self.digest is None:
             return
         got = "sha256:" + self.digest.hexdigest()
@@ -642,6 +674,9 @@ class ImageCheck(TarWalk):
         if self.promised is None and got not in self.diff_ids:
             raise TarError(f"layer {self.member} arrived with {got[:19]}, not a layer of the image")
         self.seen.add(got)
+        self.arrived[self.member] = got
+        if kept is not None and sum(map(len, self.small.values())) + len(kept) <= 8 * MAX_MANIFEST:
+            self.small[got] = bytes(kept)
 
     def problem(self) -> str | None:
         """Why the image must not load, or None."""
@@ -654,7 +689,59 @@ class ImageCheck(TarWalk):
             return (
                 f"the image's config {self.image_id[:19]} did not arrive: refused, nothing loaded"
             )
+        why = self._manifest_problem()
+        return f"{why}: refused, nothing loaded" if why else None
+
+    def _manifest_problem(self) -> str | None:
+        """Why `manifest.json` does not describe exactly the declared image, or None."""
+        if self.manifest is None:
+            return "the image's tar has no manifest.json"
+        try:
+            entries = json.loads(self.manifest)
+        except (ValueError, RecursionError):
+            return "the image's manifest.json is not JSON"
+        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+            return "the image's manifest.json does not name exactly one image"
+        config, layers = entries[0].get("Config"), entries[0].get("Layers")
+        if not isinstance(config, str) or not isinstance(layers, list):
+            return "the image's manifest.json names no config or layers"
+        if not self._is_the_config(config):
+            return (
+                f"the image's manifest.json names config {config[:80]!r}, not {self.image_id[:19]}"
+            )
+        if len(layers) != self.layer_count:
+            return f"the image's manifest.json names {len(layers)} layer(s), not {self.layer_count}"
+        for layer in layers:
+            if not isinstance(layer, str) or not self._is_a_layer(layer):
+                return f"the image's manifest.json names layer {str(layer)[:80]!r}, not one of the image's"
         return None
+
+    def _is_the_config(self, path: str) -> bool:
+        digest = _layer_digest(path)
+        if digest is None or self.arrived.get(path) != digest:
+            return False
+        if digest == self.image_id:
+            return True
+        # containerd's store names an image by its index or manifest, not its config: there
+        # the config (checked against its name) must list the image's layers, in order
+        if not self.by_name or digest not in self.small:
+            return False
+        try:
+            rootfs = json.loads(self.small[digest]).get("rootfs", {})
+            return isinstance(rootfs, dict) and set(rootfs.get("diff_ids") or ()) == self.diff_ids
+        except (ValueError, RecursionError, AttributeError):
+            return False
+
+    def _is_a_layer(self, path: str) -> bool:
+        if self.by_name:
+            return path in self.arrived and _layer_digest(path) is not None
+        if path in self.arrived:
+            return self.arrived[path] in self.diff_ids
+        digest = _layer_digest(path)
+        if digest is not None:
+            return digest in self.diff_ids  # left out: the node has it by this name
+        # a pre-25 layer left out by the filter: `docker load` finds it by its chain or fails
+        return _is_legacy_layer(path)
 
 
 def chain_ids(diff_ids: list) -> list:

@@ -11,6 +11,7 @@ saying why are vcluster's. Real vLLM serves from the image without Ray in test_m
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,11 @@ def test_up_derives_a_ray_ready_image_from_the_wheelhouse_and_forms_the_ray_clus
     assert up.returncode == 0, up.stderr
     assert "has no Ray: the cluster runs the Ray-ready vcluster/vllm-cpu-noray-ray:" in up.stderr
     assert "✓ Ray-ready image: " in up.stderr and "Ray 2.60.0" in up.stderr
+    # built on the head, it reaches node-2 as the layers node-2 lacks (it holds the base image)
+    said = " ".join(up.stdout.split())  # the console wraps long lines at spaces
+    sent = re.search(r"image sent to node-2 \((\d+) of (\d+) layer\(s\)", said)
+    assert sent is not None, up.stdout
+    assert 0 < int(sent[1]) < int(sent[2]), sent[0]
     status = status_of(inventory)
     assert status["ray_cluster"] and status["ray_nodes_alive"] == 2, status
     assert status["image"]["has_ray"] and status["image"]["ray"] == "2.60.0"

@@ -366,6 +366,16 @@ def test_with_the_key_only_the_openai_routes_reach_the_model(start):
     assert raw("POST", "/v1/chat/completions")[0] == 200
 
 
+def test_the_users_forwarding_headers_do_not_reach_the_model(start):
+    # vLLM (uvicorn) may trust X-Forwarded-For for the client's address in its logs
+    start(model("a", 0))
+    forged = {"X-Forwarded-For": "10.9.8.7", "Forwarded": "for=10.9.8.7", "X-Real-IP": "10.9.8.7"}
+    status, body = raw("POST", "/v1/chat/completions", headers={**forged, "X-Kept": "1"})
+    assert status == 200
+    assert "x-kept" in body["headers"]  # other headers pass on
+    assert not {name.lower() for name in forged} & set(body["headers"])
+
+
 def test_a_malformed_authorization_header_is_a_401_never_a_500(start):
     cluster = start(model("a", 0))
     for value in ("Bearer \xff\xfe", "Basic dXNlcjpwYXNz", "Bearer", "", f"bearer  {KEY}"):

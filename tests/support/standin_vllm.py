@@ -139,7 +139,8 @@ def main() -> None:
         if not body.get("stream"):
             return web.json_response(
                 {"object": "chat.completion", "model": body["model"], "pid": os.getpid(),
-                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                 "headers": sorted(name.lower() for name in request.headers)}
             )  # fmt: skip
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)

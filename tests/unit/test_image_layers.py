@@ -21,11 +21,13 @@ from cluster.decide.layers import (
     first_missing,
     image_item,
     image_room_problems,
+    in_containerd_store,
     parse_image_layers,
     parse_node_layers,
     plan_image_send,
     require_image_room,
 )
+from cluster.remote import relay
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images"
 RAY_LIKE = "vcluster-fixture-ray-like-1"
@@ -204,3 +206,34 @@ def test_the_relays_see_the_image_s_id_its_diff_ids_and_the_carried_layers():
     assert wire["image_id"] == target().image_id
     assert wire["diff_ids"] == list(target().diff_ids)
     assert wire["layers"] == [target().diff_ids[8]]
+
+
+def containerd_info() -> dict:
+    # Constructed, not captured (no Docker 29 runs here): the captured 20.10 info with the
+    # fields Docker documents for its containerd image store (`docker info` shows Storage
+    # Driver overlayfs and `driver-type: io.containerd.snapshotter.v1`).
+    info = dict(fixture("info-docker-20.10.json"))  # type: ignore[call-overload]
+    info["Driver"] = "overlayfs"
+    info["DriverStatus"] = [["driver-type", "io.containerd.snapshotter.v1"]]
+    return info
+
+
+def test_a_source_s_store_comes_from_its_docker_info():
+    assert not in_containerd_store(fixture("info-docker-20.10.json"))  # type: ignore[arg-type]
+    assert in_containerd_store(containerd_info())
+
+
+def test_from_a_containerd_store_source_the_whole_image_goes_checked_by_name():
+    nodes = {f"node-{i}": node_with("vcluster-vllm-cpu-noray-0.32.0") for i in range(2)}
+    send = plan_image_send(target(), nodes, whole=in_containerd_store(containerd_info()))
+    assert send.whole and send.drop == () and send.by_name
+    assert send.missing_from == {"node-0": 8, "node-1": 8}  # the nodes still load only one
+    wire = {**image_item("ray-like:1", send).wire(), "sinks": list(nodes)}
+    assert wire["by_name"] is True
+    assert relay.parse_header(json.dumps(wire).encode()) == wire
+
+
+def test_from_a_layer_store_source_the_relays_check_the_diff_ids():
+    send = plan_image_send(target(), {"node-1": node_with("vcluster-vllm-cpu-noray-0.32.0")})
+    assert not send.by_name
+    assert image_item("ray-like:1", send).wire()["by_name"] is False

@@ -8,6 +8,7 @@ layer) and tiny (that layer and one more).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -200,17 +201,14 @@ def test_docker_25_blobs_are_left_out_and_checked_by_their_names():
     # daemon runs here, so this tar is made in that layout by the test.
     layer_a, layer_b, config = b"layer a" * 100, b"layer b" * 100, b'{"config": 1}'
     digest = {blob: hashlib.sha256(blob).hexdigest() for blob in (layer_a, layer_b, config)}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for blob in (layer_a, layer_b, config):
-            info = tarfile.TarInfo(f"blobs/sha256/{digest[blob]}")
-            info.size = len(blob)
-            archive.addfile(info, io.BytesIO(blob))
+    files = {f"blobs/sha256/{digest[blob]}": blob for blob in (layer_a, layer_b, config)}
+    files["manifest.json"] = manifest(config, [layer_a, layer_b])
     diff_ids = [f"sha256:{digest[layer_a]}", f"sha256:{digest[layer_b]}"]
-    out = b"".join(filtered_save([buffer.getvalue()], diff_ids[:1], diff_ids))
+    out = b"".join(filtered_save([tar_of(files)], diff_ids[:1], diff_ids))
     assert set(members(out)) == {
         f"blobs/sha256/{digest[layer_b]}",
         f"blobs/sha256/{digest[config]}",
+        "manifest.json",
     }
     check = ImageCheck({**header(diff_ids[1:]), "diff_ids": diff_ids,
                         "image_id": f"sha256:{digest[config]}"})  # fmt: skip
@@ -229,3 +227,152 @@ def test_a_pax_record_that_cannot_be_read_is_refused_not_looped_on(record):
     raw = info.tobuf(tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512)
     with pytest.raises(TarError, match="pax header"):
         Names().feed(raw)
+
+
+# --- a source in containerd's image store, manifest.json, member types ---------------------
+
+
+def blob(data: bytes) -> str:
+    return "blobs/sha256/" + hashlib.sha256(data).hexdigest()
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def manifest(config: bytes, layers: list[bytes], tag: str = "vcluster-fixture/tiny:1") -> bytes:
+    entry = {"Config": blob(config), "RepoTags": [tag], "Layers": [blob(x) for x in layers]}
+    return json.dumps([entry]).encode()
+
+
+def containerd_save() -> tuple[dict[str, bytes], list[str], str]:
+    """A save laid out as Docker's containerd image store writes it (moby#47065): layers
+    gzip-compressed and named by their compressed digest; the image named by its index. No
+    such daemon runs here: the test builds it. Returns the files, the diff IDs, the image ID."""
+    plain = [tar_of({"a.txt": b"layer a\n"}), tar_of({"b.txt": b"layer b\n"})]
+    packed = [gzip.compress(layer, mtime=0) for layer in plain]
+    diff_ids = [digest_of(layer) for layer in plain]
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    media = "application/vnd.oci.image"
+    oci_manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": f"{media}.manifest.v1+json",
+        "config": {"mediaType": f"{media}.config.v1+json", "digest": digest_of(config), "size": len(config)},
+        "layers": [{"mediaType": f"{media}.layer.v1.tar+gzip", "digest": digest_of(p), "size": len(p)} for p in packed],
+    }).encode()  # fmt: skip
+    index = json.dumps({"schemaVersion": 2, "mediaType": f"{media}.index.v1+json", "manifests": [
+        {"mediaType": f"{media}.manifest.v1+json", "digest": digest_of(oci_manifest), "size": len(oci_manifest)},
+    ]}).encode()  # fmt: skip
+    files = {blob(data): data for data in (*packed, config, oci_manifest, index)}
+    files["oci-layout"] = b'{"imageLayoutVersion":"1.0.0"}'
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [
+        {"digest": digest_of(index), "size": len(index)}]}).encode()  # fmt: skip
+    files["manifest.json"] = manifest(config, packed)
+    return files, diff_ids, digest_of(index)
+
+
+def containerd_header(diff_ids: list[str], image_id: str) -> dict:
+    return {**header([]), "diff_ids": diff_ids, "image_id": image_id, "by_name": True}
+
+
+def test_a_containerd_store_save_passes_with_each_file_checked_by_its_name():
+    files, diff_ids, image_id = containerd_save()
+    check = ImageCheck(containerd_header(diff_ids, image_id))
+    check.feed(tar_of(files))
+    assert check.problem() is None
+
+
+def test_a_containerd_store_save_under_the_layer_store_check_is_refused():
+    # why the source's store must be told: compressed blobs are not the diff IDs
+    files, diff_ids, image_id = containerd_save()
+    check = ImageCheck({**header(diff_ids), "diff_ids": diff_ids, "image_id": image_id})
+    check.feed(tar_of(files))
+    assert check.problem() == f"layer {diff_ids[0][:19]} did not arrive: refused, nothing loaded"
+
+
+def test_a_containerd_store_blob_changed_in_transit_is_refused():
+    files, diff_ids, image_id = containerd_save()
+    data = tar_of(files)
+    with pytest.raises(TarError, match="arrived with"):
+        ImageCheck(containerd_header(diff_ids, image_id)).feed(flipped(data, 512 + 20))
+
+
+def test_a_containerd_store_save_without_the_image_s_index_is_refused():
+    files, diff_ids, _ = containerd_save()
+    check = ImageCheck(containerd_header(diff_ids, "sha256:" + "0" * 64))
+    check.feed(tar_of(files))
+    assert (
+        check.problem()
+        == f"the image's config {'sha256:' + '0' * 12} did not arrive: refused, nothing loaded"
+    )
+
+
+def test_an_extra_image_named_by_the_declared_tag_is_refused():
+    layer_a, config = b"layer a" * 100, b'{"config": 1}'
+    other_layer, other_config = b"other layer" * 100, b'{"config": "other"}'
+    files = {blob(data): data for data in (layer_a, config, other_layer, other_config)}
+    files["manifest.json"] = manifest(other_config, [other_layer])
+    check = ImageCheck(
+        {**header([]), "diff_ids": [digest_of(layer_a)], "image_id": digest_of(config)}
+    )
+    check.feed(tar_of(files))
+    assert check.problem() == (
+        f"the image's manifest.json names config {blob(other_config)!r}, "
+        f"not {digest_of(config)[:19]}: refused, nothing loaded"
+    )
+
+
+def test_a_manifest_with_two_entries_or_a_foreign_layer_is_refused():
+    layer_a, config, other = b"layer a" * 100, b'{"config": 1}', b"other" * 100
+    files = {blob(data): data for data in (layer_a, config, other)}
+    declared = {**header([]), "diff_ids": [digest_of(layer_a)], "image_id": digest_of(config)}
+    two = json.loads(manifest(config, [layer_a])) * 2
+    check = ImageCheck(declared)
+    check.feed(tar_of({**files, "manifest.json": json.dumps(two).encode()}))
+    assert (
+        check.problem()
+        == "the image's manifest.json does not name exactly one image: refused, nothing loaded"
+    )
+    check = ImageCheck(declared)
+    check.feed(tar_of({**files, "manifest.json": manifest(config, [other])}))
+    assert "names layer" in (check.problem() or "")
+
+
+def test_an_image_s_tar_without_manifest_json_is_refused():
+    layer_a, config = b"layer a" * 100, b'{"config": 1}'
+    check = ImageCheck(
+        {**header([]), "diff_ids": [digest_of(layer_a)], "image_id": digest_of(config)}
+    )
+    check.feed(tar_of({blob(layer_a): layer_a, blob(config): config}))
+    assert check.problem() == "the image's tar has no manifest.json: refused, nothing loaded"
+
+
+@pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE])
+def test_device_members_carry_no_data(kind):
+    info = tarfile.TarInfo("dev/x")
+    info.type = kind
+    info.size = 1024  # a device's size field means nothing: no data follows
+    after = tarfile.TarInfo("after")
+    raw = info.tobuf(tarfile.USTAR_FORMAT) + after.tobuf(tarfile.USTAR_FORMAT) + bytes(1024)
+    names = Names()
+    names.feed(raw)
+    assert names.seen == [("dev/x", kind.decode(), 0), ("after", "0", 0)]
+
+
+@pytest.mark.parametrize("kind", [b"8", b"A", b"D", b"S"])
+def test_a_member_of_an_unknown_type_is_refused(kind):
+    block = bytearray(tarfile.TarInfo("odd").tobuf(tarfile.USTAR_FORMAT))
+    block[156:157] = kind
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    with pytest.raises(TarError, match="unknown type"):
+        TarWalk().feed(bytes(block))

@@ -87,6 +87,10 @@ HOP_BY_HOP = {
     "content-length",
     "host",
     "authorization",
+    # a user's claims of a client address: the model's server must not log or trust them
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
 }
 
 UNLOADED, LOADING, LOADED, FAILED, UNLOADING, SLEEPING, WAKING = (
