@@ -6,8 +6,9 @@ Run it under the e2e lock (it starts vLLM on every node):
     flock /tmp/vcluster-e2e.lock .venv/bin/python bench/sandbox --nodes 4 --serve
 
 Figures: `sandbox up` (warm images), `vcluster up` (Ray + vLLM with PP N), the first chat
-completion, then each node container's memory (cgroup `memory.current` and `memory.peak`, which
-hold the node's inner dockerd, its Ray and vLLM processes) and the machine's available memory.
+completion, then each node's memory from the host's cgroups (the node container with the
+containers its dockerd runs: Ray and vLLM): resident, page cache (with the node's Docker data
+when the sandbox keeps it in memory) and peak; and the machine's available memory.
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ GiB = 1024**3
 @dataclass(frozen=True)
 class NodeMemory:
     node: str
-    current: int
-    peak: int | None
+    rss: int
+    """Resident memory of the node container and the containers its own dockerd runs."""
+    cache: int
+    """Their page cache, tmpfs included (the node's Docker data in the `memory` storage mode)."""
+    peak: int
+    """The highest cgroup usage (page cache included) of those, summed."""
+
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory/docker")
 
 
 def _mem_available() -> int:
@@ -47,11 +55,22 @@ def _mem_available() -> int:
 
 
 def node_memory(host: str, container: str, node: str) -> NodeMemory:
-    """The node container's cgroup memory (its own cgroup root, seen from inside)."""
-    argv = ["docker", "--host", host, "exec", container, "sh", "-c",
-            "cat /sys/fs/cgroup/memory.current; cat /sys/fs/cgroup/memory.peak 2>/dev/null || true"]  # fmt: skip
-    lines = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
-    return NodeMemory(node, int(lines[0]), int(lines[1]) if len(lines) > 1 else None)
+    """The node's memory from the host's cgroups (v1, Docker's cgroupfs driver, as here): the
+    node container's own and that of the containers its dockerd runs, which Docker puts next to
+    it under /docker/, not inside it."""
+    docker = ["docker", "--host", host]
+    own = subprocess.run([*docker, "inspect", "--format", "{{.Id}}", container],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    inner = subprocess.run([*docker, "exec", container, "docker", "ps", "--quiet", "--no-trunc"],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    rss = cache = peak = 0
+    for cid in own + inner:
+        folder = CGROUP_V1 / cid
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        rss += int(stat["total_rss"])
+        cache += int(stat["total_cache"])
+        peak += int((folder / "memory.max_usage_in_bytes").read_text())
+    return NodeMemory(node, rss, cache, peak)
 
 
 def chat(endpoint: str, key: str) -> tuple[float, str]:
@@ -98,9 +117,9 @@ def serve_bench(nodes: int, workdir: Path, keep: bool) -> int:
     print(f"  time to serve (sandbox up + up + first answer) {sandbox_s + up_s + first_s:7.1f} s")
     print("  memory per node container (cgroup):")
     for m in memory:
-        peak = f"{m.peak / GiB:5.2f} GiB" if m.peak is not None else "n/a"
-        print(f"    {m.node:<8} current {m.current / GiB:5.2f} GiB   peak {peak}")
-    total = sum(m.current for m in memory)
-    print(f"    all      current {total / GiB:5.2f} GiB")
+        print(f"    {m.node:<8} resident {m.rss / GiB:5.2f} GiB   cache {m.cache / GiB:5.2f} GiB"
+              f"   peak (with cache) {m.peak / GiB:5.2f} GiB")  # fmt: skip
+    print(f"    all      resident {sum(m.rss for m in memory) / GiB:5.2f} GiB   cache "
+          f"{sum(m.cache for m in memory) / GiB:5.2f} GiB")  # fmt: skip
     print(f"  machine MemAvailable: {before / GiB:5.1f} GiB before, {after / GiB:5.1f} GiB serving")
     return 0

@@ -154,7 +154,8 @@ def main() -> int:
         sandbox_figures(args.inventory, args.runs)
     else:
         print("sandbox: skipped (no --inventory of a running sandbox cluster)")
-    lab_figures(args.hosts, args.runs)
+    if args.hosts > 0:  # --hosts 0: the sandbox alone
+        lab_figures(args.hosts, args.runs)
     return 0
 
 
