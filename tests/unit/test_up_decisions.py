@@ -473,13 +473,13 @@ def launch_rows(plan: ClusterPlan) -> list[Row]:
     return [
         # test_lifecycle.py: the first `up`: the supervisors have not reported yet
         Row("new containers", None, None, (HEAD, WORKER),
-            Launch(tuple(nodes), tuple(f"{n}: its container was replaced" for n in nodes))),
+            Launch(tuple(nodes), tuple(f"{n}: its container was created or replaced" for n in nodes))),
         # test_lifecycle.py, test_healing.py: a healthy cluster
         Row("serving this spec", "this", "this", (),
             Unchanged("already running with this spec on " + ", ".join(nodes))),
         # test_lifecycle.py: the worker's container was replaced: every rank starts again
         Row("the worker replaced", "this", "this", (WORKER,),
-            Launch(tuple(nodes), (f"{WORKER}: its container was replaced",))),
+            Launch(tuple(nodes), (f"{WORKER}: its container was created or replaced",))),
         # no sandbox story: the serving config changed (the spec id with it)
         Row("another spec", "other", "this", (),
             Launch(tuple(nodes), (f"{HEAD}: vLLM runs another spec",))),

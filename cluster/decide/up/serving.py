@@ -78,7 +78,7 @@ def _stale(
     plan: ClusterPlan, node: NodePlan, report: FoundVllm | None, replaced: Collection[str]
 ) -> str | None:
     if node.name in replaced:
-        return f"{node.name}: its container was replaced"
+        return f"{node.name}: its container was created or replaced"
     if report is None:
         return f"{node.name}: its supervisor has not reported yet"
     if not report.running:
