@@ -250,6 +250,29 @@ def _record_if_cached(
     )
 
 
+def _built(
+    docker: LocalDocker,
+    image: str,
+    superseded: str | None,
+    recipe: str,
+    started: float,
+    log_path: Path,
+    progress: Progress,
+) -> BuildRecord:
+    """The record of a fresh build, once the image it replaced is dropped."""
+    _drop_superseded(docker, superseded, image)
+    progress(f"{image}: built in {time.monotonic() - started:.0f} s")
+    return BuildRecord(
+        image,
+        "built",
+        recipe,
+        image_id(docker, image) or "",
+        _image_size(docker, image),
+        time.monotonic() - started,
+        log_path,
+    )
+
+
 def _drop_superseded(docker: LocalDocker, old_id: str | None, image: str) -> None:
     """Remove the image a rebuild replaced (GBs for the workload), unless something uses it."""
     if old_id and old_id != image_id(docker, image):
@@ -367,17 +390,7 @@ def build_base(
         _finish_root(root, images_dir / "base" / "sources.list")
         progress(f"{BASE_IMAGE}: docker import")
         _import_root(docker, root, recipe, log_path)
-    _drop_superseded(docker, superseded, BASE_IMAGE)
-    progress(f"{BASE_IMAGE}: built in {time.monotonic() - started:.0f} s")
-    return BuildRecord(
-        BASE_IMAGE,
-        "built",
-        recipe,
-        image_id(docker, BASE_IMAGE) or "",
-        _image_size(docker, BASE_IMAGE),
-        time.monotonic() - started,
-        log_path,
-    )
+    return _built(docker, BASE_IMAGE, superseded, recipe, started, log_path, progress)
 
 
 def _finish_root(root: Path, sources_list: Path) -> None:
@@ -489,17 +502,7 @@ def _build_dockerfile(
         )
         watch = DockerBuildProgress(image, time.monotonic())
         _run_logged(argv, log_path, BUILD_TIMEOUT_S, f"docker build of {image}", progress, watch)
-    _drop_superseded(docker, superseded, image)
-    progress(f"{image}: built in {time.monotonic() - started:.0f} s")
-    return BuildRecord(
-        image,
-        "built",
-        recipe,
-        image_id(docker, image) or "",
-        _image_size(docker, image),
-        time.monotonic() - started,
-        log_path,
-    )
+    return _built(docker, image, superseded, recipe, started, log_path, progress)
 
 
 def build_node(
