@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from cluster.decide.inventory import load_inventory
-from cluster.nodes.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
+from cluster.nodes.transport.ssh import SshConnection
 from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import WORKLOAD_IMAGE, image_id
-from cluster.sandbox.nodes import SANDBOX_LABEL
 from cluster.sandbox.sandbox import Sandbox, sandbox_down, sandbox_up
 from tests.e2e.conftest import SANDBOX
+from tests.support.sandbox_nodes import connect_nodes, docker_data_fs, labelled
 
 pytestmark = [
     pytest.mark.e2e,
@@ -50,34 +50,10 @@ def sandbox(second_up: tuple[Sandbox, list[str]]) -> Sandbox:
 
 @pytest.fixture(scope="module")
 def connections(sandbox: Sandbox) -> Iterator[dict[str, SshConnection]]:
-    inventory = load_inventory(sandbox.inventory)
-    opened = {}
-    for node in inventory.nodes:
-        target = SshTarget(
-            name=node.name,
-            host=node.address,
-            key_file=Path(inventory.ssh.key_file),
-            known_hosts=Path(inventory.ssh.known_hosts),
-        )
-        opened[node.name] = connect(target, SshTimeouts(connect=5, command=60))
+    opened = connect_nodes(sandbox)
     yield opened
     for connection in opened.values():
         connection.close()
-
-
-def _docker_data_fs(connection: SshConnection) -> str:
-    """The file system type under a node's /var/lib/docker: tmpfs, or ext2/ext3 for a volume."""
-    return connection.run(["stat", "-f", "-c", "%T", "/var/lib/docker"], check=True).stdout.strip()
-
-
-def _labelled(kind: str, sandbox: str = SANDBOX) -> list[str]:
-    local = ensure_local_docker()
-    label = f"label={SANDBOX_LABEL}={sandbox}"
-    argv = ["ps", "-aq", "--filter", label] if kind == "container" else [kind, "ls", "-q"]
-    if kind != "container":
-        argv += ["--filter", label]
-    done = subprocess.run(local.argv(*argv), capture_output=True, text=True, check=True)
-    return done.stdout.split()
 
 
 def test_a_second_up_keeps_the_nodes_and_sends_nothing_again(second_up, sandbox_inventory):
@@ -123,7 +99,7 @@ def test_each_node_runs_its_own_docker_engine(sandbox, connections):
 
 
 def test_each_node_keeps_its_docker_data_in_memory_when_asked_to(sandbox, connections):
-    assert {name: _docker_data_fs(c) for name, c in connections.items()} == {
+    assert {name: docker_data_fs(c) for name, c in connections.items()} == {
         node.name: "tmpfs" for node in sandbox.nodes
     }
     local = ensure_local_docker()
@@ -153,9 +129,9 @@ def test_the_model_files_are_in_each_nodes_model_cache(sandbox, connections):
 
 @pytest.mark.stage("last")
 def test_down_leaves_no_container_network_or_volume_and_twice_is_fine(sandbox_inventory):
-    assert _labelled("container")
+    assert labelled("container", SANDBOX)
     sandbox_down(SANDBOX, progress=print)
-    assert _labelled("container") == []
-    assert _labelled("network") == []
-    assert _labelled("volume") == []
+    assert labelled("container", SANDBOX) == []
+    assert labelled("network", SANDBOX) == []
+    assert labelled("volume", SANDBOX) == []
     assert sandbox_down(SANDBOX, progress=print) == []

@@ -12,18 +12,13 @@ Brought up once for the module (a cold machine builds the images first: allow an
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from cluster.decide.inventory import load_inventory
-from cluster.nodes.transport.ssh import SshConnection, SshTarget, SshTimeouts, connect
-from cluster.sandbox.dockerd import ensure_local_docker
 from cluster.sandbox.images import WORKLOAD_IMAGE
-from cluster.sandbox.nodes import SANDBOX_LABEL
 from cluster.sandbox.sandbox import Sandbox, sandbox_down, sandbox_up
+from tests.support.sandbox_nodes import connect_nodes, docker_data_fs, labelled
 
 pytestmark = [
     pytest.mark.integration,
@@ -51,42 +46,13 @@ def sandbox_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbo
     yield from _up_until_the_end(tmp_path_factory, DISK_NAME, 1, "disk")
 
 
-def _connect_all(sandbox: Sandbox) -> dict[str, SshConnection]:
-    inventory = load_inventory(sandbox.inventory)
-    opened = {}
-    for node in inventory.nodes:
-        target = SshTarget(
-            name=node.name,
-            host=node.address,
-            key_file=Path(inventory.ssh.key_file),
-            known_hosts=Path(inventory.ssh.known_hosts),
-        )
-        opened[node.name] = connect(target, SshTimeouts(connect=5, command=60))
-    return opened
-
-
-def _docker_data_fs(connection: SshConnection) -> str:
-    """The file system type under a node's /var/lib/docker: tmpfs, or ext2/ext3 for a volume."""
-    return connection.run(["stat", "-f", "-c", "%T", "/var/lib/docker"], check=True).stdout.strip()
-
-
-def _labelled(kind: str, sandbox: str = DISK_NAME) -> list[str]:
-    local = ensure_local_docker()
-    label = f"label={SANDBOX_LABEL}={sandbox}"
-    argv = ["ps", "-aq", "--filter", label] if kind == "container" else [kind, "ls", "-q"]
-    if kind != "container":
-        argv += ["--filter", label]
-    done = subprocess.run(local.argv(*argv), capture_output=True, text=True, check=True)
-    return done.stdout.split()
-
-
 def test_a_node_on_disk_keeps_its_docker_data_on_its_own_volume(sandbox_on_disk):
-    (connection,) = _connect_all(sandbox_on_disk).values()
+    (connection,) = connect_nodes(sandbox_on_disk).values()
     with connection:
-        assert _docker_data_fs(connection) != "tmpfs"
+        assert docker_data_fs(connection) != "tmpfs"
         argv = ["docker", "image", "inspect", "--format", "{{.Id}}", WORKLOAD_IMAGE]
         assert connection.run(argv, check=True).stdout.strip() == sandbox_on_disk.image_id
-    assert len(_labelled("volume", DISK_NAME)) == 1
+    assert len(labelled("volume", DISK_NAME)) == 1
 
 
 def test_moving_a_sandbox_between_disk_and_memory_keeps_only_the_volumes_it_uses(
@@ -95,18 +61,18 @@ def test_moving_a_sandbox_between_disk_and_memory_keeps_only_the_volumes_it_uses
     def up(storage: str) -> str:
         lines: list[str] = []
         sandbox_up(1, sandbox_on_disk.workdir, DISK_NAME, lines.append, node_storage=storage)
-        (connection,) = _connect_all(sandbox_on_disk).values()
+        (connection,) = connect_nodes(sandbox_on_disk).values()
         with connection:
-            return _docker_data_fs(connection)
+            return docker_data_fs(connection)
 
     assert up("memory") == "tmpfs"
-    assert _labelled("volume", DISK_NAME) == []
+    assert labelled("volume", DISK_NAME) == []
     assert up("disk") != "tmpfs"
-    assert len(_labelled("volume", DISK_NAME)) == 1
+    assert len(labelled("volume", DISK_NAME)) == 1
 
 
 def test_down_of_a_sandbox_on_disk_removes_its_volume_too(sandbox_on_disk):
     sandbox_up(1, sandbox_on_disk.workdir, DISK_NAME, progress=print, node_storage="disk")
-    assert len(_labelled("volume", DISK_NAME)) == 1
+    assert len(labelled("volume", DISK_NAME)) == 1
     sandbox_down(DISK_NAME, progress=print)
-    assert [_labelled(kind, DISK_NAME) for kind in ("container", "volume", "network")] == [[]] * 3
+    assert [labelled(kind, DISK_NAME) for kind in ("container", "volume", "network")] == [[]] * 3
