@@ -7,29 +7,15 @@ The tests run in file order: the first takes the cluster down.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from cluster.decide.firewall import chain_name
-from cluster.decide.inventory import Inventory, Node, load_inventory
+from cluster.decide.inventory import load_inventory
 from cluster.nodes.session import Session
-from cluster.sandbox.dockerd import ensure_local_docker
 from tests.support.cli import vcluster
+from tests.support.sandbox_nodes import on_node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stage("down")]
-
-
-def on_node(cluster: Inventory, node: Node, *argv: str) -> str:
-    """argv run in the node's container (the node itself, not vcluster's container on it)."""
-    local = ensure_local_docker()
-    container = f"vcluster-{cluster.cluster}-{node.node_name}"
-    done = subprocess.run(
-        local.argv("exec", container, *argv),
-        capture_output=True, text=True, timeout=60, check=False, env=local.env(),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def test_down_leaves_no_container(standin_cluster, sandbox_cluster):

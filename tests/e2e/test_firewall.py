@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 
 import pytest
 
 from cluster.decide.firewall import PortSpan, open_ports, protected_ports
 from cluster.decide.inventory import Inventory, Node
 from cluster.remote.supervisor import TCP_LISTEN, parse_tcp_table
-from cluster.sandbox.dockerd import ensure_local_docker
 from tests.support.cli import vcluster
+from tests.support.sandbox_nodes import on_node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stage("real")]
 
@@ -32,18 +31,6 @@ try:
 except OSError as exc:
     print("failed", type(exc).__name__)
 """
-
-
-def on_node(cluster: Inventory, node: Node, *argv: str) -> str:
-    """argv run in the node's container (the node itself, not vcluster's container on it)."""
-    local = ensure_local_docker()
-    container = f"vcluster-{cluster.cluster}-{node.node_name}"
-    done = subprocess.run(
-        local.argv("exec", container, *argv),
-        capture_output=True, text=True, timeout=60, check=False, env=local.env(),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def exposed_ports(cluster: Inventory, node: Node) -> list[int]:
